@@ -1,0 +1,18 @@
+"""The feed-forward network used as an expert (and as the dense baseline)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FFN(nn.Module):
+    """Two-layer MLP, d_model -> d_inner -> d_model, with GELU and dropout."""
+
+    def __init__(self, d_model: int, d_inner: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_inner)
+        self.fc2 = nn.Linear(d_inner, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))

@@ -1,0 +1,60 @@
+"""DeepSpeed's top-k gate, made deterministic in eval mode and given its own eval_k.
+
+DeepSpeed's TopKGate applies the second-expert Gumbel sampling of top-2 in eval mode too, and
+top-1's random token selection draws random numbers in eval whenever tokens exceed capacity.
+Evaluation must be repeatable, and the paper evaluates with a different number of experts than it
+trains with, so in eval mode this gate routes with `eval_k` experts and all randomness off. In
+training it is DeepSpeed's gate unchanged.
+"""
+
+import torch
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
+
+
+class EvalDeterministicGate(TopKGate):
+
+    def __init__(self, *args, eval_k: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_k = eval_k
+        self.last_dropped_fraction = torch.zeros(())
+
+    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
+        if self.training:
+            out = super().forward(input, used_token, sparse_routes, use_tutel)
+        else:
+            # TopKGate reads these attributes at call time; swapping them for one call keeps
+            # every line of DeepSpeed's routing math in use instead of a copy of it.
+            saved = (self.k, self.use_rts, self.top2_2nd_expert_sampling)
+            self.k, self.use_rts, self.top2_2nd_expert_sampling = self.eval_k, False, False
+            try:
+                out = super().forward(input, used_token, sparse_routes, use_tutel)
+            finally:
+                self.k, self.use_rts, self.top2_2nd_expert_sampling = saved
+        if sparse_routes:
+            # out = (l_aux, capacity, E, indices_KS, locations_KS, gates_KS, exp_counts); routes
+            # dropped by the capacity limit carry index -1.
+            self.last_dropped_fraction = (out[3] < 0).float().mean().detach()
+        return out
+
+
+def install_eval_deterministic_gate(moe: MoE, eval_k: int) -> EvalDeterministicGate:
+    """Replace the gate of a DeepSpeed MoE layer by an EvalDeterministicGate with the same
+    settings and weights. Call before DeepSpeed sets the layer's process groups."""
+    old: TopKGate = moe.deepspeed_moe.gate
+    new = EvalDeterministicGate(old.wg.in_features,
+                                old.wg.out_features,
+                                k=old.k,
+                                capacity_factor=old.capacity_factor,
+                                eval_capacity_factor=old.eval_capacity_factor,
+                                min_capacity=old.min_capacity,
+                                noisy_gate_policy=old.noisy_gate_policy,
+                                drop_tokens=old.drop_tokens,
+                                use_rts=old.use_rts,
+                                ep_group=old.ep_group,
+                                top2_2nd_expert_sampling=old.top2_2nd_expert_sampling,
+                                eval_k=eval_k)
+    new.to(device=old.wg.weight.device, dtype=old.wg.weight.dtype)
+    new.load_state_dict(old.state_dict())
+    moe.deepspeed_moe.gate = new
+    return new

@@ -1,0 +1,85 @@
+"""Process-group start-up and `deepspeed.initialize`, with the checks DeepSpeed makes late or not at all."""
+
+import importlib
+import json
+import os
+from typing import Any, Dict, Optional, Tuple, Union
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from ..config import ConfigError
+
+
+def _skip_shm_comm_build() -> None:
+    """On the CPU accelerator, DeepSpeed's comm backend JIT-compiles a shared-memory extension
+    (30-120 s) that only `inference_all_reduce` uses; training never calls it.
+
+    `deepspeed.comm.torch` must be fetched by module path: `import deepspeed.comm.torch as m`
+    binds the torch package itself (name clash) and a patch on it does nothing.
+    """
+    if get_accelerator().device_name() == "cpu":
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> None:
+    """Start DeepSpeed's process group (gloo on CPU, NCCL on CUDA) once; a no-op afterwards."""
+    if deepspeed.comm.is_initialized():
+        return
+    _skip_shm_comm_build()
+    kwargs = {}
+    if timeout_s is not None:
+        from datetime import timedelta
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(**kwargs)
+
+
+def load_ds_config(ds_config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    """A DeepSpeed config as a dict, from a dict or a JSON file; errors name the file."""
+    if isinstance(ds_config, dict):
+        return ds_config
+    path = os.fspath(ds_config)
+    if not os.path.isfile(path):
+        raise ConfigError(f"deepspeed_config: file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config: {path} is not valid JSON ({e})") from None
+
+
+def check_ds_config(cfg: Dict[str, Any]) -> None:
+    """Refuse DeepSpeed settings that cannot work with native expert-parallel MoE, before any compute."""
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(
+            "zero_optimization.stage: 3 is not supported. ZeRO-3 partitions every parameter across "
+            "all ranks, while DeepSpeed's native MoE (which S2MoE builds on) shards experts by "
+            "expert parallelism and keeps each expert whole on its rank; DeepSpeed refuses the "
+            "combination. Use stage 2 or 1: experts are already sharded by ep_size, and ZeRO-1/2 "
+            "shard the optimizer states of experts and the rest. For more memory, add "
+            "zero_optimization.offload_optimizer {\"device\": \"cpu\"}.")
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"zero_optimization.stage: must be 0, 1 or 2, got {stage!r}")
+    if (cfg.get("fp16") or {}).get("enabled", False) and get_accelerator().device_name() == "cpu":
+        raise ConfigError("fp16.enabled: fp16 is not supported on the CPU accelerator; "
+                          "use \"bf16\": {\"enabled\": true} or fp32")
+    if (cfg.get("bf16") or {}).get("enabled", False) and not get_accelerator().is_bf16_supported():
+        raise ConfigError(f"bf16.enabled: this {get_accelerator().device_name()} device does not "
+                          "support bf16; disable it or use fp16 on a GPU")
+
+
+def initialize(model: torch.nn.Module,
+               ds_config: Union[str, os.PathLike, Dict[str, Any]],
+               **kwargs) -> Tuple[Any, Any, Any, Any]:
+    """`deepspeed.initialize` after `check_ds_config` and a shm-free process-group start.
+
+    Returns DeepSpeed's (engine, optimizer, dataloader, lr_scheduler). With an optimizer named in
+    the config, the engine puts expert and non-expert parameters in separate groups itself.
+    """
+    cfg = load_ds_config(ds_config)
+    check_ds_config(cfg)
+    init_distributed()
+    kwargs.setdefault("model_parameters", [p for p in model.parameters() if p.requires_grad])
+    return deepspeed.initialize(model=model, config=cfg, **kwargs)

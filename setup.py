@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="s2moe-ds",
+    version="0.1.0",
+    description="S2MoE (arXiv 2503.23007) mixture-of-experts language models trained with DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["s2moe_ds", "s2moe_ds.*"]),
+    install_requires=[
+        # A range that the CPU wheel 2.13.0 satisfies: install that wheel first, or pip resolves
+        # a multi-GB CUDA build on machines without a GPU.
+        "torch>=2.4,<2.14",
+        # S2MoE subclasses DeepSpeed's MoE and its gate and relies on their attribute names and
+        # the sparse-route dispatch of 0.19; newer minor releases must be checked before widening.
+        "deepspeed>=0.19.8,<0.20",
+        "mpi4py>=3.1",
+        "datasets>=2.18",
+        "tensorboard>=2.14",
+        "ninja",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2"]},
+)

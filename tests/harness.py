@@ -1,0 +1,92 @@
+"""Run a function on N gloo processes, the way DeepSpeed's own distributed tests do.
+
+    results = run_distributed(fn, world_size=2, args=(...))
+
+`fn(rank, world_size, *args)` must be a module-level function (it is pickled by name into spawned
+processes). Each rank gets MASTER_ADDR/PORT (a free port), RANK, LOCAL_RANK and WORLD_SIZE, starts
+DeepSpeed's process group without the unused shared-memory comm build, and returns a value that
+comes back to the caller (tensors included), in rank order. A rank that raises fails the test with
+that rank's traceback; ranks still running are stopped. A run past `timeout` is killed and reported
+with the ranks that had not finished.
+"""
+
+import io
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from typing import Any, Callable, List, Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+
+class DistributedTestError(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, results, timeout: float) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        import deepspeed.comm as ds_comm
+        from s2moe_ds.train import init_distributed
+        init_distributed(timeout_s=timeout)
+        value = fn(rank, world_size, *args)
+        buf = io.BytesIO()
+        # Bytes, not tensors, cross the queue: a shared-memory tensor would die with this process.
+        torch.save(value, buf)
+        results.put((rank, "ok", buf.getvalue()))
+        ds_comm.barrier()
+        ds_comm.destroy_process_group()
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn: Callable, world_size: int = 2, args: Sequence = (), timeout: float = 240.0) -> List[Any]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), results, timeout), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    got = {}
+    try:
+        while len(got) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(got))
+                raise DistributedTestError(f"timed out after {timeout:.0f} s; ranks {missing} did not finish")
+            try:
+                rank, status, payload = results.get(timeout=min(left, 1.0))
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
+                if dead:
+                    # Drain what is in flight, then report the first rank that died silently.
+                    time.sleep(0.5)
+                    if results.empty():
+                        raise DistributedTestError(
+                            f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
+                continue
+            if status == "error":
+                raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{payload}")
+            got[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        for p in procs:
+            p.join(timeout=max(5.0, deadline - time.monotonic()))
+        return [got[r] for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
