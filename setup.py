@@ -15,6 +15,8 @@ setup(
         "deepspeed>=0.19.8,<0.20",
         "mpi4py>=3.1",
         "datasets>=2.18",
+        # Hugging Face's tokenizer library: trains and runs the subword (BPE) tokenizer.
+        "tokenizers>=0.15",
         "tensorboard>=2.14",
         "ninja",
     ],

@@ -108,7 +108,11 @@ class MoEConfig:
     min_capacity: int = 4
     """Minimum tokens per expert regardless of the capacity factor."""
     drop_tokens: bool = True
-    """Drop tokens beyond capacity (False means unbounded capacity)."""
+    """Drop tokens beyond capacity in training (False means unbounded capacity)."""
+    eval_drop_tokens: bool = False
+    """Drop tokens beyond capacity in eval mode. Off by default, unlike DeepSpeed: with drops a
+    token's output depends on the other tokens of its batch, so metrics would change with batch
+    size and process count."""
     noisy_gate_policy: Optional[str] = None
     """DeepSpeed's router noise in training: None, 'Jitter' or 'RSample' (never applied in eval)."""
     use_rts: bool = True
@@ -137,6 +141,7 @@ class MoEConfig:
         _check_number(self.eval_capacity_factor, p + "eval_capacity_factor", 0.0, strict=True)
         _check_int(self.min_capacity, p + "min_capacity", 0)
         _check_bool(self.drop_tokens, p + "drop_tokens")
+        _check_bool(self.eval_drop_tokens, p + "eval_drop_tokens")
         _check_choice(self.noisy_gate_policy, p + "noisy_gate_policy", NOISY_GATE_POLICIES)
         _check_bool(self.use_rts, p + "use_rts")
         _check_bool(self.top2_2nd_expert_sampling, p + "top2_2nd_expert_sampling")
@@ -160,3 +165,129 @@ def check_top_k(k, num_experts: int, name: str) -> None:
     """k experts per token: an integer in [1, num_experts]."""
     _check_int(k, name, 1)
     _require(k <= num_experts, name, f"must be <= num_experts ({num_experts}), got {k}")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only Transformer whose feed-forward blocks are S2MoE, SMoE or dense."""
+
+    vocab_size: int = 256
+    """Tokenizer vocabulary size (the launcher sets it from the tokenizer)."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    d_model: int = 64
+    """Hidden size."""
+    n_head: int = 4
+    """Attention heads; must divide d_model."""
+    d_inner: int = 128
+    """Hidden size of each expert's (and the dense) feed-forward network."""
+    max_seq_len: int = 64
+    """Longest sequence (learned position embeddings)."""
+    dropout: float = 0.0
+    """Dropout on attention, residual branches and inside experts."""
+    moe_every: int = 1
+    """Feed-forward block of every n-th layer is moe.router (1: all); the others are dense FFNs."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """The feed-forward block's router and its settings."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        p = "model."
+        _check_int(self.vocab_size, p + "vocab_size", 2)
+        _check_int(self.n_layer, p + "n_layer", 1)
+        _check_int(self.d_model, p + "d_model", 1)
+        _check_int(self.n_head, p + "n_head", 1)
+        _require(self.d_model % self.n_head == 0, p + "n_head",
+                 f"must divide model.d_model (got n_head={self.n_head}, d_model={self.d_model})")
+        _check_int(self.d_inner, p + "d_inner", 1)
+        _check_int(self.max_seq_len, p + "max_seq_len", 1)
+        _check_number(self.dropout, p + "dropout", 0.0, strict=False)
+        _require(self.dropout < 1, p + "dropout", f"must be < 1, got {self.dropout}")
+        _check_int(self.moe_every, p + "moe_every", 1)
+        _require(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig or a dict of its fields")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Layers moe_every-1, 2*moe_every-1, ... hold the MoE block (the last of each group)."""
+        return self.moe.router != "dense" and (index + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODEL_PRESETS = {
+    # Seconds per step on 2 CPU cores: for tests and the README demo.
+    "tiny": dict(n_layer=2, d_model=64, n_head=4, d_inner=128, max_seq_len=64, dropout=0.0,
+                 moe=dict(num_experts=4, k=2)),
+    # The paper's small setting (METHOD.md): 4 layers, d_model 256, 8 heads, d_inner 512, 16 experts top-2.
+    "paper-small": dict(n_layer=4, d_model=256, n_head=8, d_inner=512, max_seq_len=512, dropout=0.1,
+                        moe=dict(num_experts=16, k=2)),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset; `overrides` replace fields (moe fields via moe=dict(...))."""
+    _check_choice(name, "model.preset", tuple(MODEL_PRESETS))
+    base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MODEL_PRESETS[name].items()}
+    moe = {**base.pop("moe"), **overrides.pop("moe", {})}
+    return ModelConfig(**{**base, **overrides}, moe=moe)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. Batch sizes, precision, ZeRO, clipping and the optimizer live in the
+    DeepSpeed config; this holds what DeepSpeed does not know."""
+
+    out_dir: str = "runs/tiny"
+    """Run folder: checkpoints/, tensorboard/, run_config.json."""
+    max_steps: int = 200
+    """Optimizer steps (each of gradient_accumulation_steps micro-batches)."""
+    seq_len: int = 64
+    """Tokens per training sequence; at most model.max_seq_len."""
+    lr: Optional[float] = None
+    """Peak learning rate; None keeps the DeepSpeed config's optimizer.params.lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio at max_steps."""
+    eval_interval: int = 50
+    """Evaluate on the validation split every n steps (and at the end); 0 disables."""
+    eval_max_batches: Optional[int] = None
+    """Cap on validation batches per rank; None evaluates the full split."""
+    save_interval: int = 100
+    """Checkpoint every n steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    log_interval: int = 10
+    """TensorBoard scalars every n steps."""
+    seed: int = 1234
+    """Seed of weights, data order and noise."""
+    resume: bool = False
+    """Continue from out_dir/checkpoints/latest."""
+    stop_after: Optional[int] = None
+    """End this invocation (with a checkpoint) at this step, as a scheduler time slice would; the
+    learning-rate schedule still spans max_steps, and --resume continues exactly."""
+
+    def __post_init__(self) -> None:
+        p = "train."
+        _require(isinstance(self.out_dir, str) and self.out_dir != "", p + "out_dir", "must be a folder path")
+        _check_int(self.max_steps, p + "max_steps", 1)
+        _check_int(self.seq_len, p + "seq_len", 1)
+        if self.lr is not None:
+            _check_number(self.lr, p + "lr", 0.0, strict=True)
+        _check_int(self.warmup_steps, p + "warmup_steps", 0)
+        _check_number(self.min_lr_ratio, p + "min_lr_ratio", 0.0, strict=False)
+        _require(self.min_lr_ratio <= 1, p + "min_lr_ratio", f"must be <= 1, got {self.min_lr_ratio}")
+        _check_int(self.eval_interval, p + "eval_interval", 0)
+        if self.eval_max_batches is not None:
+            _check_int(self.eval_max_batches, p + "eval_max_batches", 1)
+        _check_int(self.save_interval, p + "save_interval", 0)
+        _check_int(self.keep_checkpoints, p + "keep_checkpoints", 1)
+        _check_int(self.log_interval, p + "log_interval", 1)
+        _check_int(self.seed, p + "seed", 0)
+        _check_bool(self.resume, p + "resume")
+        if self.stop_after is not None:
+            _check_int(self.stop_after, p + "stop_after", 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -160,3 +160,14 @@ def test_factory_builds_each_router_behind_one_interface():
     assert s2.noise.noise_scale == 0.25 and s2.s2moe_config.uncertainty_tokens == 64
     # The S2MoE mixing gate never lands in DeepSpeed's per-expert checkpoint files.
     assert not [n for n in s2.state_dict() if "expert" in n and "mix_gate" in n]
+
+
+def test_eval_without_drops_is_independent_of_the_rest_of_the_batch():
+    x = _x(96)
+    kept = _layer(eval_k=1, eval_capacity_factor=0.5, eval_drop_tokens=False).eval()
+    torch.testing.assert_close(kept(x)[0][:32], kept(x[:32])[0])
+    assert float(kept.last_metrics["dropped_fraction"]) == 0.0
+    dropping = _layer(eval_k=1, eval_capacity_factor=0.5).eval()  # DeepSpeed's default: drops in eval
+    dropping(x)
+    assert float(dropping.last_metrics["dropped_fraction"]) > 0
+    assert build_ffn_block(MoEConfig(), D, FFN(D, 32)).deepspeed_moe.gate.eval_drop_tokens is False

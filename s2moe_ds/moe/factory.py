@@ -3,7 +3,7 @@
 All three return DeepSpeed MoE's interface, `out, l_aux, exp_counts = block(x)`:
 - 's2moe': S2MoE (this project's layer);
 - 'smoe':  DeepSpeed's own `MoE`, with the gate made deterministic in eval mode and given eval_k
-           (training is DeepSpeed's unchanged);
+           and eval_drop_tokens (training is DeepSpeed's unchanged);
 - 'dense': the expert FFN applied to every token, l_aux = 0.
 """
 
@@ -51,11 +51,12 @@ def build_ffn_block(cfg: MoEConfig, hidden_size: int, expert: nn.Module) -> nn.M
         return DenseFFN(expert)
     if cfg.router == "smoe":
         moe = MoE(hidden_size, expert, **_deepspeed_moe_args(cfg))
-        install_eval_deterministic_gate(moe, cfg.resolved_eval_k)
+        install_eval_deterministic_gate(moe, cfg.resolved_eval_k, cfg.eval_drop_tokens)
         return moe
     return S2MoE(hidden_size,
                  expert,
                  **_deepspeed_moe_args(cfg),
                  eval_k=cfg.resolved_eval_k,
+                 eval_drop_tokens=cfg.eval_drop_tokens,
                  balance_coef=cfg.balance_coef,
                  **asdict(cfg.s2moe))

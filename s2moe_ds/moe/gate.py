@@ -3,9 +3,13 @@
 DeepSpeed's TopKGate applies the second-expert Gumbel sampling of top-2 in eval mode too, and
 top-1's random token selection draws random numbers in eval whenever tokens exceed capacity.
 Evaluation must be repeatable, and the paper evaluates with a different number of experts than it
-trains with, so in eval mode this gate routes with `eval_k` experts and all randomness off. In
-training it is DeepSpeed's gate unchanged.
+trains with, so in eval mode this gate routes with `eval_k` experts and all randomness off, and
+drops tokens beyond capacity only if `eval_drop_tokens` (with drops, a token's output depends on
+which other tokens share its batch, so metrics would change with batch size and process count).
+In training it is DeepSpeed's gate unchanged.
 """
+
+from typing import Optional
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -14,9 +18,10 @@ from deepspeed.moe.sharded_moe import TopKGate
 
 class EvalDeterministicGate(TopKGate):
 
-    def __init__(self, *args, eval_k: int, **kwargs) -> None:
+    def __init__(self, *args, eval_k: int, eval_drop_tokens: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eval_k = eval_k
+        self.eval_drop_tokens = eval_drop_tokens
         self.last_dropped_fraction = torch.zeros(())
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
@@ -25,12 +30,13 @@ class EvalDeterministicGate(TopKGate):
         else:
             # TopKGate reads these attributes at call time; swapping them for one call keeps
             # every line of DeepSpeed's routing math in use instead of a copy of it.
-            saved = (self.k, self.use_rts, self.top2_2nd_expert_sampling)
+            saved = (self.k, self.use_rts, self.top2_2nd_expert_sampling, self.drop_tokens)
             self.k, self.use_rts, self.top2_2nd_expert_sampling = self.eval_k, False, False
+            self.drop_tokens = self.eval_drop_tokens
             try:
                 out = super().forward(input, used_token, sparse_routes, use_tutel)
             finally:
-                self.k, self.use_rts, self.top2_2nd_expert_sampling = saved
+                self.k, self.use_rts, self.top2_2nd_expert_sampling, self.drop_tokens = saved
         if sparse_routes:
             # out = (l_aux, capacity, E, indices_KS, locations_KS, gates_KS, exp_counts); routes
             # dropped by the capacity limit carry index -1.
@@ -38,9 +44,11 @@ class EvalDeterministicGate(TopKGate):
         return out
 
 
-def install_eval_deterministic_gate(moe: MoE, eval_k: int) -> EvalDeterministicGate:
+def install_eval_deterministic_gate(moe: MoE, eval_k: int, eval_drop_tokens: Optional[bool] = None
+                                    ) -> EvalDeterministicGate:
     """Replace the gate of a DeepSpeed MoE layer by an EvalDeterministicGate with the same
-    settings and weights. Call before DeepSpeed sets the layer's process groups."""
+    settings and weights; eval_drop_tokens None keeps DeepSpeed's (drop in eval as in training).
+    Call before DeepSpeed sets the layer's process groups."""
     old: TopKGate = moe.deepspeed_moe.gate
     new = EvalDeterministicGate(old.wg.in_features,
                                 old.wg.out_features,
@@ -53,7 +61,8 @@ def install_eval_deterministic_gate(moe: MoE, eval_k: int) -> EvalDeterministicG
                                 use_rts=old.use_rts,
                                 ep_group=old.ep_group,
                                 top2_2nd_expert_sampling=old.top2_2nd_expert_sampling,
-                                eval_k=eval_k)
+                                eval_k=eval_k,
+                                eval_drop_tokens=old.drop_tokens if eval_drop_tokens is None else eval_drop_tokens)
     new.to(device=old.wg.weight.device, dtype=old.wg.weight.dtype)
     new.load_state_dict(old.state_dict())
     moe.deepspeed_moe.gate = new

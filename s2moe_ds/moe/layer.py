@@ -54,6 +54,7 @@ class S2MoE(MoE):
     The positional arguments and their defaults are DeepSpeed's MoE's. Keyword-only extras:
 
     - eval_k: experts per token in eval mode (default: k).
+    - eval_drop_tokens: drop tokens beyond capacity in eval mode (default: drop_tokens, as DeepSpeed).
     - balance_coef: the coefficient your training code multiplies l_aux by (default 0.01). The
       drop-in `forward` returns l_aux = L_balance + (uncertainty_coef / balance_coef) * L_u, so
       that `balance_coef * l_aux` adds exactly `uncertainty_coef * L_u` to the loss.
@@ -83,6 +84,7 @@ class S2MoE(MoE):
                  top2_2nd_expert_sampling: bool = True,
                  *,
                  eval_k: Optional[int] = None,
+                 eval_drop_tokens: Optional[bool] = None,
                  balance_coef: float = MoEConfig.balance_coef,
                  noise_scale: float = _S2.noise_scale,
                  noise_stats: str = _S2.noise_stats,
@@ -103,7 +105,7 @@ class S2MoE(MoE):
                   capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                   min_capacity=min_capacity, drop_tokens=drop_tokens, use_rts=use_rts,
                   noisy_gate_policy=noisy_gate_policy, top2_2nd_expert_sampling=top2_2nd_expert_sampling,
-                  balance_coef=balance_coef)
+                  balance_coef=balance_coef, eval_drop_tokens=drop_tokens if eval_drop_tokens is None else eval_drop_tokens)
         self.s2moe_config = S2MoEConfig(noise_scale=noise_scale,
                                         noise_stats=noise_stats,
                                         detach_noise_stats=detach_noise_stats,
@@ -123,15 +125,19 @@ class S2MoE(MoE):
         self.k = k
         self.eval_k = k if eval_k is None else eval_k
         self.balance_coef = balance_coef
-        install_eval_deterministic_gate(self, self.eval_k)
+        install_eval_deterministic_gate(self, self.eval_k, eval_drop_tokens)
         cfg = self.s2moe_config
         self.noise = GaussianNoise(cfg.noise_scale, cfg.noise_stats, cfg.detach_noise_stats)
         # Named without "expert": DeepSpeed moves every state-dict key containing that word into
         # the per-expert checkpoint files.
         self.mix_gate = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.mix_gate.weight)
-        nn.init.constant_(self.mix_gate.bias, cfg.mix_gate_init_bias)
+        self.reset_mix_gate()
         self.last_metrics: Dict[str, torch.Tensor] = {}
+
+    def reset_mix_gate(self) -> None:
+        """w = 0 and b = mix_gate_init_bias, so g(x) starts at sigmoid(b) for every token."""
+        nn.init.zeros_(self.mix_gate.weight)
+        nn.init.constant_(self.mix_gate.bias, self.s2moe_config.mix_gate_init_bias)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)

@@ -1,0 +1,134 @@
+"""Checkpoints that survive a kill mid-save, and their exact resume.
+
+Layout under <out_dir>/checkpoints/:
+    step00000100/           DeepSpeed's files (model states, per-expert files, ZeRO optimizer shards)
+        rng_rank<r>.pt      each rank's RNG states (dropout, S2MoE noise, router sampling)
+        meta.json           the layout and tokenizer a resume must match, read before any compute
+        tokenizer.json      the run's tokenizer
+        COMPLETE            written last, after every rank finished writing
+    latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
+
+A run killed while saving leaves a folder without COMPLETE and `latest` still naming the previous
+checkpoint, which stays on disk: older checkpoints are pruned only after a newer one is complete.
+`latest` has DeepSpeed's own format, so `engine.load_checkpoint(dir)` finds it too.
+"""
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Dict, Optional
+
+import deepspeed.comm as dist
+import numpy as np
+import torch
+
+from ..config import ConfigError
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: str) -> Optional[str]:
+    """The tag `latest` names, if it names a complete checkpoint; None when there is none yet."""
+    path = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    if not os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
+        raise ConfigError(f"{path} names {tag!r}, which is not a complete checkpoint (no {COMPLETE} file); "
+                          "point it at a complete step folder or remove it to start afresh")
+    return tag
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int, tokenizer=None,
+         meta: Optional[Dict[str, Any]] = None) -> str:
+    """Save a checkpoint on every rank (collective); returns its tag. The tokenizer, if given, is
+    saved beside the weights as tokenizer.json, so the step folder alone can be sampled from;
+    `meta` (JSON-able) is what `check_resumable` compares against the next run."""
+    tag = _tag(step)
+    rank = dist.get_rank()
+    if rank == 0:
+        # A folder of this tag left by a run killed mid-save is incomplete: start it clean.
+        stale = os.path.join(ckpt_dir, tag)
+        if os.path.isdir(stale) and not os.path.isfile(os.path.join(stale, COMPLETE)):
+            shutil.rmtree(stale)
+    dist.barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(ckpt_dir, tag, "tokenizer.json"))
+        _atomic_write(os.path.join(ckpt_dir, tag, "meta.json"), json.dumps(meta or {}, indent=1, sort_keys=True))
+        _atomic_write(os.path.join(ckpt_dir, tag, COMPLETE), f"{step}\n")
+        _atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+        _prune(ckpt_dir, keep, tag)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
+    complete = sorted(d for d in os.listdir(ckpt_dir)
+                      if d.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, d, COMPLETE)))
+    for old in complete[:-keep]:
+        if old != newest:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
+    """The tag to resume from, after checking that the checkpoint's meta.json matches `expect`
+    (world_size, ep_size, model config, tokenizer, ...). Reads only small files, so every rank can
+    call it before any compute; a mismatch is refused with the reason. None: no checkpoint yet."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    with open(os.path.join(ckpt_dir, tag, "meta.json")) as f:
+        saved = json.load(f)
+    expect = json.loads(json.dumps(expect))  # tuples and lists compare as JSON would store them
+    for key, value in expect.items():
+        if saved.get(key) != value:
+            where = os.path.join(ckpt_dir, tag)
+            if key == "tokenizer":
+                raise ConfigError(f"--resume: checkpoint {where} was trained with tokenizer {saved.get(key)}, "
+                                  f"this run's data gives {value}; resume with the checkpoint's data and "
+                                  f"tokenizer (--tokenizer {os.path.join(where, 'tokenizer.json')})")
+            raise ConfigError(
+                f"--resume: checkpoint {where} was written with {key}={saved.get(key)!r}, "
+                f"this run has {key}={value!r}. DeepSpeed cannot re-shard native-MoE optimizer states "
+                "across expert-parallel layouts; resume with the same world size, ep_size and model, or "
+                "consolidate the checkpoint (launch/consolidate.py) and start a new run from its weights")
+    return tag
+
+
+def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
+    """Load checkpoint `tag` into `engine` (collective) and restore this rank's RNG states."""
+    load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if load_path is None:
+        raise ConfigError(f"--resume: DeepSpeed could not load {os.path.join(ckpt_dir, tag)}")
+    _set_rng_state(torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
+    return client_state

@@ -1,0 +1,169 @@
+"""The pretraining loop: DeepSpeed engine, data, evaluation, TensorBoard, checkpoints, exact resume."""
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from typing import Any, Dict, Optional
+
+import deepspeed.comm as dist
+import torch
+
+from ..config import ConfigError, ModelConfig, TrainConfig
+from ..data import ContiguousBatchSampler, DataConfig, PreparedCorpus, eval_batches, prepare_corpus
+from ..eval import evaluate_split
+from ..models import LanguageModel
+from . import checkpoint
+from .deepspeed_setup import check_ds_config, init_distributed, initialize, load_ds_config
+from .metrics import Monitor
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def _schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]:
+    """The DeepSpeed config with our warmup + cosine schedule over max_steps (and --lr, if given).
+
+    DeepSpeed's WarmupCosineLR is used so that the engine saves and restores the scheduler with
+    the checkpoint. A scheduler already in the config is kept, with total_num_steps set to max_steps.
+    """
+    cfg = json.loads(json.dumps(ds_config))
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if train.lr is not None:
+        opt.setdefault("params", {})["lr"] = train.lr
+    if "lr" not in opt.get("params", {}):
+        raise ConfigError("optimizer.params.lr: the DeepSpeed config sets no learning rate; add one or pass --lr")
+    sched = cfg.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
+    params = sched.setdefault("params", {})
+    if sched["type"] == "WarmupCosineLR":
+        params.setdefault("warmup_num_steps", train.warmup_steps)
+        params.setdefault("warmup_type", "linear")
+        params.setdefault("warmup_min_ratio", 0.0)
+        params.setdefault("cos_min_ratio", train.min_lr_ratio)
+        params["total_num_steps"] = train.max_steps
+    return cfg
+
+
+def check_layout(model: ModelConfig, train: TrainConfig, world_size: int) -> None:
+    """Checks that need the world size; all raise before any compute."""
+    ep = model.moe.ep_size
+    if model.moe.router != "dense" and world_size % ep:
+        raise ConfigError(f"moe.ep_size: {ep} must divide the world size {world_size} "
+                          "(expert-parallel groups tile the ranks); pick a divisor of the process count")
+    if train.seq_len > model.max_seq_len:
+        raise ConfigError(f"train.seq_len: {train.seq_len} exceeds model.max_seq_len {model.max_seq_len}; "
+                          "lower --seq-len or raise --max-seq-len")
+
+
+def _prepare_data(data: DataConfig) -> PreparedCorpus:
+    # Rank 0 tokenizes and fills the cache; the others then only read it.
+    if dist.get_rank() == 0:
+        corpus = prepare_corpus(data)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        corpus = prepare_corpus(data)
+    return corpus
+
+
+def _all_finite(*values: torch.Tensor) -> bool:
+    bad = torch.tensor([0.0 if all(torch.isfinite(v.detach()).all() for v in values) else 1.0])
+    dist.all_reduce(bad)  # every rank stops together, never one of them inside a collective
+    return bad.item() == 0
+
+
+def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
+             ds_config: Dict[str, Any]) -> Dict[str, Any]:
+    """Train, evaluate and checkpoint; returns the final metrics (also on TensorBoard)."""
+    ds_config = load_ds_config(ds_config)
+    check_ds_config(ds_config)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    check_layout(model_cfg, train_cfg, world)
+    corpus = _prepare_data(data_cfg)
+    model_cfg = replace(model_cfg, vocab_size=corpus.tokenizer.vocab_size)
+    ds_config = _schedule(ds_config, train_cfg)
+    ckpt_dir = os.path.join(train_cfg.out_dir, "checkpoints")
+    expect = {"world_size": world, "ep_size": model_cfg.moe.ep_size, "model_config": model_cfg.to_dict(),
+              "tokenizer": corpus.tokenizer.identity()}
+    # Every rank checks (the files are small), so every rank stops together, before any compute.
+    resume_tag = checkpoint.check_resumable(ckpt_dir, expect) if train_cfg.resume else None
+    if not train_cfg.resume and checkpoint.latest_tag(ckpt_dir) is not None:
+        raise ConfigError(f"train.out_dir: {train_cfg.out_dir} already holds checkpoints; pass --resume to "
+                          "continue that run, or choose another --out-dir")
+
+    torch.manual_seed(train_cfg.seed)
+    model = LanguageModel(model_cfg)
+    # DeepSpeed's default layout puts consecutive ranks in one expert-parallel group.
+    model.init_expert_weights(train_cfg.seed, rank % model_cfg.moe.ep_size)
+    engine, _, _, _ = initialize(model, ds_config)
+    micro_bs = engine.train_micro_batch_size_per_gpu()
+    gas = engine.gradient_accumulation_steps()
+    sampler = ContiguousBatchSampler(corpus.splits["train"], train_cfg.seq_len, micro_bs, rank, world, train_cfg.seed)
+    torch.manual_seed(train_cfg.seed + 1 + rank)  # noise and dropout differ across ranks
+
+    step = 0
+    if resume_tag is not None:
+        state = checkpoint.load(engine, ckpt_dir, resume_tag)
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+    if rank == 0:
+        os.makedirs(train_cfg.out_dir, exist_ok=True)
+        with open(os.path.join(train_cfg.out_dir, "run_config.json"), "w") as f:
+            json.dump(_run_record(model_cfg, data_cfg, train_cfg, ds_config, corpus, world), f, indent=2)
+    monitor = Monitor(train_cfg, rank == 0, start_step=step)
+    moe = model_cfg.moe
+    beta = moe.s2moe.uncertainty_coef if moe.router == "s2moe" else 0.0
+
+    def client_state() -> Dict[str, Any]:
+        return {**expect, "step": step, "sampler": sampler.state_dict(),
+                "run": _run_record(model_cfg, data_cfg, train_cfg, ds_config, corpus, world)}
+
+    def run_eval(split: str) -> Dict[str, float]:
+        engine.eval()
+        result = evaluate_split(lambda x, y, m: engine(x, y, m),
+                                eval_batches(corpus.splits[split], train_cfg.seq_len, micro_bs, rank, world),
+                                engine.device, corpus.units[split], len(corpus.splits[split]), corpus.metric,
+                                train_cfg.eval_max_batches)
+        engine.train()
+        return result
+
+    engine.train()
+    final: Dict[str, Any] = {}
+    last_saved = step if train_cfg.resume else -1
+    end = train_cfg.max_steps if train_cfg.stop_after is None else min(train_cfg.stop_after, train_cfg.max_steps)
+    while step < end:
+        t0 = time.perf_counter()
+        for _ in range(gas):
+            x, y = sampler.next_batch()
+            out = engine(x.to(engine.device), y.to(engine.device))
+            loss = out.total(moe.balance_coef, beta)
+            if not _all_finite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1}: total={loss.item()}, task={out.task_loss.item()}, "
+                    f"balance={out.balance_loss.item()}, uncertainty={out.uncertainty_loss.item()}; "
+                    f"the last good checkpoint in {ckpt_dir} is unchanged (resume with a lower --lr)")
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        tokens = gas * micro_bs * train_cfg.seq_len * world
+        monitor.train_step(step, engine, out, loss, model, tokens, time.perf_counter() - t0)
+        if train_cfg.eval_interval and (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps):
+            final["valid"] = run_eval("valid")
+            monitor.eval(step, "valid", final["valid"])
+        if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or step == end:
+            checkpoint.save(engine, ckpt_dir, step, client_state(), train_cfg.keep_checkpoints, corpus.tokenizer,
+                            meta=expect)
+            last_saved = step
+    monitor.close(step, ckpt_dir if last_saved >= 0 else None)
+    final["step"] = step
+    final["losses"] = monitor.losses
+    return final
+
+
+def _run_record(model_cfg, data_cfg, train_cfg, ds_config, corpus, world) -> Dict[str, Any]:
+    from dataclasses import asdict
+    return {"model": model_cfg.to_dict(), "data": asdict(data_cfg), "train": train_cfg.to_dict(),
+            "deepspeed": ds_config, "world_size": world, "tokenizer": corpus.tokenizer.identity(),
+            "corpus": corpus.identity}

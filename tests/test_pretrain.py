@@ -1,0 +1,213 @@
+"""Pretraining end to end on a small local text: launcher run, exact resume, killed save, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from s2moe_ds.config import ConfigError, TrainConfig, model_preset
+
+from .harness import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of "
+        "Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair.\n") * 40
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def _ds_config(stage=2):
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**6,
+    }
+
+
+def _pretrain_worker(rank, world_size, text, out_dir, cache, train_kw):
+    from s2moe_ds.data import DataConfig
+    from s2moe_ds.train.loop import pretrain
+    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, dropout=0.1,
+                         moe=dict(num_experts=4, ep_size=world_size))
+    train = TrainConfig(out_dir=out_dir, seq_len=32, warmup_steps=2, eval_interval=3, save_interval=3,
+                        log_interval=1, **train_kw)
+    data = DataConfig(dataset="path", path=text, cache_dir=cache)
+    return pretrain(model, data, train, _ds_config())
+
+
+def test_resume_is_exact(text_file, tmp_path):
+    cache = str(tmp_path / "cache")
+    straight = run_distributed(_pretrain_worker, 2, (text_file, str(tmp_path / "a"), cache, dict(max_steps=6)))
+    first = run_distributed(_pretrain_worker, 2,
+                            (text_file, str(tmp_path / "b"), cache, dict(max_steps=6, stop_after=3)))
+    second = run_distributed(_pretrain_worker, 2,
+                             (text_file, str(tmp_path / "b"), cache, dict(max_steps=6, resume=True)))
+    for rank in range(2):
+        assert len(first[rank]["losses"]) == 3 and len(second[rank]["losses"]) == 3
+        resumed = first[rank]["losses"] + second[rank]["losses"]
+        assert max(abs(a - b) for a, b in zip(resumed, straight[rank]["losses"])) < 1e-6, (resumed, straight)
+    assert second[0]["valid"]["bpc"] == pytest.approx(straight[0]["valid"]["bpc"], abs=1e-6)
+    with open(tmp_path / "b" / "checkpoints" / "latest") as f:
+        assert f.read().strip() == "step00000006"
+
+
+def _killed_save_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.train import checkpoint
+    original = checkpoint.save
+
+    def dies_midway(engine, ckpt_dir, step, client_state, keep, tokenizer=None, meta=None):
+        if step == 6:
+            engine.save_checkpoint(ckpt_dir, tag=f"step{step:08d}", client_state=client_state, save_latest=False)
+            raise KeyboardInterrupt("killed while saving")  # before COMPLETE and latest are written
+        return original(engine, ckpt_dir, step, client_state, keep, tokenizer, meta)
+
+    checkpoint.save = dies_midway
+    try:
+        _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        checkpoint.save = original
+    assert checkpoint.latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
+    # and the run resumes from it: steps 4-6 again
+    return _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6, resume=True))["losses"]
+
+
+def test_killed_save_keeps_the_previous_checkpoint(text_file, tmp_path):
+    losses = run_distributed(_killed_save_worker, 2, (text_file, str(tmp_path / "k"), str(tmp_path / "cache")))
+    assert len(losses[0]) == 3
+    entries = sorted(e for e in os.listdir(tmp_path / "k" / "checkpoints") if e == "latest" or e.startswith("step"))
+    assert entries == ["latest", "step00000003", "step00000006"]
+
+
+def _layout_error_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.data import DataConfig
+    from s2moe_ds.train.loop import pretrain
+    model = model_preset("tiny", moe=dict(num_experts=4, ep_size=4))
+    with pytest.raises(ConfigError, match=r"moe\.ep_size: 4 must divide the world size 2"):
+        pretrain(model, DataConfig(dataset="path", path=text, cache_dir=cache), TrainConfig(out_dir=out_dir),
+                 _ds_config())
+    return True
+
+
+def test_layout_errors_name_the_field(text_file, tmp_path):
+    assert run_distributed(_layout_error_worker, 2, (text_file, str(tmp_path / "e"), str(tmp_path / "c")))
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--deepspeed_config", "ds_configs/zero2.json", "--num-experts", "6", "--ep-size", "4"], "moe.num_experts"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--noise-scale", "-1"], "s2moe.noise_scale"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--dataset", "path", "--path", "/no/such.txt"], "data.path"),
+    (["--deepspeed_config", "/no/such.json"], "deepspeed_config: file not found"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--max-steps", "0"], "train.max_steps"),
+])
+def test_cli_errors_name_the_field_before_any_compute(args, message):
+    result = _cli(*args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+
+
+def test_deepspeed_launcher_end_to_end(text_file, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(__import__("tests.harness", fromlist=["free_port"]).free_port()),
+           os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero2.json"),
+           "--ep-size", "2", "--dataset", "path", "--path", text_file, "--cache-dir", str(tmp_path / "cache"),
+           "--out-dir", str(out), "--max-steps", "4", "--seq-len", "32", "--eval-interval", "2", "--log-interval", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tensorboard --logdir" in result.stdout
+    ckpt = out / "checkpoints" / "step00000004"
+    assert (ckpt / "COMPLETE").exists()
+    assert len([f for f in os.listdir(ckpt) if "_expert_" in f]) == 2 * 4  # 2 MoE layers x 4 experts
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/task_loss", "train/balance_loss", "train/uncertainty_loss", "train/lr",
+                "train/grad_norm", "train/tokens_per_s", "valid/bpc", "moe/layer0/expert0_load",
+                "moe/layer0/dropped_fraction", "moe/layer1/mix_gate_mean"):
+        assert tag in tags, (tag, sorted(tags))
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "moe/layer0/mix_gate" in events.Tags()["histograms"]
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["model"]["moe"]["ep_size"] == 2 and record["world_size"] == 2
+
+
+def _consolidate_worker(rank, world_size, text, out_dir, cache, stage):
+    from s2moe_ds.data import DataConfig
+    from s2moe_ds.train.loop import pretrain
+    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, moe=dict(num_experts=4, ep_size=world_size))
+    train = TrainConfig(out_dir=out_dir, seq_len=32, max_steps=3, eval_interval=3, save_interval=3)
+    return pretrain(model, DataConfig(dataset="path", path=text, cache_dir=cache), train, _ds_config(stage))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_consolidated_checkpoint_reproduces_the_distributed_evaluation(stage, text_file, tmp_path):
+    from s2moe_ds.data import DataConfig, eval_batches, prepare_corpus
+    from s2moe_ds.eval import evaluate_split
+    out = str(tmp_path / "run")
+    cache = str(tmp_path / "cache")
+    final = run_distributed(_consolidate_worker, 2, (text_file, out, cache, stage))[0]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "consolidate.py"), out, "--out",
+                             str(tmp_path / "model.pt")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # One file, no DeepSpeed engine, no process group: the ep_size-1 model of the same weights.
+    from s2moe_ds.config import ModelConfig
+    from s2moe_ds.models import LanguageModel
+    blob = torch.load(tmp_path / "model.pt", weights_only=False)
+    model = LanguageModel(ModelConfig(**blob["model_config"]))
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    corpus = prepare_corpus(DataConfig(dataset="path", path=text_file, cache_dir=cache))
+    single = evaluate_split(lambda x, y, m: model(x, y, m), eval_batches(corpus.splits["valid"], 32, 4, 0, 1), "cpu",
+                            corpus.units["valid"], len(corpus.splits["valid"]), corpus.metric)
+    assert single["bpc"] == pytest.approx(final["valid"]["bpc"], abs=1e-5)
+
+
+def test_generate_samples_from_a_checkpoint(text_file, tmp_path):
+    out = str(tmp_path / "run")
+    run_distributed(_consolidate_worker, 2, (text_file, out, str(tmp_path / "cache"), 2))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--checkpoint", out,
+                             "--prompt", "it was", "--max-new-tokens", "20"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval_k=1" in result.stdout and "it was" in result.stdout
+
+
+def _relayout_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.data import DataConfig
+    from s2moe_ds.train.loop import pretrain
+    data = DataConfig(dataset="path", path=text, cache_dir=cache)
+    train = dict(out_dir=out_dir, seq_len=32, max_steps=2, eval_interval=0, save_interval=2)
+    model = dict(d_model=32, d_inner=64, max_seq_len=32)
+    pretrain(model_preset("tiny", **model, moe=dict(ep_size=2)), data, TrainConfig(**train), _ds_config())
+    with pytest.raises(ConfigError, match=r"--resume: .* ep_size=2, this run has ep_size=1.*same world size, ep_size and model"):
+        pretrain(model_preset("tiny", **model, moe=dict(ep_size=1)), data, TrainConfig(**train, resume=True),
+                 _ds_config())
+    with pytest.raises(ConfigError, match=r"train\.out_dir: .* already holds checkpoints; pass --resume"):
+        pretrain(model_preset("tiny", **model, moe=dict(ep_size=2)), data, TrainConfig(**train), _ds_config())
+    return True
+
+
+def test_resume_with_another_expert_parallel_layout_is_refused(text_file, tmp_path):
+    assert run_distributed(_relayout_worker, 2, (text_file, str(tmp_path / "r"), str(tmp_path / "cache")))
