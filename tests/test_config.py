@@ -1,7 +1,6 @@
 """Bad settings fail at construction with an error that names the field."""
 
 import pytest
-import torch
 
 from s2moe_ds.config import ConfigError, MoEConfig, S2MoEConfig
 from s2moe_ds.moe import FFN, S2MoE

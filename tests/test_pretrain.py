@@ -211,3 +211,51 @@ def _relayout_worker(rank, world_size, text, out_dir, cache):
 
 def test_resume_with_another_expert_parallel_layout_is_refused(text_file, tmp_path):
     assert run_distributed(_relayout_worker, 2, (text_file, str(tmp_path / "r"), str(tmp_path / "cache")))
+
+
+def _non_finite_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.models.transformer import LanguageModel
+    from s2moe_ds.train import checkpoint
+    from s2moe_ds.train.loop import NonFiniteLossError
+    original = LanguageModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, mask=None):
+        out = original(self, idx, targets, mask)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 9 and rank == 1:  # step 5's first micro-batch, on one rank only
+                out.task_loss = out.task_loss * float("nan")
+        return out
+
+    LanguageModel.forward = poisoned
+    try:
+        with pytest.raises(NonFiniteLossError) as info:
+            _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6))
+    finally:
+        LanguageModel.forward = original
+    assert checkpoint.latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
+    return str(info.value)
+
+
+def test_non_finite_loss_stops_every_rank_and_keeps_the_checkpoint(text_file, tmp_path):
+    messages = run_distributed(_non_finite_worker, 2, (text_file, str(tmp_path / "n"), str(tmp_path / "cache")))
+    assert "non-finite loss at step 5" in messages[0] and "task=" in messages[1] and "uncertainty=" in messages[0]
+    assert "task=nan" in messages[1]
+    assert not (tmp_path / "n" / "checkpoints" / "step00000006").exists()
+
+
+def test_cpu_optimizer_offload_config_trains(text_file, tmp_path):
+    """ds_configs/zero2_offload.json: ZeRO-2 with DeepSpeedCPUAdam (JIT-built on first use)."""
+    out = tmp_path / "off"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(__import__("tests.harness", fromlist=["free_port"]).free_port()),
+           os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
+           os.path.join(ROOT, "ds_configs", "zero2_offload.json"), "--ep-size", "2", "--dataset", "path", "--path",
+           text_file, "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--max-steps", "3",
+           "--seq-len", "32", "--eval-interval", "3"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DeepSpeedCPUAdam" in result.stdout + result.stderr
+    assert (out / "checkpoints" / "step00000003" / "COMPLETE").exists()

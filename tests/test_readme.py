@@ -17,4 +17,4 @@ def test_readme_usage_example_runs():
 
 def test_readme_opens_with_the_test_command():
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.S).group(1)
-    assert "make test" in first_block
+    assert "make test" in first_block and "make train" in first_block

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import ConfigError
+from ..fileio import atomic_write_text
 from .config import DataConfig
 from .corpora import SPLITS, CorpusSource, Text, count_units, locate
 from .tokenization import (ByteTokenizer, CharTokenizer, SubwordTokenizer, Tokenizer, iter_chunks,
@@ -118,12 +119,7 @@ def _encode_to_npy(tokenizer: Tokenizer, text: Text, path: str, desc: str) -> in
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _open(folder: str) -> PreparedCorpus:

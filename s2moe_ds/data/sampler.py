@@ -112,19 +112,23 @@ def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int,
     Window i holds tokens [i*seq_len, i*seq_len + seq_len] and predicts tokens i*seq_len+1 ...:
     every token after the first is a target exactly once across all ranks. The last window may be
     shorter; it is padded with 0 and mask 0. Window i goes to rank i % world_size, B windows per
-    batch, so batches have shape [<=B, seq_len]. A rank with no window (a tiny split) yields one
-    fully masked batch, so that collective forwards stay matched across ranks.
+    batch. Every batch has shape [B, seq_len], the last one padded with fully masked rows, and a
+    rank with no window (a tiny split) yields one fully masked batch: expert-parallel forwards are
+    collectives whose buffers are sized from the local token count, so every rank must bring the
+    same shape.
     """
     n = len(tokens_N)
     num_windows = -(-max(n - 1, 0) // seq_len)
     mine = np.arange(rank, num_windows, world_size)
     if len(mine) == 0:
-        zeros_BT = torch.zeros(1, seq_len, dtype=torch.long)
+        zeros_BT = torch.zeros(batch_size, seq_len, dtype=torch.long)
         yield zeros_BT, zeros_BT.clone(), zeros_BT.clone()
         return
     offsets_T1 = np.arange(seq_len + 1)
     for b in range(0, len(mine), batch_size):
         starts_B = mine[b:b + batch_size] * seq_len
+        # Padding rows start past the end of the split, so the validity test below masks them whole.
+        starts_B = np.concatenate([starts_B, np.full(batch_size - len(starts_B), n, dtype=starts_B.dtype)])
         index_BT1 = starts_B[:, None] + offsets_T1[None, :]
         valid_BT1 = index_BT1 < n
         window_BT1 = np.where(valid_BT1, np.asarray(tokens_N[np.minimum(index_BT1, n - 1)], dtype=np.int64), 0)

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Union
 import numpy as np
 
 from ..config import ConfigError
+from ..fileio import atomic_write_text
 
 FORMAT = "s2moe_ds.tokenizer"
 FORMAT_VERSION = 1
@@ -28,13 +29,7 @@ def _sha256_json(obj) -> str:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 class Tokenizer:

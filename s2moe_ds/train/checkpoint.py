@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..fileio import atomic_write_text
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -41,15 +42,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(ckpt_dir: str) -> Optional[str]:
@@ -84,9 +76,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     if rank == 0:
         if tokenizer is not None:
             tokenizer.save(os.path.join(ckpt_dir, tag, "tokenizer.json"))
-        _atomic_write(os.path.join(ckpt_dir, tag, "meta.json"), json.dumps(meta or {}, indent=1, sort_keys=True))
-        _atomic_write(os.path.join(ckpt_dir, tag, COMPLETE), f"{step}\n")
-        _atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+        atomic_write_text(os.path.join(ckpt_dir, tag, "meta.json"), json.dumps(meta or {}, indent=1, sort_keys=True))
+        atomic_write_text(os.path.join(ckpt_dir, tag, COMPLETE), f"{step}\n")
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
         _prune(ckpt_dir, keep, tag)
     dist.barrier()
     return tag

@@ -1,11 +1,10 @@
 """The pretraining loop: DeepSpeed engine, data, evaluation, TensorBoard, checkpoints, exact resume."""
 
 import json
-import math
 import os
 import time
 from dataclasses import replace
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import deepspeed.comm as dist
 import torch
@@ -100,6 +99,15 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfi
     engine, _, _, _ = initialize(model, ds_config)
     micro_bs = engine.train_micro_batch_size_per_gpu()
     gas = engine.gradient_accumulation_steps()
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        optimizer = type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__
+        print(f"model: {n_params:,} parameters on rank 0, router {model_cfg.moe.router}, "
+              f"{len(model.moe_layers())} MoE layers | world {world}, ep_size {model_cfg.moe.ep_size}, "
+              f"ZeRO {engine.zero_optimization_stage()}, bf16 {engine.bfloat16_enabled()}, optimizer {optimizer} | "
+              f"global batch {micro_bs * gas * world} x {train_cfg.seq_len} tokens | data {corpus.identity.get('dataset')}, "
+              f"{len(corpus.splits['train']):,} train tokens, tokenizer {corpus.tokenizer.identity()['kind']}",
+              flush=True)
     sampler = ContiguousBatchSampler(corpus.splits["train"], train_cfg.seq_len, micro_bs, rank, world, train_cfg.seed)
     torch.manual_seed(train_cfg.seed + 1 + rank)  # noise and dropout differ across ranks
 
