@@ -19,7 +19,7 @@ from s2moe_ds.cli import add_dataclass_args, given  # noqa: E402
 from s2moe_ds.config import ConfigError, MoEConfig, ModelConfig, S2MoEConfig, TrainConfig, model_preset  # noqa: E402
 from s2moe_ds.data import DataConfig  # noqa: E402
 from s2moe_ds.train import check_ds_config, load_ds_config  # noqa: E402
-from s2moe_ds.train.loop import pretrain  # noqa: E402
+from s2moe_ds.train.loop import EXIT_REQUEUE, pretrain  # noqa: E402
 
 
 def parse(argv=None):
@@ -47,11 +47,11 @@ def main(argv=None) -> int:
             raise ConfigError("--deepspeed_config: required, e.g. ds_configs/zero2.json")
         ds_config = load_ds_config(args.deepspeed_config)
         check_ds_config(ds_config)
-        pretrain(model_cfg, data_cfg, train_cfg, ds_config)
+        final = pretrain(model_cfg, data_cfg, train_cfg, ds_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_REQUEUE if final["stopped_by"] else 0
 
 
 if __name__ == "__main__":

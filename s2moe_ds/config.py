@@ -264,6 +264,11 @@ class TrainConfig:
     """Seed of weights, data order and noise."""
     resume: bool = False
     """Continue from out_dir/checkpoints/latest."""
+    expect_world_size: Optional[int] = None
+    """Refuse to start unless exactly this many processes joined (cluster scripts pass the task count)."""
+    save_on_signal: bool = True
+    """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step, checkpoint
+    and exit with status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
     stop_after: Optional[int] = None
     """End this invocation (with a checkpoint) at this step, as a scheduler time slice would; the
     learning-rate schedule still spans max_steps, and --resume continues exactly."""
@@ -286,6 +291,9 @@ class TrainConfig:
         _check_int(self.log_interval, p + "log_interval", 1)
         _check_int(self.seed, p + "seed", 0)
         _check_bool(self.resume, p + "resume")
+        if self.expect_world_size is not None:
+            _check_int(self.expect_world_size, p + "expect_world_size", 1)
+        _check_bool(self.save_on_signal, p + "save_on_signal")
         if self.stop_after is not None:
             _check_int(self.stop_after, p + "stop_after", 1)
 

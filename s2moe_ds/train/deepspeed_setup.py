@@ -23,16 +23,46 @@ def _skip_shm_comm_build() -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def init_distributed(timeout_s: Optional[float] = None) -> None:
-    """Start DeepSpeed's process group (gloo on CPU, NCCL on CUDA) once; a no-op afterwards."""
-    if deepspeed.comm.is_initialized():
-        return
-    _skip_shm_comm_build()
-    kwargs = {}
-    if timeout_s is not None:
-        from datetime import timedelta
-        kwargs["timeout"] = timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(**kwargs)
+def launcher_world_size() -> Optional[int]:
+    """The process count the launcher was asked for, from its environment (None if it says none).
+
+    Open MPI's and PMI's sizes come first: under `mpirun` inside a SLURM job every rank inherits
+    the batch step's SLURM variables. SLURM's step task count counts only for tasks srun started
+    (SLURM_STEP_ID set); torchrun and the deepspeed launcher set WORLD_SIZE.
+    """
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    if os.environ.get("SLURM_STEP_ID") not in (None, "", "batch", "extern"):
+        n = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+        if n and n.isdigit():
+            return int(n)
+    n = os.environ.get("WORLD_SIZE", "")
+    return int(n) if n.isdigit() else None
+
+
+def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Optional[int] = None) -> None:
+    """Start DeepSpeed's process group (gloo on CPU, NCCL on CUDA) once; a no-op afterwards.
+
+    The world size is then checked against `expected_world_size` and against what the launcher
+    asked for: a launcher that does not pass ranks on (srun without MPI, a mismatched MPI) starts
+    independent singletons, which would each train alone and overwrite each other's checkpoints.
+    """
+    if not deepspeed.comm.is_initialized():
+        _skip_shm_comm_build()
+        kwargs = {}
+        if timeout_s is not None:
+            from datetime import timedelta
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(**kwargs)
+    world = deepspeed.comm.get_world_size()
+    for source, wanted in (("--expect-world-size", expected_world_size), ("the launcher", launcher_world_size())):
+        if wanted is not None and wanted != world:
+            raise ConfigError(
+                f"world size: {source} asks for {wanted} processes but the process group has {world}. "
+                "The launcher did not pass ranks on (e.g. srun without --mpi=pmix for an MPI program, or a "
+                "wrapper that does not set RANK/WORLD_SIZE/MASTER_ADDR); stopping instead of training as "
+                "independent singletons. See docs/cluster.md for launch commands that work.")
 
 
 def load_ds_config(ds_config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:

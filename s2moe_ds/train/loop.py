@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Dict
@@ -12,6 +14,7 @@ import torch
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data import ContiguousBatchSampler, DataConfig, PreparedCorpus, eval_batches, prepare_corpus
 from ..eval import evaluate_split
+from ..fileio import atomic_write_text
 from ..models import LanguageModel
 from . import checkpoint
 from .deepspeed_setup import check_ds_config, init_distributed, initialize, load_ds_config
@@ -20,6 +23,39 @@ from .metrics import Monitor
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+EXIT_REQUEUE = 75
+"""Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL): requeue me."""
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+REQUEUE_MARKER = "REQUEUE"
+"""Written in out_dir by rank 0 when a stop signal ended the run after a checkpoint."""
+
+
+class _StopRequest:
+    """Remembers a stop signal; the loop acts on it at the next step boundary, on every rank at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.signal_name = None
+        self._previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (SLURM may signal the ranks at different times)."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0])
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]:
@@ -77,7 +113,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfi
     """Train, evaluate and checkpoint; returns the final metrics (also on TensorBoard)."""
     ds_config = load_ds_config(ds_config)
     check_ds_config(ds_config)
-    init_distributed()
+    init_distributed(expected_world_size=train_cfg.expect_world_size)
     rank, world = dist.get_rank(), dist.get_world_size()
     check_layout(model_cfg, train_cfg, world)
     corpus = _prepare_data(data_cfg)
@@ -137,33 +173,49 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfi
         engine.train()
         return result
 
+    if resume_tag is not None and rank == 0:
+        print(f"resumed from {os.path.join(ckpt_dir, resume_tag)} at step {step}", flush=True)
     engine.train()
-    final: Dict[str, Any] = {}
+    final: Dict[str, Any] = {"stopped_by": None}
     last_saved = step if train_cfg.resume else -1
     end = train_cfg.max_steps if train_cfg.stop_after is None else min(train_cfg.stop_after, train_cfg.max_steps)
-    while step < end:
-        t0 = time.perf_counter()
-        for _ in range(gas):
-            x, y = sampler.next_batch()
-            out = engine(x.to(engine.device), y.to(engine.device))
-            loss = out.total(moe.balance_coef, beta)
-            if not _all_finite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1}: total={loss.item()}, task={out.task_loss.item()}, "
-                    f"balance={out.balance_loss.item()}, uncertainty={out.uncertainty_loss.item()}; "
-                    f"the last good checkpoint in {ckpt_dir} is unchanged (resume with a lower --lr)")
-            engine.backward(loss)
-            engine.step()
-        step += 1
-        tokens = gas * micro_bs * train_cfg.seq_len * world
-        monitor.train_step(step, engine, out, loss, model, tokens, time.perf_counter() - t0)
-        if train_cfg.eval_interval and (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps):
-            final["valid"] = run_eval("valid")
-            monitor.eval(step, "valid", final["valid"])
-        if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or step == end:
-            checkpoint.save(engine, ckpt_dir, step, client_state(), train_cfg.keep_checkpoints, corpus.tokenizer,
-                            meta=expect)
-            last_saved = step
+    stop = _StopRequest(train_cfg.save_on_signal)
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            for _ in range(gas):
+                x, y = sampler.next_batch()
+                out = engine(x.to(engine.device), y.to(engine.device))
+                loss = out.total(moe.balance_coef, beta)
+                if not _all_finite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1}: total={loss.item()}, task={out.task_loss.item()}, "
+                        f"balance={out.balance_loss.item()}, uncertainty={out.uncertainty_loss.item()}; "
+                        f"the last good checkpoint in {ckpt_dir} is unchanged (resume with a lower --lr)")
+                engine.backward(loss)
+                engine.step()
+            step += 1
+            tokens = gas * micro_bs * train_cfg.seq_len * world
+            monitor.train_step(step, engine, out, loss, model, tokens, time.perf_counter() - t0)
+            if train_cfg.eval_interval and (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps):
+                final["valid"] = run_eval("valid")
+                monitor.eval(step, "valid", final["valid"])
+            stopping = stop.agreed()
+            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or step == end or stopping:
+                checkpoint.save(engine, ckpt_dir, step, client_state(), train_cfg.keep_checkpoints,
+                                corpus.tokenizer, meta=expect)
+                last_saved = step
+            if stopping:
+                final["stopped_by"] = stop.signal_name or "another rank's signal"
+                if rank == 0:
+                    # The job script reads this marker, not srun's exit status, which a task killed
+                    # after the others exited could change.
+                    atomic_write_text(os.path.join(train_cfg.out_dir, REQUEUE_MARKER),
+                                      f"{final['stopped_by']} at step {step}\n")
+                    print(f"\n{final['stopped_by']}: checkpointed step {step}, exiting for requeue", flush=True)
+                break
+    finally:
+        stop.restore()
     monitor.close(step, ckpt_dir if last_saved >= 0 else None)
     final["step"] = step
     final["losses"] = monitor.losses
