@@ -1,6 +1,6 @@
 """Real-text pretraining benchmark: tinyshakespeare through the deepspeed launcher, one run per router.
 
-    .venv/bin/python bench/pretrain_tinyshakespeare.py --data ../shared/data/tinyshakespeare.txt
+    .venv/bin/python bench/pretrain_real_text.py --data ../shared/data/tinyshakespeare.txt
 
 Runs `launch/pretrain.py` on 2 CPU processes (ep_size 2, ZeRO-2) for each router in turn, with the
 same seed, steps and batch, then prints a markdown table (validation BPC, median tokens/s, wall time)
@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--routers", nargs="+", default=["s2moe", "smoe", "dense"])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--max-steps", type=int, default=2000)
-    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_tinyshakespeare"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_real_text"))
     parser.add_argument("--nproc", type=int, default=2)
     args, extra = parser.parse_known_args()
     if not os.path.isfile(args.data):
