@@ -54,6 +54,10 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
         if timeout_s is not None:
             from datetime import timedelta
             kwargs["timeout"] = timedelta(seconds=timeout_s)
+        if os.environ.get("MASTER_PORT", "").isdigit():
+            # DeepSpeed's MPI discovery (mpirun without RANK/WORLD_SIZE) overwrites MASTER_PORT with
+            # this argument, 29500 by default; pass the launcher's port on so it is honoured.
+            kwargs["distributed_port"] = int(os.environ["MASTER_PORT"])
         deepspeed.init_distributed(**kwargs)
     world = deepspeed.comm.get_world_size()
     for source, wanted in (("--expect-world-size", expected_world_size), ("the launcher", launcher_world_size())):
