@@ -10,7 +10,7 @@ import torch
 
 from s2moe_ds.config import ConfigError, TrainConfig, model_preset
 
-from .harness import run_distributed
+from .harness import free_port, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,16 +125,22 @@ def test_cli_errors_name_the_field_before_any_compute(args, message):
     assert message in result.stderr
 
 
+def _deepspeed_launch(config, text_file, tmp_path, out, *flags, timeout=600):
+    """launch/pretrain.py under the deepspeed launcher: 2 CPU ranks, ep_size 2, a local text file."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(free_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
+           os.path.join(ROOT, "ds_configs", config), "--ep-size", "2", "--dataset", "path", "--path", text_file,
+           "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--seq-len", "32", *flags]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_deepspeed_launcher_end_to_end(text_file, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(__import__("tests.harness", fromlist=["free_port"]).free_port()),
-           os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero2.json"),
-           "--ep-size", "2", "--dataset", "path", "--path", text_file, "--cache-dir", str(tmp_path / "cache"),
-           "--out-dir", str(out), "--max-steps", "4", "--seq-len", "32", "--eval-interval", "2", "--log-interval", "1"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _deepspeed_launch("zero2.json", text_file, tmp_path, out, "--max-steps", "4", "--eval-interval", "2",
+                               "--log-interval", "1")
     assert "tensorboard --logdir" in result.stdout
     ckpt = out / "checkpoints" / "step00000004"
     assert (ckpt / "COMPLETE").exists()
@@ -248,14 +254,7 @@ def test_non_finite_loss_stops_every_rank_and_keeps_the_checkpoint(text_file, tm
 def test_cpu_optimizer_offload_config_trains(text_file, tmp_path):
     """ds_configs/zero2_offload.json: ZeRO-2 with DeepSpeedCPUAdam (JIT-built on first use)."""
     out = tmp_path / "off"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(__import__("tests.harness", fromlist=["free_port"]).free_port()),
-           os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
-           os.path.join(ROOT, "ds_configs", "zero2_offload.json"), "--ep-size", "2", "--dataset", "path", "--path",
-           text_file, "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--max-steps", "3",
-           "--seq-len", "32", "--eval-interval", "3"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _deepspeed_launch("zero2_offload.json", text_file, tmp_path, out, "--max-steps", "3",
+                               "--eval-interval", "3", timeout=900)
     assert "DeepSpeedCPUAdam" in result.stdout + result.stderr
     assert (out / "checkpoints" / "step00000003" / "COMPLETE").exists()

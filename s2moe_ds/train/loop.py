@@ -49,9 +49,7 @@ class _StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (SLURM may signal the ranks at different times)."""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0])
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return _any_rank(self.signal_name is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -102,10 +100,16 @@ def _prepare_data(data: DataConfig) -> PreparedCorpus:
     return corpus
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: ranks that decide to stop must stop together,
+    never one of them left waiting inside a collective."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def _all_finite(*values: torch.Tensor) -> bool:
-    bad = torch.tensor([0.0 if all(torch.isfinite(v.detach()).all() for v in values) else 1.0])
-    dist.all_reduce(bad)  # every rank stops together, never one of them inside a collective
-    return bad.item() == 0
+    return not _any_rank(not all(bool(torch.isfinite(v.detach()).all()) for v in values))
 
 
 def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
@@ -152,17 +156,18 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfi
         state = checkpoint.load(engine, ckpt_dir, resume_tag)
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
+    record = _run_record(model_cfg, data_cfg, train_cfg, ds_config, corpus, world)
     if rank == 0:
         os.makedirs(train_cfg.out_dir, exist_ok=True)
         with open(os.path.join(train_cfg.out_dir, "run_config.json"), "w") as f:
-            json.dump(_run_record(model_cfg, data_cfg, train_cfg, ds_config, corpus, world), f, indent=2)
+            json.dump(record, f, indent=2)
     monitor = Monitor(train_cfg, rank == 0, start_step=step)
     moe = model_cfg.moe
     beta = moe.s2moe.uncertainty_coef if moe.router == "s2moe" else 0.0
 
     def client_state() -> Dict[str, Any]:
         return {**expect, "step": step, "sampler": sampler.state_dict(),
-                "run": _run_record(model_cfg, data_cfg, train_cfg, ds_config, corpus, world)}
+                "run": record}
 
     def run_eval(split: str) -> Dict[str, float]:
         engine.eval()
