@@ -18,6 +18,9 @@ setup(
         # Hugging Face's tokenizer library: trains and runs the subword (BPE) tokenizer.
         "tokenizers>=0.15",
         "tensorboard>=2.14",
+        # The analysis plots (routing heatmaps, g(x) histograms, similarity matrices, validation
+        # curves) as PNG files and TensorBoard images; the standard library for it.
+        "matplotlib>=3.7",
         "ninja",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2"]},

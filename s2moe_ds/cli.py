@@ -31,8 +31,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, skip: I
         help_text = f"(default: {default})"
         if kind is None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif "tuple" in str(f.type):
-            group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_text)
+        elif "tuple" in str(f.type) or "Sequence" in str(f.type):
+            # Element type from the annotation: Sequence[int], Sequence[str]; a bare tuple holds floats.
+            elem = int if "int" in str(f.type) else str if "str" in str(f.type) else float
+            group.add_argument(flag, dest=f.name, type=elem, nargs="+", default=None, help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
 

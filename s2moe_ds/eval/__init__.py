@@ -1,4 +1,4 @@
-"""Evaluation: validation/test metrics (and, later, FLOPs accounting and collapse analysis)."""
+"""Evaluation: full-split metrics, FLOPs accounting, what the experts learned, plots, comparisons."""
 
 from .lm_eval import evaluate_split
 

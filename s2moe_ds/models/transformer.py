@@ -73,7 +73,8 @@ class Block(nn.Module):
             parts = self.ffn.forward_parts(h_BTD, mask_BT)
             y_BTD, balance, uncertainty = parts.output, parts.balance_loss, parts.uncertainty_loss
         elif isinstance(self.ffn, MoE):
-            y_BTD, balance, _ = self.ffn(h_BTD, mask_BT)
+            # DeepSpeed's top-1 gating reads used_token as one flag per token of the flattened batch.
+            y_BTD, balance, _ = self.ffn(h_BTD, None if mask_BT is None else mask_BT.reshape(-1))
             uncertainty = None
         else:
             y_BTD, balance, uncertainty = self.ffn(h_BTD), zero, None

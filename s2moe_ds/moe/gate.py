@@ -6,12 +6,17 @@ Evaluation must be repeatable, and the paper evaluates with a different number o
 trains with, so in eval mode this gate routes with `eval_k` experts and all randomness off, and
 drops tokens beyond capacity only if `eval_drop_tokens` (with drops, a token's output depends on
 which other tokens share its batch, so metrics would change with batch size and process count).
-In training it is DeepSpeed's gate unchanged.
+In training it is DeepSpeed's gate unchanged, except for one repair: DeepSpeed 0.19's top-1 gating
+without token drops passes a tensor capacity to torch.topk and fails, so top-1 without drops runs
+as top-1 WITH drops at a capacity no expert can exceed (the largest expert count in the
+expert-parallel group), which drops nothing and routes identically.
 """
 
 from typing import Optional
 
+import deepspeed.comm as dist
 import torch
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
 
@@ -24,19 +29,36 @@ class EvalDeterministicGate(TopKGate):
         self.eval_drop_tokens = eval_drop_tokens
         self.last_dropped_fraction = torch.zeros(())
 
-    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
-        if self.training:
-            out = super().forward(input, used_token, sparse_routes, use_tutel)
+    def _top1_capacity_factor(self, input: torch.Tensor) -> float:
+        """A capacity factor whose capacity holds every token that any expert of the group receives."""
+        logits_TE = F.linear(input.float(), self.wg.weight.float())
+        T, E = logits_TE.shape
+        if self.training and self.noisy_gate_policy == "RSample":
+            need = torch.tensor([T])  # routes follow noisy logits this argmax cannot see
         else:
-            # TopKGate reads these attributes at call time; swapping them for one call keeps
-            # every line of DeepSpeed's routing math in use instead of a copy of it.
-            saved = (self.k, self.use_rts, self.top2_2nd_expert_sampling, self.drop_tokens)
+            need = torch.bincount(logits_TE.argmax(dim=-1), minlength=E).max().reshape(1)
+        if self.ep_group is not None and dist.is_initialized() and dist.get_world_size(group=self.ep_group) > 1:
+            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=self.ep_group)
+        # DeepSpeed's capacity is ceil(T / E * factor), so this factor gives at least `need`.
+        return max(int(need.item()), 1) * E / T
+
+    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
+        # TopKGate reads these attributes at call time; swapping them for one call keeps every
+        # line of DeepSpeed's routing math in use instead of a copy of it.
+        saved = (self.k, self.use_rts, self.top2_2nd_expert_sampling, self.drop_tokens, self.capacity_factor,
+                 self.eval_capacity_factor)
+        if not self.training:
             self.k, self.use_rts, self.top2_2nd_expert_sampling = self.eval_k, False, False
             self.drop_tokens = self.eval_drop_tokens
-            try:
-                out = super().forward(input, used_token, sparse_routes, use_tutel)
-            finally:
-                self.k, self.use_rts, self.top2_2nd_expert_sampling, self.drop_tokens = saved
+        if self.k == 1 and not self.drop_tokens:
+            factor = self._top1_capacity_factor(input)
+            self.capacity_factor = self.eval_capacity_factor = factor
+            self.drop_tokens = True
+        try:
+            out = super().forward(input, used_token, sparse_routes, use_tutel)
+        finally:
+            (self.k, self.use_rts, self.top2_2nd_expert_sampling, self.drop_tokens, self.capacity_factor,
+             self.eval_capacity_factor) = saved
         if sparse_routes:
             # out = (l_aux, capacity, E, indices_KS, locations_KS, gates_KS, exp_counts); routes
             # dropped by the capacity limit carry index -1.

@@ -6,7 +6,7 @@ mix_gate_mean} and the histogram moe/layer<i>/mix_gate. Per-layer values are ran
 """
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -81,3 +81,13 @@ class Monitor:
         print(f"\nTrained {step} steps. TensorBoard:  tensorboard --logdir {self.tb_dir}")
         if ckpt_dir:
             print(f"Checkpoints: {ckpt_dir}\nSample:       python launch/generate.py --checkpoint {ckpt_dir}")
+
+
+def read_scalars(tb_dir: str, tag: str) -> List[Tuple[int, float]]:
+    """(step, value) of one scalar tag from a run's TensorBoard folder, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return []
+    return sorted((e.step, e.value) for e in events.Scalars(tag))

@@ -1,0 +1,173 @@
+"""The comparison harness's plan and its report: which runs, with which flags, and the table.
+
+A variant is a name and the pretraining flags that make it (its MoE and S2MoE fields); every
+variant runs with the same preset, steps, batch, data and seeds, so the only difference between
+two rows is the variant's own fields. The report keeps to numbers that are deterministic (BPC or
+perplexity of full passes), so the same command with the same seeds gives the same table.
+"""
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..config import ConfigError, MoEConfig, S2MoEConfig, model_preset
+
+BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
+    # DeepSpeed's own MoE, top-2: the paper's SMoE baseline.
+    "smoe": {"router": "smoe", "k": 2},
+    # S2MoE with top-2 on each path (the paper's setting).
+    "s2moe": {"router": "s2moe", "k": 2},
+    # S2MoE with top-1 per path: 2 paths x 1 expert, the expert compute per token of SMoE top-2.
+    "s2moe-top1": {"router": "s2moe", "k": 1},
+    "smoe-top1": {"router": "smoe", "k": 1},
+    "dense": {"router": "dense"},
+}
+
+_MOE_FIELDS = {f.name for f in fields(MoEConfig)} - {"s2moe", "ep_size"}
+_S2MOE_FIELDS = {f.name for f in fields(S2MoEConfig)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: Tuple[Tuple[str, object], ...]
+    """(field, value) pairs of MoEConfig / S2MoEConfig, in a fixed order."""
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.name)
+
+    @property
+    def router(self) -> str:
+        return str(dict(self.overrides).get("router", MoEConfig.router))
+
+    def moe_dict(self) -> Dict[str, object]:
+        moe = {k: v for k, v in self.overrides if k in _MOE_FIELDS}
+        s2 = {k: v for k, v in self.overrides if k in _S2MOE_FIELDS}
+        if s2:
+            moe["s2moe"] = s2
+        return moe
+
+    def flags(self) -> List[str]:
+        out = []
+        for key, value in self.overrides:
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(flag if value else "--no-" + key.replace("_", "-"))
+            else:
+                out += [flag, str(value)]
+        return out
+
+
+def parse_value(text: str):
+    """'0.5' -> 0.5, '2' -> 2, 'true' -> True, 'global' -> 'global'."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_assignment(spec: str, what: str) -> Tuple[str, List[object]]:
+    """'field=v1,v2' -> (field, [v1, v2]), the field checked against MoEConfig and S2MoEConfig."""
+    if "=" not in spec:
+        raise ConfigError(f"{what}: {spec!r} is not FIELD=VALUE[,VALUE...], e.g. uncertainty_coef=0,0.5")
+    key, values = spec.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if key not in _MOE_FIELDS | _S2MOE_FIELDS:
+        raise ConfigError(f"{what}: unknown field {key!r}; use a field of MoEConfig or S2MoEConfig: "
+                          f"{', '.join(sorted(_MOE_FIELDS | _S2MOE_FIELDS))}")
+    parsed = [parse_value(v.strip()) for v in values.split(",") if v.strip() != ""]
+    if not parsed:
+        raise ConfigError(f"{what}: {spec!r} gives no value")
+    return key, parsed
+
+
+def plan_variants(names: Sequence[str], ablations: Sequence[str] = (), ablate_base: str = "s2moe",
+                  sets: Sequence[str] = (), preset: str = "tiny") -> List[Variant]:
+    """The variants to run: each built-in name, then one variant per ablation value (on top of
+    ablate_base); `sets` (FIELD=VALUE) apply to every variant. Each is validated by building its
+    model config, so a bad field or value stops here, before any training."""
+    common: List[Tuple[str, object]] = []
+    for spec in sets:
+        key, values = parse_assignment(spec, "--set")
+        if len(values) != 1:
+            raise ConfigError(f"--set: {spec!r} must give exactly one value")
+        common.append((key, values[0]))
+
+    def make(name: str, extra: Sequence[Tuple[str, object]] = ()) -> Variant:
+        if name not in BUILTIN_VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {name!r}; choose from {', '.join(BUILTIN_VARIANTS)}")
+        merged = dict(common)
+        merged.update(BUILTIN_VARIANTS[name])
+        merged.update(extra)
+        label = name + "".join(f" {k}={v}" for k, v in extra)
+        variant = Variant(label, tuple(sorted(merged.items())))
+        model_preset(preset, moe=variant.moe_dict())  # raises ConfigError naming the field
+        return variant
+
+    variants = [make(n) for n in names]
+    for spec in ablations:
+        key, values = parse_assignment(spec, "--ablate")
+        variants += [make(ablate_base, [(key, v)]) for v in values]
+    seen = set()
+    for v in variants:
+        if v.name in seen:
+            raise ConfigError(f"--variants/--ablate: variant {v.name!r} is listed twice")
+        seen.add(v.name)
+    return variants
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = _mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def eval_value(result: Dict, split: str, eval_k: Optional[int], metric: str) -> Optional[float]:
+    for row in result["eval"]["results"]:
+        if row["split"] == split and row["eval_k"] in (eval_k, None):
+            return row[metric]
+    return None
+
+
+def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], metric: str,
+                  reference: Optional[str] = "smoe", splits: Sequence[str] = ("valid", "test")) -> str:
+    """Markdown: per variant and split, mean ± sample std over seeds of the metric with 1 and with
+    2 experts per token, and how the one-expert mean compares with the reference's two-expert mean."""
+    ref = results.get(reference) if reference else None
+    head = ["variant", "seeds"]
+    for split in splits:
+        head += [f"{split} {metric} (1 expert)", f"{split} {metric} (2 experts)"]
+    if ref:
+        head.append(f"valid: 1 expert - {reference} with 2")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for v in variants:
+        runs = results.get(v.name, [])
+        row = [v.name, str(len(runs))]
+        for split in splits:
+            for k in (1, 2):
+                row.append(_cell([x for x in (eval_value(r, split, k, metric) for r in runs) if x is not None]))
+        if ref:
+            ones = [x for x in (eval_value(r, "valid", 1, metric) for r in runs) if x is not None]
+            twos = [x for x in (eval_value(r, "valid", 2, metric) for r in ref) if x is not None]
+            row.append(f"{statistics.fmean(ones) - statistics.fmean(twos):+.4f}" if ones and twos else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], metric: str) -> str:
+    lines = [f"| variant | seed | valid {metric} (1 expert) | valid {metric} (2 experts) |", "| --- | --- | --- | --- |"]
+    for v in variants:
+        for r in results.get(v.name, []):
+            one, two = eval_value(r, "valid", 1, metric), eval_value(r, "valid", 2, metric)
+            lines.append(f"| {v.name} | {r['seed']} | {one:.4f} | {two:.4f} |")
+    return "\n".join(lines)
+

@@ -1,0 +1,173 @@
+"""Evaluate a checkpoint: full passes over valid and test with each eval_k, next to the FLOPs cost.
+
+The checkpoint is consolidated to one process (train.consolidate), so any training layout (ZeRO
+stage, process count, ep_size) evaluates the same way, and every number except the timings is
+identical from run to run: fixed windows in order, no sampling, no token drops, no noise.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..config import ConfigError, _check_int, _require
+from ..data import DataConfig, check_tokenizer_matches, eval_batches, prepare_corpus
+from ..fileio import atomic_write_text
+from ..train.consolidate import load_model, resolve_checkpoint
+from .analysis import ExpertAnalyzer, public
+from .flops import flops_per_token
+from .lm_eval import evaluate_split
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how; every field has a flag of the same name in launch/evaluate.py."""
+
+    checkpoint: str = ""
+    """Run folder, its checkpoints/ folder, or a step folder."""
+    eval_k: Sequence[int] = (1, 2)
+    """Experts per token to evaluate with, each in its own full pass (ignored for router 'dense')."""
+    splits: Sequence[str] = ("valid", "test")
+    """Splits to evaluate: train | valid | test."""
+    seq_len: Optional[int] = None
+    """Window length; None uses the checkpoint's training seq_len."""
+    batch_size: int = 16
+    """Windows per forward (affects speed only: eval never drops tokens)."""
+    max_batches: Optional[int] = None
+    """Cap on batches per split (None: the full split). Capped results are not comparable to full ones."""
+    analysis: bool = False
+    """Also analyse what the experts learned (analysis.py) on the first split, with the first eval_k."""
+    analysis_tokens: int = 4096
+    """Tokens in the fixed sample used for expert similarity, effective rank and g(x)."""
+    out_dir: Optional[str] = None
+    """Where the JSON report, plots and TensorBoard events go; None: <run folder>/eval/step<N>."""
+    data_overrides: Dict[str, object] = field(default_factory=dict)
+    """DataConfig fields that replace the checkpoint's (e.g. path or cache_dir on another machine)."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.checkpoint, str) and self.checkpoint != "", "eval.checkpoint",
+                 "required: a run folder, its checkpoints/ folder or a step folder")
+        self.eval_k = tuple(self.eval_k)
+        _require(len(self.eval_k) > 0, "eval.eval_k", "give at least one value, e.g. --eval-k 1 2")
+        for k in self.eval_k:
+            _check_int(k, "eval.eval_k", 1)
+        self.splits = tuple(self.splits)
+        _require(len(self.splits) > 0, "eval.splits", "give at least one of train, valid, test")
+        for s in self.splits:
+            _require(s in ("train", "valid", "test"), "eval.splits", f"unknown split {s!r}; use train, valid or test")
+        if self.seq_len is not None:
+            _check_int(self.seq_len, "eval.seq_len", 1)
+        _check_int(self.batch_size, "eval.batch_size", 1)
+        if self.max_batches is not None:
+            _check_int(self.max_batches, "eval.max_batches", 1)
+        _check_int(self.analysis_tokens, "eval.analysis_tokens", 2)
+
+
+def default_out_dir(step_dir: str) -> str:
+    parent = os.path.dirname(os.path.abspath(step_dir))
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    return os.path.join(run_dir, "eval", os.path.basename(os.path.abspath(step_dir)))
+
+
+def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
+    """Evaluate, write <out_dir>/eval.json (and the analysis files), and return the report."""
+    step_dir = resolve_checkpoint(cfg.checkpoint)
+    base_model, client = load_model(step_dir)
+    run = client.get("run") or {}
+    if "data" not in run or "train" not in run:
+        raise ConfigError(f"eval.checkpoint: {step_dir} records no run settings (client state 'run'); "
+                          "it was not written by s2moe_ds.train")
+    data_cfg = DataConfig(**{**run["data"], **cfg.data_overrides})
+    corpus = prepare_corpus(data_cfg)
+    check_tokenizer_matches(client["tokenizer"], corpus.tokenizer.identity(), f"checkpoint {step_dir}")
+    seq_len = cfg.seq_len or run["train"]["seq_len"]
+    model_cfg = base_model.cfg
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"eval.seq_len: {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    router = model_cfg.moe.router
+    ks: List[Optional[int]] = [None] if router == "dense" else list(cfg.eval_k)
+    out_dir = cfg.out_dir or default_out_dir(step_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: Dict[str, object] = {
+        "checkpoint": os.path.abspath(step_dir), "step": client.get("step"), "router": router,
+        "model": model_cfg.to_dict(), "data": corpus.identity, "metric": corpus.metric,
+        "seq_len": seq_len, "batch_size": cfg.batch_size, "max_batches": cfg.max_batches,
+        "trained_with": {"world_size": client.get("world_size"), "ep_size": client.get("ep_size")},
+        "device": str(device),
+        "flops_per_token": {}, "results": [], "analysis": None,
+    }
+    largest = max(k for k in ks if k is not None) if router != "dense" else None
+    for k in ks:
+        flops = flops_per_token(model_cfg, seq_len, k)
+        report["flops_per_token"][str(k)] = flops
+    models = {}
+    for k in ks:
+        models[k] = (base_model if k is None else load_model(step_dir, eval_k=k)[0]).to(device)
+        flops = report["flops_per_token"][str(k)]
+        for split in cfg.splits:
+            start = time.perf_counter()
+            result = _run_split(cfg, corpus, split, seq_len, device, models[k])
+            seconds = time.perf_counter() - start
+            row = {"split": split, "eval_k": k, **result, "seconds": seconds,
+                   "tokens_per_s": result["tokens"] / seconds, "flops_per_token": flops["total"],
+                   "flops_vs_largest_k": (flops["total"] / report["flops_per_token"][str(largest)]["total"]
+                                          if largest else 1.0)}
+            report["results"].append(row)
+            log(format_row(row, corpus.metric))
+    if cfg.analysis and router != "dense":
+        # Its own pass, so the hooks cost nothing in the timed ones.
+        k, split = ks[0], cfg.splits[0]
+        analyzer = ExpertAnalyzer(models[k], cfg.analysis_tokens, corpus.tokenizer.vocab_size)
+        with analyzer:
+            _run_split(cfg, corpus, split, seq_len, device, models[k], analyzer)
+        report["analysis"] = _write_analysis(analyzer, corpus.tokenizer, out_dir, client.get("step") or 0, split, k)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
+    report["out_dir"] = out_dir
+    return report
+
+
+def _run_split(cfg: EvalConfig, corpus, split: str, seq_len: int, device, model,
+               analyzer: Optional[ExpertAnalyzer] = None) -> Dict[str, float]:
+    def forward(x, y, m):
+        if analyzer is not None:
+            analyzer.set_tokens(x, m)
+        return model(x, y, m)
+    return evaluate_split(forward, eval_batches(corpus.splits[split], seq_len, cfg.batch_size, 0, 1), device,
+                          corpus.units[split], len(corpus.splits[split]), corpus.metric, cfg.max_batches)
+
+
+def _write_analysis(analyzer: ExpertAnalyzer, tokenizer, out_dir: str, step: int, split: str, k) -> Dict:
+    from . import plots
+    full = analyzer.report(decode=lambda i: tokenizer.decode([i]))
+    full["split"], full["eval_k"] = split, k
+    figures = plots.analysis_figures(full)
+    try:
+        paths = plots.save_figures(figures, os.path.join(out_dir, "plots"))
+        plots.write_analysis_tensorboard(full, figures, os.path.join(out_dir, "tensorboard"), step)
+    finally:
+        plots.close_figures(figures)
+    report = public(full)
+    report["plots"] = [os.path.relpath(p, out_dir) for p in paths]
+    atomic_write_text(os.path.join(out_dir, "analysis.json"), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_row(row: Dict, metric: str) -> str:
+    value = f"{metric} {row[metric]:.4f}" if metric in row else ""
+    k = "-" if row["eval_k"] is None else row["eval_k"]
+    return (f"{row['split']:5s} eval_k {k}: {value}, {row['tokens_per_s']:,.0f} tokens/s, "
+            f"{row['flops_per_token'] / 1e6:.2f} MFLOPs/token ({row['flops_vs_largest_k']:.2f}x the largest eval_k)")
+
+
+def markdown_table(report: Dict) -> str:
+    metric = report["metric"]
+    lines = [f"| split | eval_k | {metric} | tokens/s | MFLOPs/token | FLOPs vs top-{max((r['eval_k'] or 0) for r in report['results']) or '-'} |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        lines.append(f"| {r['split']} | {'-' if r['eval_k'] is None else r['eval_k']} | {r[metric]:.4f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['flops_per_token'] / 1e6:.3f} | {r['flops_vs_largest_k']:.3f} |")
+    return "\n".join(lines)

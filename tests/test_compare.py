@@ -1,0 +1,76 @@
+"""The comparison harness: variant planning, its errors, and launch/compare.py end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from s2moe_ds.config import ConfigError
+from s2moe_ds.eval.compare import plan_variants
+
+from .test_pretrain import TEXT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_variants_and_ablations_become_flags():
+    variants = plan_variants(["smoe", "s2moe", "s2moe-top1"], ["uncertainty_coef=0,0.5", "noise_stats=global"])
+    names = [v.name for v in variants]
+    assert names == ["smoe", "s2moe", "s2moe-top1", "s2moe uncertainty_coef=0", "s2moe uncertainty_coef=0.5",
+                     "s2moe noise_stats=global"]
+    flags = {v.name: v.flags() for v in variants}
+    assert flags["smoe"] == ["--k", "2", "--router", "smoe"]
+    assert flags["s2moe-top1"] == ["--k", "1", "--router", "s2moe"]
+    assert flags["s2moe uncertainty_coef=0"] == ["--k", "2", "--router", "s2moe", "--uncertainty-coef", "0"]
+    assert variants[4].moe_dict() == {"k": 2, "router": "s2moe", "s2moe": {"uncertainty_coef": 0.5}}
+    with_set = plan_variants(["smoe"], sets=["num_experts=8"])
+    assert with_set[0].flags() == ["--k", "2", "--num-experts", "8", "--router", "smoe"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(names=["moe"]), "--variants: unknown variant 'moe'"),
+    (dict(names=[], ablations=["bogus=1"]), "--ablate: unknown field 'bogus'"),
+    (dict(names=[], ablations=["noise_stats=everywhere"]), "s2moe.noise_stats"),
+    (dict(names=[], ablations=["uncertainty_coef"]), "FIELD=VALUE"),
+    (dict(names=["s2moe"], ablations=["k=3"], sets=["num_experts=2"]), "k"),
+    (dict(names=["smoe", "smoe"]), "listed twice"),
+])
+def test_bad_plans_are_refused_with_the_field_named(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_variants(kw["names"], kw.get("ablations", ()), sets=kw.get("sets", ()))
+
+
+def _compare(tmp_path, out):
+    text = tmp_path / "corpus.txt"
+    if not text.exists():
+        text.write_text(TEXT)
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "compare.py"), "--path", str(text), "--variants", "smoe",
+           "s2moe-top1", "--seeds", "7", "--max-steps", "4", "--evals", "2", "--nproc", "2", "--out", str(out),
+           # passed through to launch/pretrain.py: a smaller model and a cache inside the test folder
+           "--d-model", "32", "--d-inner", "64", "--max-seq-len", "32", "--seq-len", "32",
+           "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def test_harness_end_to_end_reproduces_its_table(tmp_path):
+    first = _compare(tmp_path, tmp_path / "a")
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert "| smoe | 1 |" in md and "| s2moe-top1 | 1 |" in md
+    report = json.loads((tmp_path / "a" / "results.json").read_text())
+    run = report["runs"]["s2moe-top1"][0]
+    assert {(r["split"], r["eval_k"]) for r in run["eval"]["results"]} == {("valid", 1), ("valid", 2), ("test", 1),
+                                                                            ("test", 2)}
+    assert [s for s, _ in run["valid_curve"]] == [2, 4]
+    assert (tmp_path / "a" / "results_curves.png").stat().st_size > 1000
+    # A second invocation reuses the finished runs ...
+    again = _compare(tmp_path, tmp_path / "a")
+    assert again.stdout.count("reusing") == 2 and "$ " not in again.stdout
+    # ... and a fresh folder retrains from scratch to the same table.
+    _compare(tmp_path, tmp_path / "b")
+    table = lambda p: p.read_text().split("Per seed:")[0].split("\n", 3)[3]  # noqa: E731  (after the command line)
+    assert table(tmp_path / "b" / "results.md") == table(tmp_path / "a" / "results.md")
+    del first
