@@ -97,24 +97,22 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
         "seq_len": seq_len, "batch_size": cfg.batch_size, "max_batches": cfg.max_batches,
         "trained_with": {"world_size": client.get("world_size"), "ep_size": client.get("ep_size")},
         "device": str(device),
-        "flops_per_token": {}, "results": [], "analysis": None,
+        "flops_per_token": {str(k): flops_per_token(model_cfg, seq_len, k) for k in ks},
+        "results": [], "analysis": None,
     }
-    largest = max(k for k in ks if k is not None) if router != "dense" else None
-    for k in ks:
-        flops = flops_per_token(model_cfg, seq_len, k)
-        report["flops_per_token"][str(k)] = flops
+    # The cost ratio printed next to each score: this eval_k's FLOPs over the largest one's.
+    reference_flops = report["flops_per_token"][str(ks[-1] if router == "dense" else max(ks))]["total"]
     models = {}
     for k in ks:
         models[k] = (base_model if k is None else load_model(step_dir, eval_k=k)[0]).to(device)
-        flops = report["flops_per_token"][str(k)]
+        flops = report["flops_per_token"][str(k)]["total"]
         for split in cfg.splits:
             start = time.perf_counter()
             result = _run_split(cfg, corpus, split, seq_len, device, models[k])
             seconds = time.perf_counter() - start
             row = {"split": split, "eval_k": k, **result, "seconds": seconds,
-                   "tokens_per_s": result["tokens"] / seconds, "flops_per_token": flops["total"],
-                   "flops_vs_largest_k": (flops["total"] / report["flops_per_token"][str(largest)]["total"]
-                                          if largest else 1.0)}
+                   "tokens_per_s": result["tokens"] / seconds, "flops_per_token": flops,
+                   "flops_vs_largest_k": flops / reference_flops}
             report["results"].append(row)
             log(format_row(row, corpus.metric))
     if cfg.analysis and router != "dense":
@@ -165,7 +163,7 @@ def format_row(row: Dict, metric: str) -> str:
 
 def markdown_table(report: Dict) -> str:
     metric = report["metric"]
-    lines = [f"| split | eval_k | {metric} | tokens/s | MFLOPs/token | FLOPs vs top-{max((r['eval_k'] or 0) for r in report['results']) or '-'} |",
+    lines = [f"| split | eval_k | {metric} | tokens/s | MFLOPs/token | FLOPs vs the largest eval_k |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         lines.append(f"| {r['split']} | {'-' if r['eval_k'] is None else r['eval_k']} | {r[metric]:.4f} | "

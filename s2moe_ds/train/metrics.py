@@ -80,7 +80,8 @@ class Monitor:
         self.writer.close()
         print(f"\nTrained {step} steps. TensorBoard:  tensorboard --logdir {self.tb_dir}")
         if ckpt_dir:
-            print(f"Checkpoints: {ckpt_dir}\nSample:       python launch/generate.py --checkpoint {ckpt_dir}")
+            print(f"Checkpoints: {ckpt_dir}\nSample:       python launch/generate.py --checkpoint {ckpt_dir}\n"
+                  f"Evaluate:     python launch/evaluate.py --checkpoint {ckpt_dir} --analysis")
 
 
 def read_scalars(tb_dir: str, tag: str) -> List[Tuple[int, float]]:
