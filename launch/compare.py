@@ -60,6 +60,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _code_version() -> str:
+    """The commit the runs' code came from, marked when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"{head}{' with uncommitted changes' if dirty else ''}" if head else "unknown (not a git checkout)"
+
+
 def train_and_evaluate(cmd, run_dir, log):
     """Train with `cmd` into run_dir (unless a finished run with the same command is there)."""
     from s2moe_ds.eval.evaluate import EvalConfig, evaluate_checkpoint
@@ -128,16 +140,17 @@ def main(argv=None) -> int:
     table = summary_table(variants, results, metric, reference)
     seeds_table = per_seed_table(variants, results, metric)
     command = " ".join(["python", "launch/compare.py", *(argv if argv is not None else sys.argv[1:])])
+    code = _code_version()
     from s2moe_ds.eval import plots
     plots.save_figure(plots.curves_figure(curves, f"valid {metric} (eval_k = training k)",
                                           f"validation during training, {args.preset}, {args.max_steps} steps"),
                       os.path.join(args.out, f"{args.name}_curves.png"))
-    md = (f"# Comparison\n\nCommand: `{command}`\n\n{table}\n\nPer seed:\n\n{seeds_table}\n\n"
+    md = (f"# Comparison\n\nCommand: `{command}`\n\nCode: {code}\n\n{table}\n\nPer seed:\n\n{seeds_table}\n\n"
           f"Curves: {args.name}_curves.png (mean over seeds, band = min..max).\n")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, f"{args.name}.md"), md)
     atomic_write_text(os.path.join(args.out, f"{args.name}.json"), json.dumps(
-        {"command": command, "variants": [{"name": v.name, "overrides": dict(v.overrides)} for v in variants],
+        {"command": command, "code": code, "variants": [{"name": v.name, "overrides": dict(v.overrides)} for v in variants],
          "runs": results}, indent=2) + "\n")
     print("\n" + table + f"\n\nwritten: {os.path.join(args.out, args.name)}.md, .json, _curves.png")
     return 0

@@ -71,6 +71,9 @@ def test_harness_end_to_end_reproduces_its_table(tmp_path):
     assert again.stdout.count("reusing") == 2 and "$ " not in again.stdout
     # ... and a fresh folder retrains from scratch to the same table.
     _compare(tmp_path, tmp_path / "b")
-    table = lambda p: p.read_text().split("Per seed:")[0].split("\n", 3)[3]  # noqa: E731  (after the command line)
+    def table(path):
+        return [line for line in path.read_text().split("Per seed:")[0].splitlines() if line.startswith("|")]
+    assert len(table(tmp_path / "a" / "results.md")) == 4
     assert table(tmp_path / "b" / "results.md") == table(tmp_path / "a" / "results.md")
+    assert "Code: " in md
     del first
