@@ -32,6 +32,76 @@ from .uncertainty import sampled_info_nce
 _S2 = S2MoEConfig  # the defaults below are read from the config dataclass, their one home
 
 
+class _MixPaths(torch.autograd.Function):
+    """g * y + (1 - g) * y_hat from the [2T, D] expert output, computed in fp32 as
+    y_hat + g * (y - y_hat).
+
+    It keeps y - y_hat (one [T, D]) for the gradient of g where the plain graph keeps y and y_hat
+    (the whole [2T, D] output), and its backward writes the gradients of both halves straight into
+    one [2T, D] buffer instead of concatenating two.
+    """
+
+    @staticmethod
+    def forward(ctx, g_T1: torch.Tensor, y_2TD: torch.Tensor) -> torch.Tensor:
+        y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
+        y_hat32_TD = y_hat_TD.float()
+        diff32_TD = y_TD.float() - y_hat32_TD
+        ctx.save_for_backward(g_T1, diff32_TD)
+        return torch.addcmul(y_hat32_TD, diff32_TD, g_T1).to(y_2TD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        g_T1, diff32_TD = ctx.saved_tensors
+        T = grad_TD.shape[0]
+        grad32_TD = grad_TD.float()
+        grad_2TD = grad_TD.new_empty((2 * T, ) + tuple(grad_TD.shape[1:]))
+        grad_2TD[:T].copy_(grad32_TD * g_T1)
+        grad_2TD[T:].copy_(grad32_TD * (1.0 - g_T1))
+        grad_g_T1 = (grad32_TD * diff32_TD).sum(-1, keepdim=True)
+        return grad_g_T1, grad_2TD
+
+
+class _GateLogit(torch.autograd.Function):
+    """w^T x + b in fp32 for x of any dtype, keeping x itself for backward: the plain
+    F.linear(x.float(), ...) keeps x's fp32 copy, twice the bytes of a bf16 x. Casting bf16 to
+    fp32 is exact, so the gradients are the plain ones."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, weight_1D: torch.Tensor, bias_1: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, weight_1D)
+        ctx.bias_dtype = bias_1.dtype
+        return F.linear(x_TD.float(), weight_1D.float(), bias_1.float())
+
+    @staticmethod
+    def backward(ctx, grad_T1: torch.Tensor):
+        x_TD, weight_1D = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_T1 @ weight_1D.float()).to(x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_T1.t() @ x_TD.float()).to(weight_1D.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_T1.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def mix_gate_logit(x_TD: torch.Tensor, weight_1D: torch.Tensor, bias_1: torch.Tensor,
+                   fused: bool = True) -> torch.Tensor:
+    """The mixing gate's logit w^T x + b in fp32; fused=False is the plain graph (the reference)."""
+    if fused:
+        return _GateLogit.apply(x_TD, weight_1D, bias_1)
+    return F.linear(x_TD.float(), weight_1D.float(), bias_1.float())
+
+
+def mix_paths(g_T1: torch.Tensor, y_2TD: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """g * y + (1 - g) * y_hat for y_2TD = [y; y_hat], in fp32, returned in y's dtype; fused=False
+    is the plain autograd graph, kept as the reference."""
+    if fused:
+        return _MixPaths.apply(g_T1, y_2TD)
+    y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
+    return (g_T1 * y_TD.float() + (1.0 - g_T1) * y_hat_TD.float()).to(y_2TD.dtype)
+
+
 @dataclass
 class S2MoEOutput:
     """Everything one S2MoE forward produces, losses kept apart (see S2MoE.forward_parts)."""
@@ -133,6 +203,9 @@ class S2MoE(MoE):
         self.mix_gate = nn.Linear(hidden_size, 1)
         self.reset_mix_gate()
         self.last_metrics: Dict[str, torch.Tensor] = {}
+        self.fused = True
+        """The fused noisy concat, gate logit and path mix (same math, fewer buffers); False runs
+        the plain reference graph, for tests and before/after benchmarks."""
 
     def reset_mix_gate(self) -> None:
         """w = 0 and b = mix_gate_init_bias, so g(x) starts at sigmoid(b) for every token."""
@@ -168,15 +241,15 @@ class S2MoE(MoE):
             out_TD = self.deepspeed_moe(x_TD, mask_T)
             uncertainty = zero
         else:
-            x_hat_TD = self.noise(x_TD, mask_T, sample=self.training or cfg.eval_noise == "sample")
             # Clean tokens first: DeepSpeed drops routes by position when an expert is full, so
             # the clean path (the one evaluation uses) keeps priority over the noisy copy.
-            both_2TD = torch.cat([x_TD, x_hat_TD], dim=0)
+            both_2TD, x_hat_TD = self.noise.noisy_concat(x_TD, mask_T, fused=self.fused,
+                                                         sample=self.training or cfg.eval_noise == "sample")
             both_mask = None if mask_T is None else torch.cat([mask_T, mask_T], dim=0)
             y_2TD = self.deepspeed_moe(both_2TD, both_mask)
             y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
-            g_T1 = torch.sigmoid(F.linear(x_TD.float(), self.mix_gate.weight.float(), self.mix_gate.bias.float()))
-            out_TD = (g_T1 * y_TD.float() + (1.0 - g_T1) * y_hat_TD.float()).to(x_TD.dtype)
+            g_T1 = torch.sigmoid(mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias, fused=self.fused))
+            out_TD = mix_paths(g_T1, y_2TD, fused=self.fused)
             uncertainty = zero
             if self.training and cfg.uncertainty_coef > 0:
                 pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)

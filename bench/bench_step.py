@@ -1,0 +1,133 @@
+"""A full training step (forward, backward, AdamW step) of the language model, per router.
+
+    .venv/bin/python bench/bench_step.py                           # tiny and paper-small, 2048 tokens/step
+    .venv/bin/python bench/bench_step.py --presets paper-small --dtype bf16
+
+Variants per preset, timed in one process, interleaved: smoe-k2 (DeepSpeed's MoE, top-2, the
+paper's baseline), s2moe-k2, s2moe-k1 (S2MoE with k experts per path), dense (the preset's dense
+FFN, d_inner hidden units). The loss is the one the trainer optimises:
+task + balance_coef * L_balance + uncertainty_coef * L_u. Plain torch AdamW on one process with a
+world-size-1 DeepSpeed process group (expert-parallel size 1).
+
+Memory: 'state' is parameters + AdamW state (live between steps); 'step peak' is the most the step
+allocates on top of that (activations, gradients, temporaries); 'total' is their sum, what
+torch.cuda.max_memory_allocated would show for the step.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+
+VARIANTS = {  # name -> MoE config overrides
+    "smoe-k2": dict(router="smoe", k=2),
+    "s2moe-k2": dict(router="s2moe", k=2),
+    "s2moe-k1": dict(router="s2moe", k=1),
+    "dense": dict(router="dense"),
+}
+
+
+def build_model(preset: str, moe: dict, device, dtype, seed: int):
+    from s2moe_ds.config import model_preset
+    from s2moe_ds.models.transformer import LanguageModel
+    cfg = model_preset(preset, moe=moe)
+    torch.manual_seed(seed)
+    model = LanguageModel(cfg).to(device=device, dtype=dtype)
+    common.wire_moe_groups(model)
+    return cfg, model
+
+
+def train_step(model, cfg, optimizer, idx_BT, targets_BT):
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        out = model(idx_BT, targets_BT)
+        out.total(cfg.moe.balance_coef, cfg.moe.s2moe.uncertainty_coef).backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper-small"],
+                        help="model presets of s2moe_ds.config (tiny, paper-small)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="routers to compare; smoe-k2 is the reference of every ratio")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / seq-len)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the preset's max_seq_len, at most 512)")
+    common.add_common_args(parser, "bench_step.json", warmup=2, reps=5)
+    args = parser.parse_args(argv)
+    common.check_positive(parser, args, ["tokens", "seq-len", "reps"])
+    if "smoe-k2" not in args.variants:
+        parser.error("--variants: must include smoe-k2 (the reference of every ratio)")
+    from s2moe_ds.config import MODEL_PRESETS, model_preset
+    for preset in args.presets:
+        if preset not in MODEL_PRESETS:
+            parser.error(f"--presets: unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+    device = common.resolve_device(args)
+    dtype = common.DTYPES[args.dtype]
+    common.setup_single_process()
+    info = common.machine(device)
+    common.print_header("Training step (forward, backward, AdamW)", info, device)
+
+    rows, targets = [], []
+    for preset in args.presets:
+        max_len = model_preset(preset).max_seq_len
+        seq_len = min(args.seq_len or min(max_len, 512), max_len)
+        batch = max(1, args.tokens // seq_len)
+        tokens = batch * seq_len
+        g = torch.Generator().manual_seed(args.seed)
+        vocab = model_preset(preset).vocab_size
+        idx_BT = torch.randint(vocab, (batch, seq_len + 1), generator=g).to(device)
+        inputs_BT, targets_BT = idx_BT[:, :-1].contiguous(), idx_BT[:, 1:].contiguous()
+        steps, states = {}, {}
+        for name in args.variants:
+            cfg, model = build_model(preset, VARIANTS[name], device, dtype, args.seed)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            steps[name] = train_step(model, cfg, optimizer, inputs_BT, targets_BT)
+            states[name] = (model, optimizer)
+        timings = common.time_interleaved(steps, device, max(args.warmup, 1), args.reps)
+        peaks = {} if args.no_memory else {n: common.peak_bytes(s, device) for n, s in steps.items()}
+        table = []
+        for name in args.variants:
+            model, optimizer = states[name]
+            state_bytes = common.tensor_bytes(model.parameters()) + common.optimizer_state_bytes(optimizer)
+            peak = peaks.get(name)
+            ratio = common.paired_ratio(timings, name, "smoe-k2")
+            row = {"preset": preset, "variant": name, "batch": batch, "seq_len": seq_len, "tokens": tokens,
+                   **common.timing_record(timings[name], tokens), "time_vs_smoe_k2": ratio,
+                   "state_bytes": state_bytes, "step_peak_bytes": peak,
+                   "total_peak_bytes": None if peak is None else state_bytes + peak,
+                   "params": sum(p.numel() for p in model.parameters())}
+            rows.append(row)
+            table.append([preset, name, common.fmt_time(timings[name]), f"{row['tokens_per_s']:,.0f}",
+                          f"{ratio['median']:.2f} [{ratio['q1']:.2f}, {ratio['q3']:.2f}]",
+                          common.fmt_mib(state_bytes), common.fmt_mib(peak), common.fmt_mib(row["total_peak_bytes"])])
+        print(common.markdown_table(["preset", "variant", "ms/step median [IQR]", "tokens/s",
+                                     "time / smoe-k2 [IQR]", "state MiB", "step peak MiB", "total MiB"], table))
+        print(f"\n{preset}: batch {batch} x seq {seq_len} = {tokens} tokens/step, {args.dtype}\n", flush=True)
+        by = {r["variant"]: r for r in rows if r["preset"] == preset}
+        if "s2moe-k1" in by:
+            targets.append(common.target(f"{preset}: S2MoE top-1 step time / DeepSpeed MoE top-2",
+                                         by["s2moe-k1"]["time_vs_smoe_k2"]["median"], 1.10,
+                                         basis="paired median time ratio"))
+            if peaks:
+                targets.append(common.target(
+                    f"{preset}: S2MoE top-1 step peak memory / DeepSpeed MoE top-2 (same tokens, 2 routes/token each)",
+                    by["s2moe-k1"]["total_peak_bytes"] / by["smoe-k2"]["total_peak_bytes"], 1.3,
+                    basis="state + step peak"))
+    print(common.targets_table(targets))
+    common.write_record(args.json, "bench_step", args, device, info, rows, targets)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Each optimised path of the S2MoE layer against the plain one it replaces: same outputs, same
+gradients (docs/performance.md has what each saves)."""
+
+import pytest
+import torch
+
+from s2moe_ds.moe import FFN, GaussianNoise, S2MoE
+from s2moe_ds.moe.layer import mix_gate_logit, mix_paths
+from s2moe_ds.moe.noise import noisy_concat_fused, noisy_concat_plain
+
+D = 16
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+
+
+def _tensors(T=48, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, D, generator=g) * 2 + 1).to(dtype)
+    mu = torch.randn(D, generator=g)
+    scale = torch.rand(D, generator=g)
+    eps1, eps2 = torch.randn(2, T, D, generator=g).unbind(0)
+    grad = torch.randn(2 * T, D, generator=g).to(dtype)
+    return x, mu, scale, eps1, eps2, grad
+
+
+def _value_and_grad(fn, x, *args, grad, grad_hat=None):
+    """fn returns ([x; x_hat], x_hat); backward of grad on the first, grad_hat (or nothing) on x_hat."""
+    x = x.clone().requires_grad_()
+    both, x_hat = fn(x, *args)
+    outs, grads = [both], [grad]
+    if grad_hat is not None:
+        outs.append(x_hat)
+        grads.append(grad_hat)
+    torch.autograd.backward(outs, grads)
+    return both.detach(), x_hat.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hat_grad", [False, True], ids=["concat-only", "with-x_hat-grad"])
+def test_fused_noisy_concat_matches_the_plain_formula(dtype, hat_grad):
+    x, mu, scale, eps1, eps2, grad = _tensors(dtype=dtype)
+    grad_hat = grad[: x.shape[0]] * 3 if hat_grad else None  # as the InfoNCE loss sends into x_hat
+    fused = _value_and_grad(noisy_concat_fused, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
+    plain = _value_and_grad(noisy_concat_plain, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
+    assert fused[0].dtype == fused[1].dtype == dtype and fused[0].shape == (2 * x.shape[0], D)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    torch.testing.assert_close(fused[0][x.shape[0]:], fused[1], rtol=0, atol=0)
+    # The noise buffers are the caller's: the fused path must not write into them.
+    _, _, _, eps1_again, eps2_again, _ = _tensors(dtype=dtype)
+    assert torch.equal(eps1, eps1_again) and torch.equal(eps2, eps2_again)
+
+
+def test_fused_noisy_concat_with_only_x_hat_used():
+    x, mu, scale, eps1, eps2, grad = _tensors()
+    results = []
+    for fn in (noisy_concat_fused, noisy_concat_plain):
+        leaf = x.clone().requires_grad_()
+        fn(leaf, mu, scale, eps1, eps2)[1].backward(grad[: x.shape[0]])
+        results.append(leaf.grad)
+    torch.testing.assert_close(*results, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_noise_module_fused_and_plain_concat_draw_the_same_x_hat(mask):
+    x, *_, grad = _tensors(T=40)
+    mask_T = None
+    if mask:
+        mask_T = torch.ones(40)
+        mask_T[::4] = 0
+    noise = GaussianNoise(0.7, "local", True)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(5)
+        results.append(_value_and_grad(lambda t: noise.noisy_concat(t, mask_T, fused=fused), x, grad=grad,
+                                       grad_hat=grad[:40]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    # and x_hat is what forward() draws from the same seed
+    torch.manual_seed(5)
+    torch.testing.assert_close(results[0][1], noise(x, mask_T), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_unmasked_statistics_equal_the_weighted_ones_with_all_weights_one(detach):
+    x = (torch.randn(300, D, generator=torch.Generator().manual_seed(6)) * 3 + 5).requires_grad_()
+    noise = GaussianNoise(1.0, "local", detach)
+    fast, weighted = noise.statistics(x), noise.statistics(x, torch.ones(300))
+    for a, b in zip(fast, weighted):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if not detach:  # the gradient through mu and sigma too
+        grads = [torch.autograd.grad(sum(t.sum() for t in stats), x)[0] for stats in (fast, weighted)]
+        torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(sample=False), dict(detach=False)])
+def test_cases_outside_the_fused_path_take_the_plain_one(kw):
+    x, *_, grad = _tensors(T=24)
+    noise = GaussianNoise(1.0, "local", kw.get("detach", True))
+    sample = kw.get("sample", True)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(2)
+        results.append(_value_and_grad(lambda t: noise.noisy_concat(t, sample=sample, fused=fused), x, grad=grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mix_matches_the_plain_mix(dtype):
+    g = torch.Generator().manual_seed(3)
+    gate = torch.rand(32, 1, generator=g)
+    y2 = torch.randn(64, D, generator=g).to(dtype)
+    grad = torch.randn(32, D, generator=g).to(dtype)
+    outs = []
+    for fused in (True, False):
+        leaves = [gate.clone().requires_grad_(), y2.clone().requires_grad_()]
+        out = mix_paths(*leaves, fused=fused)
+        out.backward(grad)
+        outs.append((out.detach(), leaves[0].grad, leaves[1].grad))
+    assert outs[0][0].dtype == outs[0][2].dtype == dtype and outs[0][1].dtype == torch.float32
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **TOL[a.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gate_logit_matches_the_plain_linear(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, D, generator=g).to(dtype)
+    weight, bias = (torch.randn(1, D, generator=g) * 0.3).to(dtype), torch.randn(1, generator=g).to(dtype)
+    grad = torch.randn(40, 1, generator=g)
+    outs = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = mix_gate_logit(*leaves, fused=fused)
+        out.backward(grad)
+        outs.append((out.detach(), *[t.grad for t in leaves]))
+    assert outs[0][0].dtype == torch.float32 and [t.dtype for t in outs[0][1:]] == [dtype] * 3
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def _layer_run(fused, dtype, train=True, **kw):
+    torch.manual_seed(0)
+    layer = S2MoE(D, FFN(D, 32), **{"num_experts": 4, "k": 2, **kw}).to(dtype).train(train)
+    layer.fused = fused
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    torch.manual_seed(7)
+    parts = layer.forward_parts(x)
+    grad = torch.randn(64, D, generator=torch.Generator().manual_seed(2)).to(dtype)
+    torch.autograd.backward([parts.output, parts.balance_loss + parts.uncertainty_loss],
+                            [grad, torch.ones((), dtype=parts.balance_loss.dtype)])
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return parts, x.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, dict(uncertainty_on="output"), dict(k=1, noise_scale=0.5)],
+                         ids=["default", "uncertainty-on-output", "top1"])
+def test_layer_fused_equals_plain_outputs_losses_and_gradients(dtype, kw):
+    (f_parts, f_xgrad, f_grads), (p_parts, p_xgrad, p_grads) = (_layer_run(f, dtype, **kw) for f in (True, False))
+    tol = TOL[dtype]
+    # Routing must be the same (the same x_hat), or nothing else can match.
+    torch.testing.assert_close(f_parts.exp_counts, p_parts.exp_counts, rtol=0, atol=0)
+    torch.testing.assert_close(f_parts.output, p_parts.output, **tol)
+    torch.testing.assert_close(f_parts.uncertainty_loss, p_parts.uncertainty_loss, **TOL[torch.float32])
+    torch.testing.assert_close(f_parts.balance_loss, p_parts.balance_loss, **TOL[torch.float32])
+    torch.testing.assert_close(f_xgrad, p_xgrad, **tol)
+    assert set(f_grads) == set(p_grads)
+    for name in p_grads:
+        torch.testing.assert_close(f_grads[name], p_grads[name], **tol, msg=name)
+
+
+def test_eval_mean_noise_is_unchanged_by_the_fused_flag():
+    (f_parts, _, _), (p_parts, _, _) = (_layer_run(f, torch.float32, train=False, eval_noise="mean")
+                                        for f in (True, False))
+    torch.testing.assert_close(f_parts.output, p_parts.output, rtol=1e-6, atol=1e-7)
