@@ -16,7 +16,7 @@ import torch
 from ..config import ConfigError, _check_int, _require
 from ..data import DataConfig, check_tokenizer_matches, eval_batches, prepare_corpus
 from ..fileio import atomic_write_text
-from ..train.consolidate import load_model, resolve_checkpoint
+from ..train.consolidate import build_model, consolidate, model_config_for_inference, resolve_checkpoint
 from .analysis import ExpertAnalyzer, public
 from .flops import flops_per_token
 from .lm_eval import evaluate_split
@@ -75,7 +75,7 @@ def default_out_dir(step_dir: str) -> str:
 def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     """Evaluate, write <out_dir>/eval.json (and the analysis files), and return the report."""
     step_dir = resolve_checkpoint(cfg.checkpoint)
-    base_model, client = load_model(step_dir)
+    state, client = consolidate(step_dir)
     run = client.get("run") or {}
     if "data" not in run or "train" not in run:
         raise ConfigError(f"eval.checkpoint: {step_dir} records no run settings (client state 'run'); "
@@ -84,7 +84,7 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     corpus = prepare_corpus(data_cfg)
     check_tokenizer_matches(client["tokenizer"], corpus.tokenizer.identity(), f"checkpoint {step_dir}")
     seq_len = cfg.seq_len or run["train"]["seq_len"]
-    model_cfg = base_model.cfg
+    model_cfg = model_config_for_inference(client)
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"eval.seq_len: {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     router = model_cfg.moe.router
@@ -104,7 +104,7 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     reference_flops = report["flops_per_token"][str(ks[-1] if router == "dense" else max(ks))]["total"]
     models = {}
     for k in ks:
-        models[k] = (base_model if k is None else load_model(step_dir, eval_k=k)[0]).to(device)
+        models[k] = build_model(state, client, eval_k=k).to(device)
         flops = report["flops_per_token"][str(k)]["total"]
         for split in cfg.splits:
             start = time.perf_counter()

@@ -55,10 +55,15 @@ def model_config_for_inference(client: Dict[str, Any], eval_k: Optional[int] = N
     return ModelConfig(**cfg, moe=moe)
 
 
-def load_model(path: str, eval_k: Optional[int] = None, tag: Optional[str] = None):
-    """A LanguageModel in eval mode with the checkpoint's weights, on one process."""
+def build_model(state: Dict[str, torch.Tensor], client: Dict[str, Any], eval_k: Optional[int] = None):
+    """A LanguageModel in eval mode from a consolidated state dict (see consolidate)."""
     from ..models import LanguageModel
-    state, client = consolidate(path, tag)
     model = LanguageModel(model_config_for_inference(client, eval_k))
     model.load_state_dict(state, strict=True)
-    return model.eval(), client
+    return model.eval()
+
+
+def load_model(path: str, eval_k: Optional[int] = None, tag: Optional[str] = None):
+    """A LanguageModel in eval mode with the checkpoint's weights, on one process."""
+    state, client = consolidate(path, tag)
+    return build_model(state, client, eval_k), client
