@@ -98,11 +98,7 @@ def main(argv=None) -> int:
     from s2moe_ds.models.transformer import LanguageModel
     if args.preset not in MODEL_PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(MODEL_PRESETS)}")
-    device = common.resolve_device(args)
-    dtype = common.DTYPES[args.dtype]
-    common.setup_single_process()
-    info = common.machine(device)
-    common.print_header("Inference: one vs two experts per token", info, device)
+    device, dtype, info = common.start_single_process(args, "Inference: one vs two experts per token")
 
     base = model_preset(args.preset)
     seq_len = min(args.seq_len or base.max_seq_len, base.max_seq_len)

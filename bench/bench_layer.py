@@ -81,11 +81,7 @@ def main(argv=None) -> int:
         parser.error(f"--k: every k must be <= --experts ({args.experts}), got {args.k}")
     if not args.capacity_factor > 0:
         parser.error(f"--capacity-factor: must be > 0, got {args.capacity_factor}")
-    device = common.resolve_device(args)
-    dtype = common.DTYPES[args.dtype]
-    common.setup_single_process()
-    info = common.machine(device)
-    common.print_header("MoE layer forward + backward", info, device)
+    device, dtype, info = common.start_single_process(args, "MoE layer forward + backward")
 
     torch.manual_seed(args.seed)
     x_TD, grad_TD = make_inputs(args.tokens, args.d_model, device, dtype, args.seed)

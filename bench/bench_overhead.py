@@ -84,11 +84,7 @@ def main(argv=None) -> int:
     common.check_positive(parser, args, ["d-model", "d-inner", "experts", "tokens", "k", "reps"])
     if args.k > args.experts:
         parser.error(f"--k: must be <= --experts ({args.experts}), got {args.k}")
-    device = common.resolve_device(args)
-    dtype = common.DTYPES[args.dtype]
-    common.setup_single_process()
-    info = common.machine(device)
-    common.print_header("S2MoE overhead: noise, InfoNCE, concat and mixing gate", info, device)
+    device, dtype, info = common.start_single_process(args, "S2MoE overhead: noise, InfoNCE, concat and mixing gate")
 
     x_TD, grad_TD = make_inputs(args.tokens, args.d_model, device, dtype, args.seed)
     x2_TD, grad2_TD = make_inputs(2 * args.tokens, args.d_model, device, dtype, args.seed + 1)

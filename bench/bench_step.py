@@ -71,11 +71,7 @@ def main(argv=None) -> int:
     for preset in args.presets:
         if preset not in MODEL_PRESETS:
             parser.error(f"--presets: unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
-    device = common.resolve_device(args)
-    dtype = common.DTYPES[args.dtype]
-    common.setup_single_process()
-    info = common.machine(device)
-    common.print_header("Training step (forward, backward, AdamW)", info, device)
+    device, dtype, info = common.start_single_process(args, "Training step (forward, backward, AdamW)")
 
     rows, targets = [], []
     for preset in args.presets:

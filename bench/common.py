@@ -313,3 +313,12 @@ def add_layer_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-inner", type=int, default=2048, help="hidden size of each expert FFN")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per call (before S2MoE's copy)")
+
+
+def start_single_process(args: argparse.Namespace, title: str):
+    """(device, dtype, machine info) for a one-process benchmark, with its header printed."""
+    device = resolve_device(args)
+    setup_single_process()
+    info = machine(device)
+    print_header(title, info, device)
+    return device, DTYPES[args.dtype], info
