@@ -74,15 +74,11 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 def setup_single_process() -> None:
     """A world-size-1 DeepSpeed process group (gloo on CPU, NCCL on CUDA), as tests/harness.py
     starts each rank: MoE layers then get real expert-parallel groups, as under an engine."""
-    import socket
+    from s2moe_ds.train import free_port, init_distributed
     if not os.environ.get("MASTER_PORT"):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    from s2moe_ds.train import init_distributed
     init_distributed()
 
 

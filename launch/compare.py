@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, ROOT)
 from s2moe_ds.config import ConfigError, model_preset  # noqa: E402
 from s2moe_ds.eval.compare import BUILTIN_VARIANTS, per_seed_table, plan_variants, summary_table  # noqa: E402
 from s2moe_ds.fileio import atomic_write_text  # noqa: E402
+from s2moe_ds.train import free_port  # noqa: E402
 
 
 def parse(argv):
@@ -52,12 +52,6 @@ def parse(argv):
     p.add_argument("--name", default="results", help="report files: OUT/NAME.md, NAME.json, NAME_curves.png "
                    "(runs are shared by every report in OUT)")
     return p.parse_known_args(argv)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _code_version() -> str:
@@ -88,7 +82,7 @@ def train_and_evaluate(cmd, run_dir, log):
     os.makedirs(run_dir)
     log("$ " + " ".join(cmd))
     # A free rendezvous port per run, so that two comparisons (or tests) on one machine never meet.
-    launch = [*cmd[:3], "--master_port", str(_free_port()), *cmd[3:]]
+    launch = [*cmd[:3], "--master_port", str(free_port()), *cmd[3:]]
     start = time.perf_counter()
     with open(os.path.join(run_dir, "train.log"), "w") as out:
         rc = subprocess.run(launch, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode

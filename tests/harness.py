@@ -13,7 +13,6 @@ with the ranks that had not finished.
 import io
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 from typing import Any, Callable, List, Sequence
@@ -21,15 +20,11 @@ from typing import Any, Callable, List, Sequence
 import torch
 import torch.multiprocessing as mp
 
+from s2moe_ds.train import free_port
+
 
 class DistributedTestError(AssertionError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, results, timeout: float) -> None:

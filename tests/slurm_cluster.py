@@ -19,6 +19,8 @@ import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
+from s2moe_ds.train import free_port
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 
 
@@ -33,12 +35,6 @@ def why_unavailable() -> Optional[str]:
 
 def _binary(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -66,7 +62,7 @@ class SlurmCluster:
         r = self.root
         lines = [
             "ClusterName=s2moe-test", "SlurmctldHost=localhost(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}", "SlurmUser=root", "SlurmdUser=root",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "SlurmUser=root", "SlurmdUser=root",
             # cred_expire also sets how long slurmd refuses a requeued job's id (default 120 s).
             "AuthType=auth/munge", f"AuthInfo=socket={self.socket},cred_expire=10", "CredType=cred/munge",
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from .harness import free_port
+from s2moe_ds.train import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

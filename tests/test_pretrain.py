@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from s2moe_ds.config import ConfigError, TrainConfig, model_preset
+from s2moe_ds.train import free_port
 
-from .harness import free_port, run_distributed
+from .harness import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import socket
 from typing import Any, Dict, Optional, Tuple, Union
 
 import deepspeed
@@ -21,6 +22,13 @@ def _skip_shm_comm_build() -> None:
     """
     if get_accelerator().device_name() == "cpu":
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a rendezvous (or any local server) started next."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launcher_world_size() -> Optional[int]:
