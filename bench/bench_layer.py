@@ -7,6 +7,9 @@ Variants, all timed in one process, interleaved:
 - s2moe-k1, s2moe-k2: S2MoE (training mode, METHOD.md defaults: noise, InfoNCE, mixing gate),
   k experts per path; its experts see 2 * k routes per token (clean + noisy copy);
 - dsmoe-k1, dsmoe-k2: deepspeed.moe.layer.MoE with the same experts, capacity and k;
+- dsmoe-k2-2T: dsmoe-k2 on twice the tokens, i.e. the routing and expert work of S2MoE top-2
+  (clean and noisy copy) without its extras: what the dual path's inherent 2x costs on this
+  machine, so that S2MoE top-2 / dsmoe-k2-2T is S2MoE's overhead beyond it;
 - dense-Nx: one FFN of hidden size N * d_inner, for every N = (paths * k) above, i.e. the dense
   layer doing the same active expert FLOPs per token as that MoE variant (S2MoE top-1: 2x,
   S2MoE top-2: 4x, DeepSpeed top-1: 1x, DeepSpeed top-2: 2x).
@@ -85,21 +88,26 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     x_TD, grad_TD = make_inputs(args.tokens, args.d_model, device, dtype, args.seed)
+    x2_TD, grad2_TD = make_inputs(2 * args.tokens, args.d_model, device, dtype, args.seed + 1)
     layers, widths = {}, {}
     for k in sorted(args.k):
         for kind in ("s2moe", "dsmoe"):
             layers[f"{kind}-k{k}"] = build_layer(kind, k, args.d_model, args.d_inner, args.experts,
                                                  capacity_factor=args.capacity_factor)
             widths[f"{kind}-k{k}"] = paths(kind) * k
+    layers["dsmoe-k2-2T"] = build_layer("dsmoe", 2, args.d_model, args.d_inner, args.experts,
+                                        capacity_factor=args.capacity_factor)
     for n in sorted(set(widths.values())):
         layers[f"dense-{n}x"] = build_layer("dense", n, args.d_model, args.d_inner, args.experts)
     for layer in layers.values():
         layer.to(device=device, dtype=dtype).train()
         common.wire_moe_groups(layer)
-    calls = {name: fwd_bwd(layer, x_TD, grad_TD) for name, layer in layers.items()}
+    inputs = {name: (x2_TD, grad2_TD) if name.endswith("-2T") else (x_TD, grad_TD) for name in layers}
+    calls = {name: fwd_bwd(layer, *inputs[name]) for name, layer in layers.items()}
     timings = common.time_interleaved(calls, device, args.warmup, args.reps)
     peaks = {} if args.no_memory else {name: common.peak_bytes(call, device) for name, call in calls.items()}
-    saved = {name: common.saved_for_backward_bytes(lambda layer=layer: layer(x_TD), [x_TD, *layer.parameters()])
+    saved = {name: common.saved_for_backward_bytes(lambda layer=layer, x=inputs[name][0]: layer(x),
+                                                   [inputs[name][0], *layer.parameters()])
              for name, layer in layers.items()}
 
     rows, table = [], []
@@ -107,7 +115,8 @@ def main(argv=None) -> int:
         dense_ref = f"dense-{widths[name]}x" if name in widths else None
         vs_ds2 = common.paired_ratio(timings, name, "dsmoe-k2")
         vs_dense = common.paired_ratio(timings, name, dense_ref) if dense_ref else None
-        row = {"variant": name, "tokens": args.tokens, **common.timing_record(timings[name], args.tokens),
+        tokens = inputs[name][0].shape[0]
+        row = {"variant": name, "tokens": tokens, **common.timing_record(timings[name], tokens),
                "peak_bytes": peaks.get(name), "saved_for_backward_bytes": saved[name],
                "params": sum(p.numel() for p in layer.parameters()),
                "expert_routes_per_token": widths.get(name), "time_vs_dsmoe_k2": vs_ds2,
@@ -138,7 +147,13 @@ def main(argv=None) -> int:
         targets.append(common.target("S2MoE top-1 layer bytes kept for backward / DeepSpeed MoE top-2",
                                      saved["s2moe-k1"] / saved["dsmoe-k2"], 1.3, basis="saved tensors, one forward"))
     print(common.targets_table(targets))
-    common.write_record(args.json, "bench_layer", args, device, info, rows, targets)
+    inherent = common.paired_ratio(timings, "dsmoe-k2-2T", "dsmoe-k2")
+    beyond = common.paired_ratio(timings, "s2moe-k2", "dsmoe-k2-2T")
+    print(f"\nThe dual path's 2x work alone (DeepSpeed MoE top-2 on {2 * args.tokens} tokens / on {args.tokens}): "
+          f"{inherent['median']:.3f} [{inherent['q1']:.3f}, {inherent['q3']:.3f}]; S2MoE top-2 / that: "
+          f"{beyond['median']:.3f} [{beyond['q1']:.3f}, {beyond['q3']:.3f}] (S2MoE's own overhead)")
+    common.write_record(args.json, "bench_layer", args, device, info, rows, targets,
+                        extra={"derived": {"dsmoe_2T_over_T": inherent, "s2moe_k2_over_dsmoe_k2_2T": beyond}})
     print(f"\nwrote {args.json}")
     return 0
 

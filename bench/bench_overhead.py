@@ -7,14 +7,14 @@ mixing gate, as shares of the S2MoE layer's forward + backward.
 Timed in one process, interleaved, each forward + backward on the same tokens:
 - s2moe:          the full layer (METHOD.md defaults);
 - s2moe-plain:    the same layer with its fused paths off (S2MoE.fused = False): the plain
-                  autograd graph of the noisy concat and the path mix, i.e. before the optimisation;
+                  autograd graph of the noisy concat, the path mix and InfoNCE, i.e. before the optimisations;
 - s2moe-no-lu:    the same layer with uncertainty_coef 0 (no InfoNCE);
 - smoe-2T:        DeepSpeed's MoE on the 2T concatenated tokens: the routing and expert work
                   inside S2MoE, without any of its extras;
 - noise+concat:   GaussianNoise.noisy_concat alone: statistics, sampling, the [x; x_hat] buffer;
 - info_nce:       sampled_info_nce(x, x_hat) alone (uncertainty_tokens rows);
 - gate+mix:       the mixing gate and g * y + (1 - g) * y_hat alone;
-- ... (plain):    those two with the fused paths off.
+- ... (plain):    those three with the fused paths off.
 With --profile, torch.profiler's top operators of one full S2MoE call are printed too.
 """
 
@@ -51,7 +51,8 @@ def component_calls(layer, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> dict:
 
     def info_nce() -> None:
         x_TD.grad = x_hat_TD.grad = None
-        sampled_info_nce(x_TD, x_hat_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens).backward()
+        sampled_info_nce(x_TD, x_hat_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens,
+                         fused=layer.fused).backward()
 
     def gate_mix() -> None:
         x_TD.grad = y_2TD.grad = None
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
              "smoe-2T": fwd_bwd(layers["smoe-2T"], x2_TD, grad2_TD),
              **component_calls(layers["s2moe"], x_TD, grad_TD),
              **{f"{name} (plain)": call for name, call in
-                component_calls(layers["s2moe-plain"], x_TD, grad_TD).items() if name != "info_nce"}}
+                component_calls(layers["s2moe-plain"], x_TD, grad_TD).items()}}
     timings = common.time_interleaved(calls, device, args.warmup, args.reps)
     peaks = {} if args.no_memory else {n: common.peak_bytes(calls[n], device)
                                        for n in ("s2moe", "s2moe-plain", "s2moe-no-lu", "smoe-2T")}

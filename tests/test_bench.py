@@ -42,7 +42,10 @@ def _assert_targets(record, count):
 def test_bench_layer(tmp_path, dtype):
     record, stdout = _run("bench_layer", [*LAYER, *FAST, "--dtype", dtype], tmp_path)
     rows = {r["variant"]: r for r in record["rows"]}
-    assert set(rows) == {"s2moe-k1", "s2moe-k2", "dsmoe-k1", "dsmoe-k2", "dense-1x", "dense-2x", "dense-4x"}
+    assert set(rows) == {"s2moe-k1", "s2moe-k2", "dsmoe-k1", "dsmoe-k2", "dsmoe-k2-2T", "dense-1x", "dense-2x",
+                         "dense-4x"}
+    assert rows["dsmoe-k2-2T"]["tokens"] == 2 * rows["dsmoe-k2"]["tokens"]
+    assert record["derived"]["s2moe_k2_over_dsmoe_k2_2T"]["median"] > 0
     for row in rows.values():
         _assert_timed(row)
         assert row["peak_bytes"] > 0 and row["saved_for_backward_bytes"] > 0
@@ -93,7 +96,7 @@ def test_bench_overhead(tmp_path):
     record, stdout = _run("bench_overhead", [*LAYER, *FAST, "--profile"], tmp_path)
     rows = {r["variant"]: r for r in record["rows"]}
     assert set(rows) == {"s2moe", "s2moe-plain", "s2moe-no-lu", "smoe-2T", "noise+concat", "info_nce",
-                         "gate+mix", "noise+concat (plain)", "gate+mix (plain)"}
+                         "gate+mix", "noise+concat (plain)", "info_nce (plain)", "gate+mix (plain)"}
     for row in rows.values():
         _assert_timed(row)
     assert record["profile_top_ops"] and all(op["self_cpu_ms"] >= 0 for op in record["profile_top_ops"])

@@ -4,7 +4,7 @@ gradients (docs/performance.md has what each saves)."""
 import pytest
 import torch
 
-from s2moe_ds.moe import FFN, GaussianNoise, S2MoE
+from s2moe_ds.moe import FFN, GaussianNoise, S2MoE, info_nce, info_nce_fused
 from s2moe_ds.moe.layer import mix_gate_logit, mix_paths
 from s2moe_ds.moe.noise import noisy_concat_fused, noisy_concat_plain
 
@@ -174,3 +174,56 @@ def test_eval_mean_noise_is_unchanged_by_the_fused_flag():
     (f_parts, _, _), (p_parts, _, _) = (_layer_run(f, torch.float32, train=False, eval_noise="mean")
                                         for f in (True, False))
     torch.testing.assert_close(f_parts.output, p_parts.output, rtol=1e-6, atol=1e-7)
+
+
+def _info_nce_run(fn, a, b, grad_scale, requires=(True, True)):
+    leaves = [t.clone().requires_grad_(r) for t, r in zip((a, b), requires)]
+    loss = fn(*leaves, 0.1)
+    # A scaled loss inside a bigger graph, as the layer's l_aux uses it.
+    (grad_scale * loss + leaves[0].float().sum() * 0).backward()
+    return loss.detach(), *[t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("requires", [(True, True), (True, False), (False, True)], ids=["both", "anchor", "positive"])
+def test_fused_info_nce_matches_the_plain_loss_and_gradients(dtype, requires):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(96, D, generator=g).to(dtype)
+    b = (a.float() + 0.7 * torch.randn(96, D, generator=g)).to(dtype)
+    a[3] = 0  # a zero row: F.normalize's eps branch
+    fused = _info_nce_run(info_nce_fused, a, b, 0.3, requires)
+    plain = _info_nce_run(info_nce, a, b, 0.3, requires)
+    assert fused[0].dtype == plain[0].dtype
+    for f, p in zip(fused, plain):
+        if p is None:
+            assert f is None
+            continue
+        assert f.dtype == p.dtype
+        torch.testing.assert_close(f, p, **TOL.get(f.dtype, dict(rtol=1e-10, atol=1e-12)))
+
+
+def test_fused_info_nce_gradient_is_exact():
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randn(7, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(lambda u, v: info_nce_fused(u, v, 0.2), (a, b))
+
+
+def test_fused_info_nce_keeps_no_square_matrix_for_backward():
+    """The memory it exists for: the plain graph keeps N x N fp32 log-probabilities (and the
+    normalised rows), the fused one only the two [N, D] gradients."""
+    N = 256
+    saved = {}
+    for name, fn in (("fused", info_nce_fused), ("plain", info_nce)):
+        a, b = (torch.randn(N, D).requires_grad_() for _ in range(2))
+        sizes = []
+
+        def pack(t, inputs=(a, b), sizes=sizes):
+            if not any(t is i for i in inputs):  # the inputs live on anyway
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(a, b, 0.1)
+        saved[name] = sum(sizes)
+    assert saved["fused"] == 2 * N * D
+    assert saved["plain"] >= N * N

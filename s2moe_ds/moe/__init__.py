@@ -5,9 +5,9 @@ from .factory import DenseFFN, build_ffn_block
 from .gate import EvalDeterministicGate, install_eval_deterministic_gate
 from .layer import S2MoE, S2MoEOutput
 from .noise import GaussianNoise
-from .uncertainty import info_nce, sampled_info_nce
+from .uncertainty import info_nce, info_nce_fused, sampled_info_nce
 
 __all__ = [
     "FFN", "DenseFFN", "build_ffn_block", "EvalDeterministicGate", "install_eval_deterministic_gate", "S2MoE",
-    "S2MoEOutput", "GaussianNoise", "info_nce", "sampled_info_nce"
+    "S2MoEOutput", "GaussianNoise", "info_nce", "info_nce_fused", "sampled_info_nce"
 ]

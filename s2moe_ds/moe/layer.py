@@ -204,8 +204,8 @@ class S2MoE(MoE):
         self.reset_mix_gate()
         self.last_metrics: Dict[str, torch.Tensor] = {}
         self.fused = True
-        """The fused noisy concat, gate logit and path mix (same math, fewer buffers); False runs
-        the plain reference graph, for tests and before/after benchmarks."""
+        """The fused noisy concat, gate logit, path mix and InfoNCE (same math, fewer buffers);
+        False runs the plain reference graph, for tests and before/after benchmarks."""
 
     def reset_mix_gate(self) -> None:
         """w = 0 and b = mix_gate_init_bias, so g(x) starts at sigmoid(b) for every token."""
@@ -253,7 +253,8 @@ class S2MoE(MoE):
             uncertainty = zero
             if self.training and cfg.uncertainty_coef > 0:
                 pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)
-                uncertainty = sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T)
+                uncertainty = sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
+                                               fused=self.fused)
             g_detached = g_T1.detach().reshape(-1)
             metrics["mix_gate"] = g_detached
             metrics["mix_gate_mean"] = g_detached.mean()
