@@ -159,10 +159,7 @@ def main(argv=None) -> int:
     if 1 in args.k and 2 in args.k:
         targets.append(common.target("S2MoE top-1 all-to-all bytes / DeepSpeed MoE top-2 (same expert compute)",
                                      step_bytes("s2moe-k1") / step_bytes("dsmoe-k2"), 1.0, basis="bytes per rank"))
-    print(common.targets_table(targets))
-    common.write_record(args.json, "bench_comm", args, device, info, rows, targets)
-    print(f"\nwrote {args.json}")
-    return 0
+    return common.finish(args, "bench_comm", device, info, rows, targets)
 
 
 if __name__ == "__main__":

@@ -157,12 +157,9 @@ def main(argv=None) -> int:
                              basis=f"paired median [IQR {s['q1']:.2f}, {s['q3']:.2f}]; "
                                    f"analytic {1 / analytic_ratio:.3f}x")
                for mode, s in speedups.items()]
-    print(common.targets_table(targets))
-    common.write_record(args.json, "bench_inference", args, device, info, rows, targets,
-                        extra={"analytic_cost_ratio": analytic_ratio, "measured_speedup": speedups,
-                               "balance_loss_curve": balance_curve})
-    print(f"\nwrote {args.json}")
-    return 0
+    return common.finish(args, "bench_inference", device, info, rows, targets,
+                         extra={"analytic_cost_ratio": analytic_ratio, "measured_speedup": speedups,
+                                "balance_loss_curve": balance_curve})
 
 
 if __name__ == "__main__":

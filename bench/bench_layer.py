@@ -146,16 +146,13 @@ def main(argv=None) -> int:
     if 1 in args.k:
         targets.append(common.target("S2MoE top-1 layer bytes kept for backward / DeepSpeed MoE top-2",
                                      saved["s2moe-k1"] / saved["dsmoe-k2"], 1.3, basis="saved tensors, one forward"))
-    print(common.targets_table(targets))
     inherent = common.paired_ratio(timings, "dsmoe-k2-2T", "dsmoe-k2")
     beyond = common.paired_ratio(timings, "s2moe-k2", "dsmoe-k2-2T")
-    print(f"\nThe dual path's 2x work alone (DeepSpeed MoE top-2 on {2 * args.tokens} tokens / on {args.tokens}): "
+    print(f"The dual path's 2x work alone (DeepSpeed MoE top-2 on {2 * args.tokens} tokens / on {args.tokens}): "
           f"{inherent['median']:.3f} [{inherent['q1']:.3f}, {inherent['q3']:.3f}]; S2MoE top-2 / that: "
-          f"{beyond['median']:.3f} [{beyond['q1']:.3f}, {beyond['q3']:.3f}] (S2MoE's own overhead)")
-    common.write_record(args.json, "bench_layer", args, device, info, rows, targets,
-                        extra={"derived": {"dsmoe_2T_over_T": inherent, "s2moe_k2_over_dsmoe_k2_2T": beyond}})
-    print(f"\nwrote {args.json}")
-    return 0
+          f"{beyond['median']:.3f} [{beyond['q1']:.3f}, {beyond['q3']:.3f}] (S2MoE's own overhead)\n")
+    return common.finish(args, "bench_layer", device, info, rows, targets,
+                         extra={"derived": {"dsmoe_2T_over_T": inherent, "s2moe_k2_over_dsmoe_k2_2T": beyond}})
 
 
 if __name__ == "__main__":

@@ -135,9 +135,7 @@ def main(argv=None) -> int:
         print(common.markdown_table(["op", "self CPU ms", "share", "calls"],
                                     [[r["op"], f"{r['self_cpu_ms']:.1f}", f"{100 * r['share']:.1f}%", r["calls"]]
                                      for r in top]))
-    common.write_record(args.json, "bench_overhead", args, device, info, rows, extra=extra)
-    print(f"\nwrote {args.json}")
-    return 0
+    return common.finish(args, "bench_overhead", device, info, rows, extra=extra)
 
 
 if __name__ == "__main__":

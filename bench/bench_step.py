@@ -119,10 +119,7 @@ def main(argv=None) -> int:
                     f"{preset}: S2MoE top-1 step peak memory / DeepSpeed MoE top-2 (same tokens, 2 routes/token each)",
                     by["s2moe-k1"]["total_peak_bytes"] / by["smoe-k2"]["total_peak_bytes"], 1.3,
                     basis="state + step peak"))
-    print(common.targets_table(targets))
-    common.write_record(args.json, "bench_step", args, device, info, rows, targets)
-    print(f"\nwrote {args.json}")
-    return 0
+    return common.finish(args, "bench_step", device, info, rows, targets)
 
 
 if __name__ == "__main__":

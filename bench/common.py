@@ -295,6 +295,16 @@ def write_record(path: str, name: str, args: argparse.Namespace, device: torch.d
     return record
 
 
+def finish(args: argparse.Namespace, name: str, device: torch.device, info: dict, rows: List[dict],
+           targets: Sequence[dict] = (), extra: Optional[dict] = None) -> int:
+    """A script's last step: the targets table (if any), the JSON record, where it went; the exit code."""
+    if targets:
+        print(targets_table(targets))
+    write_record(args.json, name, args, device, info, rows, targets, extra)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
 def print_header(title: str, info: dict, device: torch.device, command: Optional[str] = None) -> None:
     print(f"## {title}\n")
     print(f"command: `{command or command_line()}`  ")
