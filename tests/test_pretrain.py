@@ -65,6 +65,35 @@ def test_resume_is_exact(text_file, tmp_path):
         assert f.read().strip() == "step00000006"
 
 
+def _preempted_worker(rank, world_size, text, out_dir, cache):
+    """Rank 1 alone receives SIGTERM (preemption) during step 2, as a scheduler may signal the ranks
+    at different times."""
+    import signal
+
+    from s2moe_ds.train.metrics import Monitor
+    original = Monitor.train_step
+
+    def signalled_during_step_2(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    Monitor.train_step = signalled_during_step_2
+    return _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6))
+
+
+def test_sigterm_on_one_rank_checkpoints_every_rank_and_stops_for_requeue(text_file, tmp_path):
+    from s2moe_ds.train.loop import REQUEUE_MARKER
+    out = tmp_path / "run"
+    results = run_distributed(_preempted_worker, 2, (text_file, str(out), str(tmp_path / "cache")))
+    assert [r["step"] for r in results] == [2, 2]
+    assert results[1]["stopped_by"] == "SIGTERM" and results[0]["stopped_by"] == "another rank's signal"
+    # Step 2 is not a save interval (3): the signal forced the checkpoint, and it is complete.
+    assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    assert (out / REQUEUE_MARKER).read_text() == "another rank's signal at step 2\n"
+
+
 def _killed_save_worker(rank, world_size, text, out_dir, cache):
     from s2moe_ds.train import checkpoint
     original = checkpoint.save
