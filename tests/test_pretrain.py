@@ -184,9 +184,28 @@ def test_deepspeed_launcher_end_to_end(text_file, tmp_path):
                 "moe/layer0/dropped_fraction", "moe/layer1/mix_gate_mean"):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    loads = [[e.value for e in events.Scalars(f"moe/layer0/expert{i}_load")] for i in range(4)]
+    assert [sum(step) for step in zip(*loads)] == pytest.approx([1.0] * 4, abs=1e-5)
     assert "moe/layer0/mix_gate" in events.Tags()["histograms"]
     record = json.loads((out / "run_config.json").read_text())
     assert record["model"]["moe"]["ep_size"] == 2 and record["world_size"] == 2
+
+
+def _rank_average_worker(rank, world_size):
+    from s2moe_ds.train.metrics import _rank_averaged
+    load = torch.tensor([0.5, 0.5, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 0.25, 0.25, 0.5])
+    values = {"layer0/expert_load": load, "layer0/dropped_fraction": torch.tensor(0.1 * rank),
+              "layer0/mix_gate": torch.full((3, ), float(rank))}
+    return _rank_averaged(values)
+
+
+def test_logged_expert_load_is_every_ranks_not_rank_0s():
+    results = run_distributed(_rank_average_worker, 2)
+    for got in results:
+        torch.testing.assert_close(got["layer0/expert_load"], torch.tensor([0.25, 0.375, 0.125, 0.25]))
+        torch.testing.assert_close(got["layer0/dropped_fraction"], torch.tensor(0.05))
+    # The mixing-gate values are a histogram sample: each rank keeps its own.
+    assert [r["layer0/mix_gate"].tolist() for r in results] == [[0.0] * 3, [1.0] * 3]
 
 
 def _consolidate_worker(rank, world_size, text, out_dir, cache, stage):

@@ -20,7 +20,8 @@ def evaluate_split(forward: Callable, batches, device, unit_count: int, split_to
     batches = list(batches)
     if max_batches is not None:
         batches = batches[:max_batches]
-    n = torch.tensor([len(batches)], dtype=torch.long)
+    # Collectives take tensors on the device (NCCL refuses CPU tensors).
+    n = torch.tensor([len(batches)], dtype=torch.long, device=device)
     if dist.is_initialized():
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     if not batches:
@@ -35,10 +36,10 @@ def evaluate_split(forward: Callable, batches, device, unit_count: int, split_to
             count = mask.float().sum()
             nll += out.task_loss.double().cpu() * count.double().cpu()
             tokens += count.double().cpu()
-    totals = torch.stack([nll, tokens])
+    totals = torch.stack([nll, tokens]).to(device)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    nll_total, token_total = totals.tolist()
+    nll_total, token_total = totals.cpu().tolist()
     units = unit_count * token_total / max(split_tokens - 1, 1)
     result = {"nll_per_token": nll_total / max(token_total, 1.0), "tokens": token_total}
     if metric == "bpc":

@@ -34,7 +34,9 @@ class EvalDeterministicGate(TopKGate):
         logits_TE = F.linear(input.float(), self.wg.weight.float())
         T, E = logits_TE.shape
         if self.training and self.noisy_gate_policy == "RSample":
-            need = torch.tensor([T])  # routes follow noisy logits this argmax cannot see
+            # Routes follow noisy logits this argmax cannot see. On the logits' device: the
+            # all-reduce below may be NCCL's, which refuses CPU tensors.
+            need = torch.tensor([T], device=logits_TE.device)
         else:
             need = torch.bincount(logits_TE.argmax(dim=-1), minlength=E).max().reshape(1)
         if self.ep_group is not None and dist.is_initialized() and dist.get_world_size(group=self.ep_group) > 1:

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 import deepspeed.comm as dist
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data import ContiguousBatchSampler, DataConfig, PreparedCorpus, eval_batches, prepare_corpus
@@ -103,7 +104,8 @@ def _prepare_data(data: DataConfig) -> PreparedCorpus:
 def _any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any: ranks that decide to stop must stop together,
     never one of them left waiting inside a collective."""
-    t = torch.tensor([1.0 if flag else 0.0])
+    # On the accelerator: NCCL refuses CPU tensors (on CPU this is "cpu" and gloo).
+    t = torch.tensor([1.0 if flag else 0.0], device=get_accelerator().current_device_name())
     dist.all_reduce(t)
     return t.item() > 0
 

@@ -2,15 +2,35 @@
 
 Scalars: train/{loss,task_loss,balance_loss,uncertainty_loss,lr,grad_norm,tokens_per_s},
 valid/{bpc|ppl,nll_per_token}; per MoE layer moe/layer<i>/{expert<e>_load,dropped_fraction,
-mix_gate_mean} and the histogram moe/layer<i>/mix_gate. Per-layer values are rank 0's tokens.
+mix_gate_mean} and the histogram moe/layer<i>/mix_gate. Expert load and dropped share are
+averaged over every rank (each routes as many tokens), the mixing gate is rank 0's tokens.
 """
 
 import os
 from typing import Dict, List, Optional, Tuple
 
+import deepspeed.comm as dist
 import torch
 
 from ..config import TrainConfig
+
+
+_RANK_AVERAGED = ("expert_load", "dropped_fraction")
+
+
+def _rank_averaged(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """values with the expert loads and dropped shares averaged over all ranks, in one all-reduce."""
+    keys = [k for k in values if k.endswith(_RANK_AVERAGED)]
+    if not keys or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    parts = [values[k].detach().float().reshape(-1) for k in keys]
+    flat = torch.cat([p.to(parts[0].device) for p in parts])  # on the device: NCCL refuses CPU tensors
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out = dict(values)
+    for k, chunk in zip(keys, flat.split([p.numel() for p in parts])):
+        out[k] = chunk.reshape(values[k].shape)
+    return out
 
 
 class Monitor:
@@ -29,14 +49,18 @@ class Monitor:
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def train_step(self, step: int, engine, out, loss: torch.Tensor, model, tokens: int, seconds: float) -> None:
+        """Call on every rank: on logging steps the per-layer routing values are averaged over the
+        ranks, a collective."""
         value = loss.item()
         self.losses.append(value)
+        log_now = step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
+        layer_values = _rank_averaged(model.layer_metrics()) if log_now else {}
         if not self.is_writer:
             return
         tokens_per_s = tokens / max(seconds, 1e-9)
         self.bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         self.bar.update(1)
-        if step % self.cfg.log_interval and step != self.cfg.max_steps:
+        if not log_now:
             return
         grad_norm = engine.get_global_grad_norm()
         scalars = {
@@ -49,7 +73,7 @@ class Monitor:
         }
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
-        for name, value_t in model.layer_metrics().items():
+        for name, value_t in layer_values.items():
             layer, what = name.split("/", 1)
             if what == "expert_load":
                 for e, share in enumerate(value_t.tolist()):
