@@ -15,9 +15,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+def _fail(name: str, message: str) -> None:
+    raise ConfigError(f"{name}: {message}")
+
+
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{name}: {message}")
+        _fail(name, message)
 
 
 def _check_choice(value, name: str, choices) -> None:
