@@ -171,3 +171,18 @@ def test_eval_without_drops_is_independent_of_the_rest_of_the_batch():
     dropping(x)
     assert float(dropping.last_metrics["dropped_fraction"]) > 0
     assert build_ffn_block(MoEConfig(), D, FFN(D, 32)).deepspeed_moe.gate.eval_drop_tokens is False
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_bf16_top1_with_a_padding_mask_routes_hundreds_of_tokens_per_expert_exactly(train):
+    """DeepSpeed's top-1 gate counts capacity slots in the mask's dtype: a bf16 mask holds whole
+    numbers exactly only up to 256, so tokens past that would share slots. An all-ones mask must
+    route exactly as no mask."""
+    layer = _layer(num_experts=2, k=1, drop_tokens=False, noise_scale=0.0).to(torch.bfloat16).train(train)
+    x = _x(T=1200).to(torch.bfloat16)
+    outs = []
+    for mask in (None, torch.ones(1200, dtype=torch.bfloat16)):
+        torch.manual_seed(3)
+        outs.append(layer.forward_parts(x, mask).output)
+    assert (layer.deepspeed_moe.exp_counts > 300).all()  # well past bf16's exact integers
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

@@ -155,7 +155,8 @@ class ExpertAnalyzer:
             x_TD, ids_T = x_TD[keep_T], self._tokens_T[keep_T]
             gate = layer.deepspeed_moe.gate
             with torch.no_grad():
-                probs_TE = F.softmax(F.linear(x_TD, gate.wg.weight.float()), dim=-1).double()
+                # x_TD was moved to the CPU above; the router may live on a GPU.
+                probs_TE = F.softmax(F.linear(x_TD, gate.wg.weight.detach().float().cpu()), dim=-1).double()
             k = getattr(gate, "eval_k", gate.k)
             top_TK = probs_TE.topk(min(k, probs_TE.shape[-1]), dim=-1).indices
             E = probs_TE.shape[-1]

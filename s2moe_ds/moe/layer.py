@@ -232,7 +232,9 @@ class S2MoE(MoE):
         cfg = self.s2moe_config
         d_model = hidden_states.shape[-1]
         x_TD = hidden_states.reshape(-1, d_model)
-        mask_T = None if used_token is None else used_token.reshape(-1).to(x_TD.dtype)
+        # fp32, never the activations' dtype: DeepSpeed's top-1 gate counts capacity slots in the
+        # mask's dtype, and bf16 holds whole numbers exactly only up to 256.
+        mask_T = None if used_token is None else used_token.reshape(-1).to(torch.float32)
         zero = x_TD.new_zeros((), dtype=torch.float32)
         metrics: Dict[str, torch.Tensor] = {}
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 import deepspeed.comm as dist
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError
 from ..fileio import atomic_write_text
@@ -35,11 +36,16 @@ def _tag(step: int) -> str:
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # "accel": the device's generator (CUDA's on a GPU), which draws the noise, dropout and
+    # DeepSpeed's routing randomness there; on the CPU accelerator it is the CPU generator again.
+    return {"torch": torch.get_rng_state(), "accel": get_accelerator().get_rng_state(),
+            "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "accel" in state:  # checkpoints written before it was saved lack it
+        get_accelerator().set_rng_state(state["accel"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 

@@ -67,6 +67,11 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
             # this argument, 29500 by default; pass the launcher's port on so it is honoured.
             kwargs["distributed_port"] = int(os.environ["MASTER_PORT"])
         deepspeed.init_distributed(**kwargs)
+        accel = get_accelerator()
+        if accel.device_name() != "cpu" and os.environ.get("LOCAL_RANK", "").isdigit():
+            # DeepSpeed picks the GPU only in deepspeed.initialize; our first collectives (the data
+            # barrier) come before that, and NCCL would otherwise guess the device.
+            accel.set_device(int(os.environ["LOCAL_RANK"]))
     world = deepspeed.comm.get_world_size()
     for source, wanted in (("--expect-world-size", expected_world_size), ("the launcher", launcher_world_size())):
         if wanted is not None and wanted != world:
