@@ -60,12 +60,24 @@ def noisy_concat_fused(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Te
     return _NoisyConcat.apply(x_TD, mu_D, scale_D, eps1_TD, eps2_TD)
 
 
+def noisy_copy_plain(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Tensor, eps1_TD: torch.Tensor,
+                     eps2_TD: torch.Tensor) -> torch.Tensor:
+    """x_hat = x + mu + scale * (eps1 * x + eps2) in fp32, returned in x's dtype: the formula as
+    autograd sees it."""
+    x = x_TD.float()
+    return (x + mu_D + scale_D * (eps1_TD * x + eps2_TD)).to(x_TD.dtype)
+
+
 def noisy_concat_plain(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Tensor, eps1_TD: torch.Tensor,
                        eps2_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The reference noisy_concat_fused is tested against: the formula as autograd sees it."""
-    x = x_TD.float()
-    x_hat_TD = (x + mu_D + scale_D * (eps1_TD * x + eps2_TD)).to(x_TD.dtype)
+    """The reference noisy_concat_fused is tested against."""
+    x_hat_TD = noisy_copy_plain(x_TD, mu_D, scale_D, eps1_TD, eps2_TD)
     return torch.cat([x_TD, x_hat_TD], dim=0), x_hat_TD
+
+
+def _draw_eps(x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """eps1, eps2 ~ N(0, 1) in fp32, one draw for both, so every path consumes the RNG alike."""
+    return torch.randn((2, ) + tuple(x_TD.shape), device=x_TD.device, dtype=torch.float32).unbind(0)
 
 
 class GaussianNoise(nn.Module):
@@ -118,12 +130,9 @@ class GaussianNoise(nn.Module):
                 sample: bool = True) -> torch.Tensor:
         """x_hat for the tokens x_TD; with sample=False the expectation x + mu (eval_noise 'mean')."""
         mu_D, sigma_D = self.statistics(x_TD, mask_T)
-        x = x_TD.float()
         if not sample or self.noise_scale == 0:
-            return (x + mu_D).to(x_TD.dtype)
-        eps1_TD, eps2_TD = torch.randn((2, ) + tuple(x.shape), device=x.device, dtype=x.dtype).unbind(0)
-        x_hat = x + mu_D + (self.noise_scale * sigma_D) * (eps1_TD * x + eps2_TD)
-        return x_hat.to(x_TD.dtype)
+            return (x_TD.float() + mu_D).to(x_TD.dtype)
+        return noisy_copy_plain(x_TD, mu_D, self.noise_scale * sigma_D, *_draw_eps(x_TD))
 
     def noisy_concat(self, x_TD: torch.Tensor, mask_T: Optional[torch.Tensor] = None, sample: bool = True,
                      fused: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +142,4 @@ class GaussianNoise(nn.Module):
             x_hat_TD = self(x_TD, mask_T, sample=sample)
             return torch.cat([x_TD, x_hat_TD], dim=0), x_hat_TD
         mu_D, sigma_D = self.statistics(x_TD, mask_T)
-        eps1_TD, eps2_TD = torch.randn((2, ) + tuple(x_TD.shape), device=x_TD.device,
-                                       dtype=torch.float32).unbind(0)
-        return noisy_concat_fused(x_TD, mu_D, self.noise_scale * sigma_D, eps1_TD, eps2_TD)
+        return noisy_concat_fused(x_TD, mu_D, self.noise_scale * sigma_D, *_draw_eps(x_TD))
