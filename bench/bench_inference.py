@@ -1,7 +1,7 @@
 """Inference tokens/s with one and with two experts per token, next to the analytic FLOPs ratio.
 
     .venv/bin/python bench/bench_inference.py                       # paper-small, S2MoE, 4 x 512 tokens
-    .venv/bin/python bench/bench_inference.py --preset tiny --router smoe
+    .venv/bin/python bench/bench_inference.py --preset tiny --block moe
 
 One model (the preset with k=2 in training) is evaluated in eval mode with eval_k 1 and eval_k 2:
 two copies with identical weights, timed in one process, interleaved, under torch.inference_mode.
@@ -40,10 +40,12 @@ def expert_padding(model, k: int, tokens: int) -> float:
     """Expert rows computed in the last forward over the k * tokens rows routed, averaged over
     MoE layers. DeepSpeed sizes every expert buffer alike: capacity = the busiest expert's load
     without drops, ceil(k * T / E * factor) with them."""
+    from s2moe_ds.moe import expert_blocks
+    from s2moe_ds.parallel import deepspeed_internals as ds
     ratios = []
-    for layer in model.moe_layers():
-        gate = layer.deepspeed_moe.gate
-        counts_E = layer.deepspeed_moe.exp_counts
+    for layer in expert_blocks(model):
+        gate = layer.router
+        counts_E = ds.last_expert_counts(layer)
         num_experts = counts_E.numel()
         if gate.eval_drop_tokens:
             capacity = max(math.ceil(tokens / num_experts * gate.eval_capacity_factor * k), gate.min_capacity)
@@ -57,7 +59,9 @@ def balance_routers(model, idx_BT: torch.Tensor, steps: int, lr: float = 1e-3) -
     """Train only the routers, on the load-balancing loss, as training would have: a random-init
     router sends most tokens to a few experts, which without drops sets every expert's buffer
     size. Returns the balance loss per step."""
-    routers = [layer.deepspeed_moe.gate.wg.weight for layer in model.moe_layers()]
+    from s2moe_ds.moe import expert_blocks
+    from s2moe_ds.parallel import deepspeed_internals as ds
+    routers = [ds.gate_weight(layer.router) for layer in expert_blocks(model)]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -67,7 +71,7 @@ def balance_routers(model, idx_BT: torch.Tensor, steps: int, lr: float = 1e-3) -
     curve = []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = model(idx_BT).balance_loss
+        loss = sum(model(idx_BT).layer_losses["balance"])
         loss.backward()
         optimizer.step()
         curve.append(loss.item() / len(routers))
@@ -78,8 +82,8 @@ def balance_routers(model, idx_BT: torch.Tensor, steps: int, lr: float = 1e-3) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="paper-small", help="model preset of s2moe_ds.config")
-    parser.add_argument("--router", default="s2moe", choices=("s2moe", "smoe"), help="the MoE block")
+    parser.add_argument("--preset", default="paper-small", help="model preset of s2moe_ds.train.presets")
+    parser.add_argument("--block", default="s2moe", choices=("s2moe", "moe"), help="the MoE block kind")
     parser.add_argument("--batch", type=int, default=4, help="sequences per forward")
     parser.add_argument("--balance-steps", type=int, default=30,
                         help="first train the routers alone on the balance loss for this many steps (eval "
@@ -93,11 +97,11 @@ def main(argv=None) -> int:
     common.check_positive(parser, args, ["batch", "seq-len", "reps"])
     if args.balance_steps < 0:
         parser.error(f"--balance-steps: must be >= 0, got {args.balance_steps}")
-    from s2moe_ds.config import MODEL_PRESETS, model_preset
     from s2moe_ds.eval.flops import flops_per_token, inference_cost_ratio
-    from s2moe_ds.models.transformer import LanguageModel
-    if args.preset not in MODEL_PRESETS:
-        parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+    from s2moe_ds.models import build_model
+    from s2moe_ds.train import PRESETS, model_preset
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     device, dtype, info = common.start_single_process(args, "Inference: one vs two experts per token")
 
     base = model_preset(args.preset)
@@ -109,10 +113,10 @@ def main(argv=None) -> int:
     balance_curve = []
     for mode in args.modes:
         for eval_k in (1, 2):
-            moe = dict(router=args.router, k=2, eval_k=eval_k, **MODES[mode])
+            moe = dict(block=args.block, k=2, eval_k=eval_k, **MODES[mode])
             cfg = model_preset(args.preset, moe=moe)
             torch.manual_seed(args.seed)
-            model = LanguageModel(cfg).to(device=device, dtype=dtype).eval()
+            model = build_model(cfg).to(device=device, dtype=dtype).eval()
             common.wire_moe_groups(model)
             if models:
                 model.load_state_dict(next(iter(models.values())).state_dict())
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
                       common.fmt_mib(row["peak_bytes"])])
     print(common.markdown_table(["variant", "ms/forward median [IQR]", "tokens/s", "analytic MFLOPs/token",
                                  "achieved GFLOP/s", "padding", "peak MiB"], table))
-    print(f"\n{args.preset}, router {args.router}, batch {args.batch} x seq {seq_len} = {tokens} tokens, {args.dtype}; "
+    print(f"\n{args.preset}, block {args.block}, batch {args.batch} x seq {seq_len} = {tokens} tokens, {args.dtype}; "
           f"analytic inference_cost_ratio(1 vs 2) = {analytic_ratio:.3f}, i.e. {1 / analytic_ratio:.3f}x tokens/s\n")
     targets = [common.target(f"{args.preset} ({mode}): one-expert inference tokens/s / two-expert", s["median"], 1.3,
                              higher_is_better=True,

@@ -36,9 +36,9 @@ def build_layer(kind: str, k: int, d_model: int, d_inner: int, num_experts: int,
     """'s2moe' or 'dsmoe' with k experts per token (per path), or 'dense' with k * d_inner hidden units."""
     from deepspeed.moe.layer import MoE
 
-    from s2moe_ds.moe import FFN, DenseFFN, S2MoE
+    from s2moe_ds.moe import FFN, S2MoE
     if kind == "dense":
-        return DenseFFN(FFN(d_model, k * d_inner))
+        return FFN(d_model, k * d_inner)
     cls = S2MoE if kind == "s2moe" else MoE
     return cls(d_model, FFN(d_model, d_inner), num_experts=num_experts, k=k, **s2moe_kw)
 
@@ -48,13 +48,14 @@ def paths(kind: str) -> int:
 
 
 def fwd_bwd(layer: torch.nn.Module, x_TD: torch.Tensor, grad_TD: torch.Tensor):
-    """One training call of a layer with DeepSpeed MoE's interface; returns a closure."""
+    """One training call of a layer with DeepSpeed MoE's interface (or a dense FFN's); returns a closure."""
     aux_weight = torch.tensor(BALANCE_COEF, device=x_TD.device)
 
     def call() -> None:
         layer.zero_grad(set_to_none=True)
         x_TD.grad = None
-        out_TD, l_aux, _ = layer(x_TD)
+        out = layer(x_TD)
+        out_TD, l_aux = (out[0], out[1]) if isinstance(out, tuple) else (out, out.new_zeros(()))
         if l_aux.requires_grad:
             torch.autograd.backward([out_TD, l_aux], [grad_TD, aux_weight.to(l_aux.dtype)])
         else:

@@ -6,7 +6,7 @@ mixing gate, as shares of the S2MoE layer's forward + backward.
 
 Timed in one process, interleaved, each forward + backward on the same tokens:
 - s2moe:          the full layer (METHOD.md defaults);
-- s2moe-plain:    the same layer with its fused paths off (S2MoE.fused = False): the plain
+- s2moe-plain:    the same layer with its fused paths off (S2MoEConfig.fused false): the plain
                   autograd graph of the noisy concat, the path mix and InfoNCE, i.e. before the optimisations;
 - s2moe-no-lu:    the same layer with uncertainty_coef 0 (no InfoNCE);
 - smoe-2T:        DeepSpeed's MoE on the 2T concatenated tokens: the routing and expert work
@@ -32,18 +32,18 @@ from bench.bench_layer import build_layer, fwd_bwd, make_inputs  # noqa: E402
 
 
 def component_calls(layer, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> dict:
-    """The S2MoE extras, each as the layer runs it (fused or plain as the layer is), forward +
+    """The S2MoE extras, each as the layer runs it (fused or plain as its config says), forward +
     backward."""
-    from s2moe_ds.moe import sampled_info_nce
-    from s2moe_ds.moe.layer import mix_paths
-    cfg = layer.s2moe_config
+    from s2moe_ds.moe import fused, method
+    cfg = layer.config
+    ops = fused if cfg.fused else method
     T = x_TD.shape[0]
     grad_2TD = torch.cat([grad_TD, grad_TD])
     y_2TD = torch.randn(2 * T, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device).requires_grad_()
 
     def noise_concat() -> None:
         x_TD.grad = None
-        both_2TD, _ = layer.noise.noisy_concat(x_TD, fused=layer.fused)
+        both_2TD, _ = layer.noisy_pair(x_TD)
         both_2TD.backward(grad_2TD)
 
     # Drawn once, outside the timed call: the draw is the 'noise+concat' row's cost.
@@ -51,14 +51,14 @@ def component_calls(layer, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> dict:
 
     def info_nce() -> None:
         x_TD.grad = x_hat_TD.grad = None
-        sampled_info_nce(x_TD, x_hat_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens,
-                         fused=layer.fused).backward()
+        method.sampled_info_nce(x_TD, x_hat_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens,
+                                loss=ops.info_nce).backward()
 
     def gate_mix() -> None:
         x_TD.grad = y_2TD.grad = None
         layer.mix_gate.zero_grad(set_to_none=True)
         g_T1 = torch.sigmoid(F.linear(x_TD.float(), layer.mix_gate.weight.float(), layer.mix_gate.bias.float()))
-        mix_paths(g_T1, y_2TD, fused=layer.fused).backward(grad_TD)
+        ops.mix_paths(g_T1, y_2TD).backward(grad_TD)
 
     return {"noise+concat": noise_concat, "info_nce": info_nce, "gate+mix": gate_mix}
 
@@ -90,13 +90,12 @@ def main(argv=None) -> int:
     x_TD, grad_TD = make_inputs(args.tokens, args.d_model, device, dtype, args.seed)
     x2_TD, grad2_TD = make_inputs(2 * args.tokens, args.d_model, device, dtype, args.seed + 1)
     layers = {}
-    for name, kind, kw in (("s2moe", "s2moe", {}), ("s2moe-plain", "s2moe", {}),
+    for name, kind, kw in (("s2moe", "s2moe", {}), ("s2moe-plain", "s2moe", dict(fused=False)),
                            ("s2moe-no-lu", "s2moe", dict(uncertainty_coef=0.0)), ("smoe-2T", "dsmoe", {})):
         torch.manual_seed(args.seed)
         layers[name] = build_layer(kind, args.k, args.d_model, args.d_inner, args.experts, **kw)
         layers[name].to(device=device, dtype=dtype).train()
         common.wire_moe_groups(layers[name])
-    layers["s2moe-plain"].fused = False
     calls = {"s2moe": fwd_bwd(layers["s2moe"], x_TD, grad_TD),
              "s2moe-plain": fwd_bwd(layers["s2moe-plain"], x_TD, grad_TD),
              "s2moe-no-lu": fwd_bwd(layers["s2moe-no-lu"], x_TD, grad_TD),

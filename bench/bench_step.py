@@ -25,29 +25,32 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 
 VARIANTS = {  # name -> MoE config overrides
-    "smoe-k2": dict(router="smoe", k=2),
-    "s2moe-k2": dict(router="s2moe", k=2),
-    "s2moe-k1": dict(router="s2moe", k=1),
-    "dense": dict(router="dense"),
+    "smoe-k2": dict(block="moe", k=2),
+    "s2moe-k2": dict(block="s2moe", k=2),
+    "s2moe-k1": dict(block="s2moe", k=1),
+    "dense": dict(block="dense"),
 }
 
 
 def build_model(preset: str, moe: dict, device, dtype, seed: int):
-    from s2moe_ds.config import model_preset
-    from s2moe_ds.models.transformer import LanguageModel
+    from s2moe_ds.models import build_model as build
+    from s2moe_ds.train import model_preset
     cfg = model_preset(preset, moe=moe)
     torch.manual_seed(seed)
-    model = LanguageModel(cfg).to(device=device, dtype=dtype)
+    model = build(cfg).to(device=device, dtype=dtype)
     common.wire_moe_groups(model)
     return cfg, model
 
 
 def train_step(model, cfg, optimizer, idx_BT, targets_BT):
+    from s2moe_ds.moe import total_loss
+    terms = cfg.moe.loss_terms()
+
     def step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
         out = model(idx_BT, targets_BT)
-        out.total(cfg.moe.balance_coef, cfg.moe.s2moe.uncertainty_coef).backward()
+        total_loss(out.task_loss, out.layer_losses, terms)[0].backward()
         optimizer.step()
 
     return step
@@ -56,9 +59,9 @@ def train_step(model, cfg, optimizer, idx_BT, targets_BT):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper-small"],
-                        help="model presets of s2moe_ds.config (tiny, paper-small)")
+                        help="model presets of s2moe_ds.train.presets (tiny, paper-small)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="routers to compare; smoe-k2 is the reference of every ratio")
+                        help="blocks to compare; smoe-k2 is the reference of every ratio")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / seq-len)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the preset's max_seq_len, at most 512)")
@@ -67,10 +70,10 @@ def main(argv=None) -> int:
     common.check_positive(parser, args, ["tokens", "seq-len", "reps"])
     if "smoe-k2" not in args.variants:
         parser.error("--variants: must include smoe-k2 (the reference of every ratio)")
-    from s2moe_ds.config import MODEL_PRESETS, model_preset
+    from s2moe_ds.train import PRESETS, model_preset
     for preset in args.presets:
-        if preset not in MODEL_PRESETS:
-            parser.error(f"--presets: unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+        if preset not in PRESETS:
+            parser.error(f"--presets: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     device, dtype, info = common.start_single_process(args, "Training step (forward, backward, AdamW)")
 
     rows, targets = [], []

@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from s2moe_ds.tables import markdown_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -74,7 +76,7 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 def setup_single_process() -> None:
     """A world-size-1 DeepSpeed process group (gloo on CPU, NCCL on CUDA), as tests/harness.py
     starts each rank: MoE layers then get real expert-parallel groups, as under an engine."""
-    from s2moe_ds.train import free_port, init_distributed
+    from s2moe_ds.parallel import free_port, init_distributed
     if not os.environ.get("MASTER_PORT"):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
@@ -255,12 +257,6 @@ def target(name: str, measured: float, limit: float, higher_is_better: bool = Fa
     ok = measured >= limit if higher_is_better else measured <= limit
     return {"target": name, "measured": measured, "limit": limit,
             "op": ">=" if higher_is_better else "<=", "pass": ok, "basis": basis}
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def targets_table(targets: Sequence[dict]) -> str:

@@ -1,15 +1,43 @@
-"""Command-line flags generated from the config dataclasses, so each field has one home.
+"""The command lines of launch/*.py, generated from the config dataclasses: one flag per field.
 
-A field `noise_scale` becomes `--noise-scale`; flags default to "not given", so presets and the
-dataclass defaults apply unless the user overrides them.
+A field `noise_scale` becomes `--noise-scale`, its docstring the flag's help, grouped by the config
+it belongs to. Flags default to "not given", so presets and the dataclass defaults apply unless the
+user overrides them. `python -m s2moe_ds.cli` prints docs/cli.md: every script's --help.
 """
 
 import argparse
-from dataclasses import MISSING, fields, is_dataclass
-from typing import Any, Dict, Iterable
+import ast
+import functools
+import inspect
+import os
+import textwrap
+from dataclasses import MISSING, fields
+from typing import Any, Dict, Iterable, List, Optional
+
+from .config import ConfigError
+
+NESTED = ("moe", "block_config", "router_config")
+"""Fields that hold another config, which gets flags of its own."""
 
 
-def _parser_type(type_name: str):
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> Dict[str, str]:
+    """The docstring under each field of a dataclass, as written in its source."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _parser_type(type_name) -> Optional[type]:
     name = str(type_name)
     if "bool" in name:
         return None
@@ -20,15 +48,20 @@ def _parser_type(type_name: str):
     return str
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, skip: Iterable[str] = ()) -> None:
-    group = parser.add_argument_group(title)
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: Iterable[str] = (),
+                    defaults: Any = None, note: str = "") -> None:
+    """One flag per field of `cls`, in a group titled `title`, the field's docstring as its help.
+    The default shown is the field's in `defaults` (a preset's instance) or the dataclass's."""
+    summary = (cls.__doc__ or "").strip().split("\n")[0]
+    group = parser.add_argument_group(title, " ".join(p for p in (summary, note) if p) or None)
+    docs = field_docs(cls)
     for f in fields(cls):
-        default = f.default if f.default is not MISSING else None
-        if f.name in skip or is_dataclass(default) or f.default_factory is not MISSING:
+        if f.name in skip or f.name in NESTED:
             continue
+        default = getattr(defaults, f.name) if defaults is not None else f.default if f.default is not MISSING else None
         flag = "--" + f.name.replace("_", "-")
+        help_text = (docs.get(f.name, "") + f" (default: {default})").strip().replace("%", "%%")
         kind = _parser_type(f.type)
-        help_text = f"(default: {default})"
         if kind is None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif "tuple" in str(f.type) or "Sequence" in str(f.type):
@@ -44,6 +77,229 @@ def given(ns: argparse.Namespace, cls, skip: Iterable[str] = ()) -> Dict[str, An
     out = {}
     for f in fields(cls):
         value = getattr(ns, f.name, None)
-        if f.name not in skip and value is not None:
+        if f.name not in skip and f.name not in NESTED and value is not None:
             out[f.name] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def _parser(prog: str, description: str, width: Optional[int], usage: Optional[str] = None) -> argparse.ArgumentParser:
+    formatter = functools.partial(argparse.RawDescriptionHelpFormatter, width=width) if width else \
+        argparse.RawDescriptionHelpFormatter
+    return argparse.ArgumentParser(prog=prog, usage=usage, description=textwrap.dedent(description).strip(),
+                                   formatter_class=formatter)
+
+
+# ----------------------------------------------------------------------------- launch/pretrain.py
+
+PRETRAIN = """
+Pretrain a language model with DeepSpeed: S2MoE, DeepSpeed's MoE (SMoE) or dense blocks.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/zero2.json \\
+        --preset tiny --ep-size 2 --out-dir runs/tiny
+
+Runs under the deepspeed launcher, torchrun and mpirun (DeepSpeed's MPI discovery), on CPU (gloo)
+and CUDA (NCCL). Batch sizes, precision, ZeRO, clipping and the optimizer come from the DeepSpeed
+config. Every flag is validated before any compute; errors name the field and exit with status 2.
+On SIGUSR1/SIGTERM the run checkpoints and exits with status 75 (requeue me).
+"""
+
+
+def pretrain_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    import deepspeed
+
+    from .data import DataConfig
+    from .models import ModelConfig
+    from .moe import BLOCKS, ROUTERS, MoEConfig
+    from .parallel import ParallelConfig
+    from .train import PRESETS, TrainConfig
+    parser = _parser("launch/pretrain.py", PRETRAIN, width,
+                     usage="[deepspeed|torchrun|mpirun ...] launch/pretrain.py --deepspeed_config FILE [flags]")
+    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
+                        help="the experiment the flags below change (s2moe_ds/train/presets.py) (default: tiny)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    model = PRESETS["tiny"]().model
+    note = "Defaults shown are the tiny preset's."
+    add_config_args(parser, ModelConfig, "model", skip=("vocab_size", ), defaults=model, note=note)
+    add_config_args(parser, MoEConfig, "moe: the feed-forward blocks", defaults=model.moe, note=note)
+    for name, spec in BLOCKS.items():
+        if spec.config is not None:
+            add_config_args(parser, spec.config, f"block {name!r} (with --block {name})")
+    for name, spec in ROUTERS.items():
+        if spec.config is not None:
+            add_config_args(parser, spec.config, f"router {name!r} (with --router {name})")
+    add_config_args(parser, ParallelConfig, "parallel layout")
+    add_config_args(parser, DataConfig, "data")
+    add_config_args(parser, TrainConfig, "training")
+    return deepspeed.add_config_arguments(parser)
+
+
+def _own_settings(ns: argparse.Namespace, specs, chosen: str, what: str) -> Optional[Dict[str, Any]]:
+    """The flags of the chosen block kind's (or router's) settings; flags of another one are refused."""
+    out = None
+    for name, spec in specs.items():
+        if spec.config is None:
+            continue
+        values = given(ns, spec.config)
+        if values and name != chosen:
+            flag = "--" + next(iter(values)).replace("_", "-")
+            raise ConfigError(f"{flag}: is a setting of {what} {name!r}, but this run's moe.{what} is {chosen!r}; "
+                              f"drop it or pass --{what} {name}")
+        if name == chosen and values:
+            out = values
+    return out
+
+
+def experiment_from_args(ns: argparse.Namespace):
+    """The ExperimentConfig launch/pretrain.py's flags describe: the preset with the given fields."""
+    from .data import DataConfig
+    from .models import ModelConfig
+    from .moe import BLOCKS, ROUTERS, MoEConfig
+    from .parallel import ParallelConfig
+    from .train import PRESETS, TrainConfig, preset
+    base = PRESETS[ns.preset]().model.moe
+    moe = given(ns, MoEConfig)
+    for what, specs in (("block", BLOCKS), ("router", ROUTERS)):
+        settings = _own_settings(ns, specs, moe.get(what, getattr(base, what)), what)
+        if settings:
+            moe[f"{what}_config"] = settings
+    overrides = {"model": {**given(ns, ModelConfig, skip=("vocab_size", )), "moe": moe},
+                 "parallel": given(ns, ParallelConfig), "data": given(ns, DataConfig), "train": given(ns, TrainConfig)}
+    return preset(ns.preset, overrides)
+
+
+# ----------------------------------------------------------------------------- launch/evaluate.py
+
+EVALUATE = """
+Evaluate a checkpoint with one and with two experts per token, next to the inference FLOPs.
+
+    python launch/evaluate.py --checkpoint runs/tiny                 # valid + test, eval_k 1 and 2
+    python launch/evaluate.py --checkpoint runs/tiny --analysis      # + what the experts learned
+
+Any checkpoint of launch/pretrain.py works, whatever its ZeRO stage, process count or ep_size: it
+is consolidated and evaluated on one process (CUDA if present). Full passes over each split, no
+sampling: every number but tokens/s is identical from run to run. Writes <run>/eval/<step>/eval.json,
+and with --analysis analysis.json, plots/*.png and TensorBoard events (tensorboard/).
+"""
+
+
+def evaluate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    from .data import DataConfig
+    from .eval.evaluate import EvalConfig
+    parser = _parser("launch/evaluate.py", EVALUATE, width)
+    add_config_args(parser, EvalConfig, "evaluation", skip=("data_overrides", ))
+    add_config_args(parser, DataConfig, "data (overrides of the checkpoint's data settings)")
+    return parser
+
+
+def eval_config_from_args(ns: argparse.Namespace):
+    from .data import DataConfig
+    from .eval.evaluate import EvalConfig
+    return EvalConfig(**given(ns, EvalConfig, skip=("data_overrides", )), data_overrides=given(ns, DataConfig))
+
+
+# ----------------------------------------------------------------------------- the others
+
+GENERATE = """
+Sample text from a checkpoint, with one expert per token by default (S2MoE's inference mode).
+
+    python launch/generate.py --checkpoint runs/tiny --prompt "The " --max-new-tokens 200
+"""
+
+
+def generate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    parser = _parser("launch/generate.py", GENERATE, width)
+    parser.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a step folder")
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--eval-k", type=int, default=1, help="experts per token (default: 1)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples to print (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    return parser
+
+
+CONSOLIDATE = """
+Turn a checkpoint (ZeRO 0/1/2, any ep_size) into one fp32 file that loads without DeepSpeed.
+
+    python launch/consolidate.py runs/tiny --out runs/tiny/model_fp32.pt
+
+The file holds {"state_dict", "model_config", "tokenizer"}; load it with
+s2moe_ds.models.build_model(model_config_from_dict(model_config)).load_state_dict(state_dict).
+"""
+
+
+def consolidate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    parser = _parser("launch/consolidate.py", CONSOLIDATE, width)
+    parser.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a step folder")
+    parser.add_argument("--tag", default=None, help="step folder name (default: latest)")
+    parser.add_argument("--out", required=True, help="output file (.pt)")
+    return parser
+
+
+COMPARE = """
+Train and evaluate variants side by side: same budget, several seeds, one table.
+
+    python launch/compare.py --path ../shared/data/tinyshakespeare.txt --seeds 1 2 3 \\
+        --max-steps 2000 --out runs/compare
+    python launch/compare.py --path ... --variants s2moe --ablate uncertainty_coef=0,0.5,1.0
+
+Each (variant, seed) trains with launch/pretrain.py under the deepspeed launcher, then is evaluated
+on valid and test with 1 and with 2 experts per token (full passes). Writes OUT/NAME.md (mean ± std
+over seeds), NAME.json and NAME_curves.png. A run whose result.json records the same command is
+reused, so an interrupted comparison continues. Flags not listed here pass through to
+launch/pretrain.py.
+"""
+
+
+def compare_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    from .experiments.compare import BUILTIN_VARIANTS
+    parser = _parser("launch/compare.py", COMPARE, width)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--path", help="a text file (split 90/5/5) or a folder saved with datasets")
+    data.add_argument("--dataset", help="embedded | enwik8 | text8 | wikitext-103")
+    parser.add_argument("--variants", nargs="*", default=["smoe", "s2moe", "s2moe-top1"],
+                        help=f"built-in variants: {', '.join(BUILTIN_VARIANTS)} (default: smoe s2moe s2moe-top1)")
+    parser.add_argument("--ablate", action="append", default=[], metavar="FIELD=V1,V2",
+                        help="one extra variant of --ablate-base per value (repeatable)")
+    parser.add_argument("--ablate-base", default="s2moe", help="the variant --ablate changes (default: s2moe)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a field for every variant whose block kind or router has it (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="(default: 1 2 3)")
+    parser.add_argument("--preset", default="tiny", help="(default: tiny)")
+    parser.add_argument("--max-steps", type=int, default=2000, help="(default: 2000)")
+    parser.add_argument("--evals", type=int, default=10, help="validation points along training (default: 10)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per run; ep_size = nproc (default: 2)")
+    parser.add_argument("--deepspeed-config", default=os.path.join("ds_configs", "zero2.json"),
+                        help="(default: ds_configs/zero2.json)")
+    parser.add_argument("--out", default=os.path.join("runs", "compare"), help="(default: runs/compare)")
+    parser.add_argument("--reference", default="smoe",
+                        help="variant whose 2-expert score the table compares with (default: smoe)")
+    parser.add_argument("--name", default="results", help="report files OUT/NAME.md, NAME.json, NAME_curves.png; "
+                        "runs are shared by every report in OUT (default: results)")
+    return parser
+
+
+SCRIPTS = {"launch/pretrain.py": pretrain_parser, "launch/evaluate.py": evaluate_parser,
+           "launch/compare.py": compare_parser, "launch/generate.py": generate_parser,
+           "launch/consolidate.py": consolidate_parser}
+
+
+def reference_markdown(width: int = 100) -> str:
+    """docs/cli.md: every launch script's --help, at a fixed width."""
+    parts = ["# Command-line reference\n",
+             "Generated from each script's `--help` by `python -m s2moe_ds.cli > docs/cli.md`; a test keeps",
+             "this file equal to what the code prints. The flags of `launch/pretrain.py` come from the config",
+             "dataclasses (one flag per field, its docstring as the help).\n"]
+    for script, build in SCRIPTS.items():
+        parts.append(f"## {script}\n\n```text\n{build(width).format_help().rstrip()}\n```\n")
+    return "\n".join(parts)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    print(reference_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Sequence
 import torch
 import torch.multiprocessing as mp
 
-from s2moe_ds.train import free_port
+from s2moe_ds.parallel import free_port
 
 
 class DistributedTestError(AssertionError):
@@ -32,7 +32,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     try:
         import deepspeed.comm as ds_comm
-        from s2moe_ds.train import init_distributed
+        from s2moe_ds.parallel import init_distributed
         init_distributed(timeout_s=timeout)
         value = fn(rank, world_size, *args)
         buf = io.BytesIO()

@@ -19,7 +19,7 @@ import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
-from s2moe_ds.train import free_port
+from s2moe_ds.parallel import free_port
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 

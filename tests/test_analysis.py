@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from s2moe_ds.config import model_preset
 from s2moe_ds.eval.analysis import (ExpertAnalyzer, effective_rank, expert_output_similarity,
                                     expert_weight_similarity, normalized_entropy, public)
-from s2moe_ds.models import LanguageModel
-from s2moe_ds.moe import FFN
+from s2moe_ds.models import build_model
+from s2moe_ds.moe import FFN, expert_blocks
+from s2moe_ds.train import model_preset
 
 
 def test_normalized_entropy_is_one_for_uniform_and_zero_for_one_expert():
@@ -50,11 +50,11 @@ def test_identical_experts_have_similarity_one_and_negated_ones_minus_one():
     assert abs(different[0, 1].item()) < 0.3  # independent random weights are nearly orthogonal
 
 
-def _model(router="s2moe", num_experts=4, n_layer=2):
+def _model(block="s2moe", num_experts=4, n_layer=2):
     torch.manual_seed(0)
     cfg = model_preset("tiny", vocab_size=32, d_model=16, d_inner=32, n_layer=n_layer, max_seq_len=16,
-                       moe=dict(router=router, num_experts=num_experts, k=2, eval_k=1))
-    return LanguageModel(cfg).eval()
+                       moe=dict(block=block, num_experts=num_experts, k=2, eval_k=1))
+    return build_model(cfg).eval()
 
 
 def _analyse(model, batches, sample_tokens=64):
@@ -78,7 +78,7 @@ def _batches(n=3, B=4, T=16, vocab=32, seed=0):
 
 def test_uniform_router_has_maximal_router_entropy_and_ties_all_go_to_one_expert():
     model = _model()
-    for layer in model.moe_layers():
+    for layer in expert_blocks(model):
         torch.nn.init.zeros_(layer.deepspeed_moe.gate.wg.weight)
     report = _analyse(model, _batches())
     for layer in report["layers"]:
@@ -107,7 +107,7 @@ def test_counts_cover_every_unmasked_token_once_and_shares_are_distributions():
 def test_evenly_spread_routing_has_utilisation_entropy_one():
     model = _model(n_layer=1)
     E, D = 4, 16
-    layer = model.moe_layers()[0]
+    layer = expert_blocks(model)[0]
     with torch.no_grad():
         layer.deepspeed_moe.gate.wg.weight.copy_(torch.eye(E, D))
     x_TD = (torch.eye(D)[:E] * 10.0).repeat(8, 1)  # 32 tokens, each pointing at one expert's gate row
@@ -130,13 +130,14 @@ def test_mix_gate_at_initialisation_is_one_half_everywhere():
 
 
 def test_smoe_models_are_analysed_without_a_mix_gate():
-    report = _analyse(_model(router="smoe"), _batches())
-    assert all(layer["router"] == "smoe" and "mix_gate" not in layer for layer in report["layers"])
+    report = _analyse(_model(block="moe"), _batches())
+    assert all(layer["block"] == "moe" and layer["router"] == "topk" and "mix_gate" not in layer
+               for layer in report["layers"])
 
 
 def test_dense_models_are_refused():
     with pytest.raises(ValueError, match="no MoE layers"):
-        ExpertAnalyzer(_model(router="dense"))
+        ExpertAnalyzer(_model(block="dense"))
 
 
 def test_normalized_entropy_matches_a_hand_computed_value():

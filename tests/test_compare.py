@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from s2moe_ds.config import ConfigError
-from s2moe_ds.eval.compare import plan_variants
+from s2moe_ds.experiments.compare import plan_variants
 
 from .test_pretrain import TEXT
 
@@ -21,12 +21,17 @@ def test_default_variants_and_ablations_become_flags():
     assert names == ["smoe", "s2moe", "s2moe-top1", "s2moe uncertainty_coef=0", "s2moe uncertainty_coef=0.5",
                      "s2moe noise_stats=global"]
     flags = {v.name: v.flags() for v in variants}
-    assert flags["smoe"] == ["--k", "2", "--router", "smoe"]
-    assert flags["s2moe-top1"] == ["--k", "1", "--router", "s2moe"]
-    assert flags["s2moe uncertainty_coef=0"] == ["--k", "2", "--router", "s2moe", "--uncertainty-coef", "0"]
-    assert variants[4].moe_dict() == {"k": 2, "router": "s2moe", "s2moe": {"uncertainty_coef": 0.5}}
+    assert flags["smoe"] == ["--block", "moe", "--k", "2"]
+    assert flags["s2moe-top1"] == ["--block", "s2moe", "--k", "1"]
+    assert flags["s2moe uncertainty_coef=0"] == ["--block", "s2moe", "--k", "2", "--uncertainty-coef", "0"]
+    assert variants[4].moe_dict() == {"k": 2, "block": "s2moe", "block_config": {"uncertainty_coef": 0.5}}
     with_set = plan_variants(["smoe"], sets=["num_experts=8"])
-    assert with_set[0].flags() == ["--k", "2", "--num-experts", "8", "--router", "smoe"]
+    assert with_set[0].flags() == ["--block", "moe", "--k", "2", "--num-experts", "8"]
+    # A block kind's own setting goes to the variants of that kind only; the router's to every routed one.
+    mixed = plan_variants(["smoe", "s2moe", "dense"], sets=["noise_stats=global", "use_rts=false"])
+    assert [v.flags() for v in mixed] == [["--block", "moe", "--k", "2", "--no-use-rts"],
+                                          ["--block", "s2moe", "--k", "2", "--noise-stats", "global", "--no-use-rts"],
+                                          ["--block", "dense", "--no-use-rts"]]
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -36,10 +41,12 @@ def test_default_variants_and_ablations_become_flags():
     (dict(names=[], ablations=["uncertainty_coef"]), "FIELD=VALUE"),
     (dict(names=["s2moe"], ablations=["k=3"], sets=["num_experts=2"]), "k"),
     (dict(names=["smoe", "smoe"]), "listed twice"),
+    (dict(names=["smoe"], sets=["noise_scale=0.5"]), "--set: 'noise_scale' is a setting of none of the variants"),
+    (dict(names=[], ablations=["noise_scale=0.5"], ablate_base="smoe"), "not a setting of variant 'smoe'"),
 ])
 def test_bad_plans_are_refused_with_the_field_named(kw, match):
     with pytest.raises(ConfigError, match=match):
-        plan_variants(kw["names"], kw.get("ablations", ()), sets=kw.get("sets", ()))
+        plan_variants(kw["names"], kw.get("ablations", ()), kw.get("ablate_base", "s2moe"), sets=kw.get("sets", ()))
 
 
 def _compare(tmp_path, out):

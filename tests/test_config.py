@@ -2,8 +2,11 @@
 
 import pytest
 
-from s2moe_ds.config import ConfigError, MoEConfig, S2MoEConfig
-from s2moe_ds.moe import FFN, S2MoE
+from s2moe_ds.config import ConfigError
+from s2moe_ds.models import ModelConfig
+from s2moe_ds.moe import FFN, MoEConfig, S2MoE, S2MoEConfig
+from s2moe_ds.parallel import ParallelConfig
+from s2moe_ds.train import ExperimentConfig
 
 
 @pytest.mark.parametrize("field,value", [
@@ -26,14 +29,12 @@ def test_s2moe_fields_are_validated_by_name(field, value):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(num_experts=6, ep_size=4), "num_experts"),
     (dict(num_experts=0), "num_experts"),
     (dict(k=5, num_experts=4), "k"),
     (dict(k=0), "k"),
     (dict(eval_k=3, num_experts=2), "eval_k"),
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(min_capacity=-1), "min_capacity"),
-    (dict(noisy_gate_policy="Gaussian"), "noisy_gate_policy"),
 ])
 def test_routing_fields_are_validated_by_name(kwargs, field):
     with pytest.raises(ConfigError, match=rf"moe\.{field}:"):
@@ -42,12 +43,36 @@ def test_routing_fields_are_validated_by_name(kwargs, field):
         S2MoE(8, FFN(8, 16), **{"num_experts": 4, **kwargs})
 
 
-def test_router_and_coefficient_errors_say_how_to_fix():
-    with pytest.raises(ConfigError, match=r"moe\.router: must be one of 's2moe', 'smoe', 'dense'"):
+def test_router_and_layout_fields_are_validated_by_name():
+    # The router's own settings are its config's, named by the router.
+    with pytest.raises(ConfigError, match=r"topk\.noisy_gate_policy:"):
+        MoEConfig(router_config=dict(noisy_gate_policy="Gaussian"))
+    with pytest.raises(ConfigError, match=r"noisy_gate_policy:"):
+        S2MoE(8, FFN(8, 16), num_experts=4, noisy_gate_policy="Gaussian")
+    # The layout is not the architecture: divisibility is checked where both meet.
+    with pytest.raises(ConfigError, match=r"moe\.num_experts: must be divisible by parallel\.ep_size"):
+        ExperimentConfig(model=ModelConfig(moe=MoEConfig(num_experts=6)), parallel=ParallelConfig(ep_size=4))
+    with pytest.raises(ConfigError, match=r"num_experts:"):
+        S2MoE(8, FFN(8, 16), num_experts=6, ep_size=4)
+    with pytest.raises(ConfigError, match=r"parallel\.ep_size:"):
+        ParallelConfig(ep_size=0)
+
+
+def test_block_router_and_coefficient_errors_say_how_to_fix():
+    with pytest.raises(ConfigError, match=r"moe\.router: must be one of 'topk'"):
         MoEConfig(router="xmoe")
+    with pytest.raises(ConfigError, match=r"moe\.block: must be one of 'dense', 'moe', 's2moe'"):
+        MoEConfig(block="xmoe")
+    # The names of before the redesign, where --router named the block kind, say what moved.
+    with pytest.raises(ConfigError, match=r"moe\.router: 'smoe' names a block kind.*use block 'moe' \(flag --block\)"):
+        MoEConfig(router="smoe")
+    with pytest.raises(ConfigError, match=r"moe\.block_config: unknown field\(s\) 'noise'"):
+        MoEConfig(block_config=dict(noise=1.0))
+    with pytest.raises(ConfigError, match=r"moe\.block_config: block 'moe' has no settings of its own"):
+        MoEConfig(block="moe", block_config=dict(noise_scale=1.0))
     with pytest.raises(ConfigError, match=r"moe\.balance_coef: .*uncertainty_coef 0"):
         MoEConfig(balance_coef=0.0)
-    MoEConfig(balance_coef=0.0, s2moe=S2MoEConfig(uncertainty_coef=0.0))  # consistent: accepted
+    MoEConfig(balance_coef=0.0, block_config=S2MoEConfig(uncertainty_coef=0.0))  # consistent: accepted
     with pytest.raises(ConfigError, match=r"hidden_size:"):
         S2MoE(0, FFN(8, 16))
     with pytest.raises(ConfigError, match=r"expert: must be a torch.nn.Module"):
@@ -55,6 +80,6 @@ def test_router_and_coefficient_errors_say_how_to_fix():
 
 
 def test_config_round_trips_through_a_dict():
-    cfg = MoEConfig(num_experts=8, ep_size=2, s2moe=S2MoEConfig(noise_scale=0.5))
+    cfg = MoEConfig(num_experts=8, block_config=S2MoEConfig(noise_scale=0.5))
     again = MoEConfig(**cfg.to_dict())
-    assert again == cfg and again.s2moe.noise_scale == 0.5 and again.resolved_eval_k == 2
+    assert again == cfg and again.block_config.noise_scale == 0.5 and again.resolved_eval_k == 2

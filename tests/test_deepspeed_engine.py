@@ -13,7 +13,7 @@ from torch import nn
 
 from s2moe_ds.config import ConfigError
 from s2moe_ds.moe import FFN, S2MoE
-from s2moe_ds.train import initialize
+from s2moe_ds.parallel import initialize
 
 from .harness import run_distributed
 

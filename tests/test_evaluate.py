@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from s2moe_ds.checkpoint import load_model
 from s2moe_ds.config import ConfigError
 from s2moe_ds.eval.evaluate import EvalConfig, evaluate_checkpoint
 from s2moe_ds.eval.flops import flops_per_token, inference_cost_ratio
-from s2moe_ds.train.consolidate import load_model
 
 from .harness import run_distributed
 from .test_pretrain import TEXT, _pretrain_worker
@@ -62,7 +62,7 @@ def test_eval_k_1_and_2_on_one_process_from_a_two_process_run(trained, tmp_path)
 
 
 def test_flops_count_attention_and_active_experts():
-    from s2moe_ds.config import model_preset
+    from s2moe_ds.train import model_preset
     cfg = model_preset("paper-small", vocab_size=256)
     one, two = flops_per_token(cfg, 512, 1), flops_per_token(cfg, 512, 2)
     d, f = 256, 512
@@ -93,7 +93,7 @@ def test_cli_with_analysis_writes_report_plots_and_tensorboard(trained, tmp_path
     assert {"plots/layer0_routing.png", "plots/layer0_expert_similarity.png", "plots/layer0_mix_gate.png"} <= set(analysis["plots"])
     events = os.listdir(out / "tensorboard")
     assert any(e.startswith("events.out.tfevents") for e in events)
-    from s2moe_ds.train.metrics import read_scalars
+    from s2moe_ds.train.monitor import read_scalars
     assert read_scalars(str(out / "tensorboard"), "analysis/layer0/utilisation_entropy")
 
 

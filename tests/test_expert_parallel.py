@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from s2moe_ds.moe import FFN, S2MoE
+from s2moe_ds.parallel import ExpertLayout
 
 from .harness import run_distributed
 
@@ -15,20 +16,8 @@ def _make(ep_size, **kw):
     return S2MoE(D, FFN(D, 16), num_experts=E, ep_size=ep_size, k=2, **kw)
 
 
-PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-
-
-def _global_name(name, rank, num_local_experts):
-    """The ep_size-1 name of an expert-parallel parameter: local expert i of rank r is global
-    expert r * num_local_experts + i."""
-    if not name.startswith(PREFIX):
-        return name
-    idx, rest = name[len(PREFIX):].split(".", 1)
-    return f"{PREFIX}{rank * num_local_experts + int(idx)}.{rest}"
-
-
-def _load_global_weights(layer, global_state, rank):
-    layer.load_state_dict({n: global_state[_global_name(n, rank, layer.num_local_experts)] for n in layer.state_dict()})
+def _load_global_weights(layer, global_state, layout):
+    layer.load_state_dict({n: global_state[layout.global_param_name(n)] for n in layer.state_dict()})
 
 
 def _run(layer, x, seed, train):
@@ -46,7 +35,10 @@ def _parity_worker(rank, world_size, train, kw):
     torch.manual_seed(0)  # identical global weights on every rank
     ref = _make(1, **kw)
     ep = _make(world_size, **kw)
-    _load_global_weights(ep, ref.state_dict(), rank)
+    # This rank's experts, read from DeepSpeed's expert-parallel groups (the same ones the layer joins).
+    layout = ExpertLayout.from_process_groups(E, world_size)
+    assert layout.global_ids() == [2 * rank, 2 * rank + 1]
+    _load_global_weights(ep, ref.state_dict(), layout)
     for layer in (ref, ep):
         layer.set_deepspeed_parallelism()
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(100 + rank))  # this rank's tokens
@@ -61,7 +53,7 @@ def _parity_worker(rank, world_size, train, kw):
         if "experts" in name:
             dist.all_reduce(r_grads[name])
     for name, g in e_grads.items():
-        torch.testing.assert_close(g, r_grads[_global_name(name, rank, ep.num_local_experts)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, r_grads[layout.global_param_name(name)], rtol=1e-5, atol=1e-5)
     # Every parameter learns in training; in eval the mixing gate is unused (x_hat = x).
     expected = {n for n, _ in ep.named_parameters() if train or not n.startswith("mix_gate")}
     assert set(e_grads) == expected

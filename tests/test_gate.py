@@ -1,12 +1,12 @@
-"""The eval gate: top-1 without token drops (which DeepSpeed 0.19's own gating cannot do)."""
+"""The top-k router: top-1 without token drops (which DeepSpeed 0.19's own gating cannot do)."""
 
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
 
-from s2moe_ds.config import model_preset
-from s2moe_ds.models import LanguageModel
-from s2moe_ds.moe import FFN, install_eval_deterministic_gate
+from s2moe_ds.models import build_model
+from s2moe_ds.moe import FFN, TopKRouter
+from s2moe_ds.train import model_preset
 
 D, E = 16, 4
 
@@ -15,7 +15,8 @@ def _moe(drop_tokens, capacity_factor=1.0):
     torch.manual_seed(0)
     moe = MoE(D, FFN(D, 32), num_experts=E, k=1, drop_tokens=drop_tokens, use_rts=False,
               capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
-    install_eval_deterministic_gate(moe, eval_k=1, eval_drop_tokens=drop_tokens)
+    moe.deepspeed_moe.gate = TopKRouter.from_deepspeed_gate(moe.deepspeed_moe.gate, eval_k=1,
+                                                            eval_drop_tokens=drop_tokens)
     return moe
 
 
@@ -51,8 +52,8 @@ def test_dropping_gate_still_drops():
 def test_deepspeed_moe_model_evaluates_top1_with_padding():
     torch.manual_seed(0)
     cfg = model_preset("tiny", vocab_size=32, d_model=16, d_inner=32, max_seq_len=16,
-                       moe=dict(router="smoe", num_experts=4, k=2, eval_k=1))
-    model = LanguageModel(cfg).eval()
+                       moe=dict(block="moe", num_experts=4, k=2, eval_k=1))
+    model = build_model(cfg).eval()
     x = torch.randint(0, 32, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 8:] = 0

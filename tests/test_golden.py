@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from s2moe_ds.config import TrainConfig, model_preset
+from s2moe_ds.train import TrainConfig, model_preset
 
 from .harness import run_distributed
 
@@ -34,10 +34,10 @@ GOLDEN = os.path.join(DATA, "golden.json")
 TOL = 1e-6
 
 VARIANTS = {
-    "dense": dict(router="dense"),
-    "smoe-top2": dict(router="smoe", k=2),
-    "s2moe-top2": dict(router="s2moe", k=2),
-    "s2moe-top1": dict(router="s2moe", k=1),
+    "dense": dict(block="dense"),
+    "smoe-top2": dict(block="moe", k=2),
+    "s2moe-top2": dict(block="s2moe", k=2),
+    "s2moe-top1": dict(block="s2moe", k=1),
 }
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 
@@ -53,12 +53,15 @@ DS_CONFIG = {
 
 def _train_worker(rank, world_size, variant, out_dir, cache):
     from s2moe_ds.data import DataConfig
-    from s2moe_ds.train.loop import pretrain
+    from s2moe_ds.parallel import ParallelConfig
+    from s2moe_ds.train import ExperimentConfig, pretrain
     model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, dropout=0.1,
-                         moe=dict(num_experts=4, ep_size=world_size, **VARIANTS[variant]))
+                         moe=dict(num_experts=4, **VARIANTS[variant]))
     train = TrainConfig(out_dir=out_dir, seq_len=32, max_steps=30, warmup_steps=5, eval_interval=30,
                         save_interval=30, log_interval=10, seed=1234)
-    final = pretrain(model, DataConfig(dataset="path", path=CORPUS, cache_dir=cache), train, DS_CONFIG)
+    experiment = ExperimentConfig(model=model, parallel=ParallelConfig(ep_size=world_size), train=train,
+                                  data=DataConfig(dataset="path", path=CORPUS, cache_dir=cache))
+    final = pretrain(experiment, DS_CONFIG)
     return {"losses": final["losses"], "train_valid_bpc": final["valid"]["bpc"]}
 
 

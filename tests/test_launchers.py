@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from s2moe_ds.train import free_port
+from s2moe_ds.parallel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -54,7 +54,7 @@ def _check_two_rank_run(tmp_path, result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "run"
     record = json.loads((run / "run_config.json").read_text())
-    assert record["world_size"] == 2 and record["model"]["moe"]["ep_size"] == 2
+    assert record["world_size"] == 2 and record["parallel"]["ep_size"] == 2
     step = run / "checkpoints" / "step00000003"
     assert (step / "COMPLETE").exists()
     assert sorted(os.listdir(step)) == CHECKPOINT_FILES
@@ -100,7 +100,7 @@ PROBE = """
 import os, sys
 sys.path.insert(0, {root!r})
 import deepspeed
-from s2moe_ds.train import init_distributed
+from s2moe_ds.parallel import init_distributed
 init_distributed()
 print("RANK", deepspeed.comm.get_rank(), deepspeed.comm.get_world_size(), os.environ["MASTER_PORT"], flush=True)
 deepspeed.comm.barrier()

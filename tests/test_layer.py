@@ -1,11 +1,10 @@
-"""The S2MoE layer on one process: eval semantics, the mixing gate, the losses, the factory."""
+"""The S2MoE layer on one process: eval semantics, the mixing gate, the losses, the block registry."""
 
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
 
-from s2moe_ds.config import MoEConfig, S2MoEConfig
-from s2moe_ds.moe import FFN, DenseFFN, EvalDeterministicGate, S2MoE, build_ffn_block
+from s2moe_ds.moe import FFN, MoEBlock, MoEConfig, S2MoE, S2MoEConfig, TopKRouter, build_block
 
 D = 16
 
@@ -53,7 +52,7 @@ def test_eval_is_deterministic_despite_deepspeed_router_randomness(kw):
         torch.manual_seed(seed)
         torch.testing.assert_close(layer(x)[0], first, rtol=0, atol=0)
     assert layer.training is False and layer.deepspeed_moe.gate.k == 2  # training k restored
-    assert layer.last_metrics["dropped_fraction"] > 0 if "eval_capacity_factor" in kw else True
+    assert layer.forward_parts(x).metrics["dropped_fraction"] > 0 if "eval_capacity_factor" in kw else True
 
 
 def test_training_routes_both_paths_in_one_dispatch_and_mixes_them():
@@ -63,7 +62,7 @@ def test_training_routes_both_paths_in_one_dispatch_and_mixes_them():
     torch.manual_seed(0)
     parts = layer.forward_parts(x)
     assert calls == [128]  # clean and noisy tokens together, once
-    assert int(parts.exp_counts.sum()) == 2 * 64 * 2
+    assert int(parts.metrics["expert_counts"].sum()) == 2 * 64 * 2
     # Recompute by hand from the same random draws: out = g*SMoE(x) + (1-g)*SMoE(x_hat).
     torch.manual_seed(0)
     x_hat = layer.noise(x)
@@ -76,14 +75,14 @@ def test_mixing_gate_starts_at_its_init_bias_and_everything_gets_gradients():
     layer = _layer(noise_scale=1.0).train()
     x = _x().requires_grad_()
     out, l_aux, counts = layer(x)
-    assert layer.last_metrics["mix_gate_mean"] == pytest.approx(0.5, abs=1e-6)
+    torch.manual_seed(0)
+    assert layer.forward_parts(x).metrics["mix_gate"].mean() == pytest.approx(0.5, abs=1e-6)
     (out.square().mean() + 0.01 * l_aux).backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
     biased = _layer(mix_gate_init_bias=2.0).train()
-    biased(x)
-    assert biased.last_metrics["mix_gate_mean"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+    assert biased.forward_parts(x).metrics["mix_gate"].mean() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
 
 
 def test_drop_in_l_aux_carries_the_uncertainty_loss_weighted_by_its_coefficient():
@@ -93,20 +92,21 @@ def test_drop_in_l_aux_carries_the_uncertainty_loss_weighted_by_its_coefficient(
     out, l_aux, _ = layer(x)
     torch.manual_seed(4)
     parts = layer.forward_parts(x)
-    assert parts.uncertainty_loss > 0
-    torch.testing.assert_close(0.02 * l_aux, 0.02 * parts.balance_loss + 0.3 * parts.uncertainty_loss)
-    assert layer.last_metrics["uncertainty_loss"] == parts.uncertainty_loss.detach()
+    assert parts.losses["uncertainty"] > 0
+    torch.testing.assert_close(0.02 * l_aux, 0.02 * parts.losses["balance"] + 0.3 * parts.losses["uncertainty"])
     # Eval: no noise, no uncertainty term.
     layer.eval()
     _, l_aux_eval, _ = layer(x)
-    torch.testing.assert_close(l_aux_eval, layer.last_metrics["balance_loss"])
+    parts_eval = layer.forward_parts(x)
+    torch.testing.assert_close(l_aux_eval, parts_eval.losses["balance"])
+    assert parts_eval.losses["uncertainty"] == 0
 
 
 def test_uncertainty_on_output_trains_the_experts_and_on_input_does_not():
     for where, experts_get_grad in (("input", False), ("output", True)):
         layer = _layer(uncertainty_on=where).train()
         x = _x().requires_grad_()
-        layer.forward_parts(x).uncertainty_loss.backward()
+        layer.forward_parts(x).losses["uncertainty"].backward()
         expert_grad = sum(
             p.grad.abs().sum() for n, p in layer.named_parameters() if "experts" in n and p.grad is not None)
         assert (float(expert_grad) > 0) == experts_get_grad, where
@@ -131,7 +131,7 @@ def test_one_expert_s2moe_in_eval_equals_a_dense_ffn():
     dense.load_state_dict(layer.deepspeed_moe.experts.deepspeed_experts[0].state_dict())
     x = _x(50)
     torch.testing.assert_close(layer(x)[0], dense(x))
-    torch.testing.assert_close(build_ffn_block(MoEConfig(router="dense"), D, dense)(x)[0], dense(x))
+    torch.testing.assert_close(build_block(MoEConfig(block="dense"), "dense", D, dense).forward_parts(x).output, dense(x))
 
 
 def test_bf16_layer_keeps_router_and_gate_math_in_fp32():
@@ -139,25 +139,32 @@ def test_bf16_layer_keeps_router_and_gate_math_in_fp32():
     x = _x().to(torch.bfloat16).requires_grad_()
     parts = layer.forward_parts(x)
     assert parts.output.dtype == torch.bfloat16
-    assert parts.uncertainty_loss.dtype == torch.float32 and parts.metrics["mix_gate"].dtype == torch.float32
-    (parts.output.float().sum() + parts.uncertainty_loss).backward()
+    assert parts.losses["uncertainty"].dtype == torch.float32 and parts.metrics["mix_gate"].dtype == torch.float32
+    (parts.output.float().sum() + parts.losses["uncertainty"]).backward()
     assert layer.mix_gate.weight.grad.abs().sum() > 0
 
 
-def test_factory_builds_each_router_behind_one_interface():
+def test_registry_builds_each_block_kind_behind_one_interface():
     x = _x(32).reshape(2, 16, D)
-    blocks = {r: build_ffn_block(MoEConfig(router=r, num_experts=4, eval_k=1), D, FFN(D, 32)) for r in
-              ("s2moe", "smoe", "dense")}
+    blocks = {kind: build_block(MoEConfig(block=kind, num_experts=4, eval_k=1), kind, D, FFN(D, 32))
+              for kind in ("s2moe", "moe", "dense")}
     assert type(blocks["s2moe"]) is S2MoE and blocks["s2moe"].eval_k == 1
-    assert type(blocks["smoe"]) is MoE and isinstance(blocks["smoe"].deepspeed_moe.gate, EvalDeterministicGate)
-    assert isinstance(blocks["dense"], DenseFFN)
+    assert type(blocks["moe"]) is MoEBlock and isinstance(blocks["moe"], MoE)  # DeepSpeed's own layer
+    assert isinstance(blocks["moe"].deepspeed_moe.gate, TopKRouter)
+    assert type(blocks["dense"]) is FFN
     for name, block in blocks.items():
         for mode in (True, False):
             block.train(mode)
-            out, l_aux, counts = block(x)
-            assert out.shape == x.shape and l_aux.dim() == 0, name
-    s2 = build_ffn_block(MoEConfig(s2moe=S2MoEConfig(noise_scale=0.25, uncertainty_tokens=64)), D, FFN(D, 32))
-    assert s2.noise.noise_scale == 0.25 and s2.s2moe_config.uncertainty_tokens == 64
+            parts = block.forward_parts(x)
+            assert parts.output.shape == x.shape, name
+            assert all(loss.dim() == 0 for loss in parts.losses.values()), name
+            assert set(parts.losses) == set(MoEConfig(block=name).loss_terms()), name
+            if name != "dense":  # DeepSpeed MoE's drop-in interface
+                out, l_aux, counts = block(x)
+                assert out.shape == x.shape and l_aux.dim() == 0, name
+    s2 = build_block(MoEConfig(block_config=S2MoEConfig(noise_scale=0.25, uncertainty_tokens=64)), "s2moe", D,
+                     FFN(D, 32))
+    assert s2.noise.noise_scale == 0.25 and s2.config.uncertainty_tokens == 64
     # The S2MoE mixing gate never lands in DeepSpeed's per-expert checkpoint files.
     assert not [n for n in s2.state_dict() if "expert" in n and "mix_gate" in n]
 
@@ -166,11 +173,10 @@ def test_eval_without_drops_is_independent_of_the_rest_of_the_batch():
     x = _x(96)
     kept = _layer(eval_k=1, eval_capacity_factor=0.5, eval_drop_tokens=False).eval()
     torch.testing.assert_close(kept(x)[0][:32], kept(x[:32])[0])
-    assert float(kept.last_metrics["dropped_fraction"]) == 0.0
+    assert float(kept.forward_parts(x).metrics["dropped_fraction"]) == 0.0
     dropping = _layer(eval_k=1, eval_capacity_factor=0.5).eval()  # DeepSpeed's default: drops in eval
-    dropping(x)
-    assert float(dropping.last_metrics["dropped_fraction"]) > 0
-    assert build_ffn_block(MoEConfig(), D, FFN(D, 32)).deepspeed_moe.gate.eval_drop_tokens is False
+    assert float(dropping.forward_parts(x).metrics["dropped_fraction"]) > 0
+    assert build_block(MoEConfig(), "s2moe", D, FFN(D, 32)).deepspeed_moe.gate.eval_drop_tokens is False
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

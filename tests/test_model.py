@@ -1,41 +1,44 @@
-"""The language model: presets, routers one flag apart, causality, losses, generation."""
+"""The language model: presets, block kinds one flag apart, causality, losses, generation."""
 
 import pytest
 import torch
 
-from s2moe_ds.config import ConfigError, ModelConfig, model_preset
-from s2moe_ds.models import LanguageModel
-from s2moe_ds.moe import S2MoE
+from s2moe_ds.config import ConfigError
+from s2moe_ds.models import ModelConfig, build_model
+from s2moe_ds.moe import S2MoE, expert_blocks, init_expert_weights, total_loss
+from s2moe_ds.parallel import ExpertLayout, ParallelConfig
+from s2moe_ds.train import model_preset
 
 
-def _model(router="s2moe", **kw):
+def _model(block="s2moe", **kw):
     torch.manual_seed(0)
-    cfg = model_preset("tiny", vocab_size=50, moe=dict(router=router, eval_capacity_factor=4.0), **kw)
-    return LanguageModel(cfg)
+    cfg = model_preset("tiny", vocab_size=50, moe=dict(block=block, eval_capacity_factor=4.0), **kw)
+    return build_model(cfg)
 
 
 def test_presets_match_the_paper_small_setting():
     cfg = model_preset("paper-small")
     assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_inner) == (4, 256, 8, 512)
-    assert (cfg.moe.num_experts, cfg.moe.k, cfg.moe.router) == (16, 2, "s2moe")
+    assert (cfg.moe.num_experts, cfg.moe.k, cfg.moe.block, cfg.moe.router) == (16, 2, "s2moe", "topk")
     with pytest.raises(ConfigError, match=r"model\.preset"):
         model_preset("huge")
     with pytest.raises(ConfigError, match=r"model\.n_head: must divide model\.d_model"):
         ModelConfig(d_model=30, n_head=4)
 
 
-@pytest.mark.parametrize("router,moe_every,n_moe", [("s2moe", 1, 2), ("smoe", 2, 1), ("dense", 1, 0)])
-def test_router_flag_and_moe_every(router, moe_every, n_moe):
-    model = _model(router, moe_every=moe_every)
-    assert len(model.moe_layers()) == n_moe
-    assert all(isinstance(m, S2MoE) for m in model.moe_layers()) == (router == "s2moe" or n_moe == 0)
+@pytest.mark.parametrize("block,moe_every,n_moe", [("s2moe", 1, 2), ("moe", 2, 1), ("dense", 1, 0)])
+def test_block_flag_and_moe_every(block, moe_every, n_moe):
+    model = _model(block, moe_every=moe_every)
+    assert len(expert_blocks(model)) == n_moe
+    assert all(isinstance(m, S2MoE) for m in expert_blocks(model)) == (block == "s2moe" or n_moe == 0)
     x = torch.randint(0, 50, (2, 16))
     out = model(x, x)
     assert out.logits.shape == (2, 16, 50) and out.task_loss > 0
-    assert (out.balance_loss > 0) == (n_moe > 0)
-    assert (out.uncertainty_loss > 0) == (router == "s2moe")
-    out.total(0.01, 0.1).backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if "mix_gate" not in n or router == "s2moe")
+    total, reduced = total_loss(out.task_loss, out.layer_losses, model.cfg.moe.loss_terms())
+    assert (reduced.get("balance", torch.zeros(())) > 0) == (n_moe > 0)
+    assert (reduced.get("uncertainty", torch.zeros(())) > 0) == (block == "s2moe")
+    total.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mix_gate" not in n or block == "s2moe")
 
 
 def test_uncertainty_is_averaged_and_balance_summed_over_layers():
@@ -43,11 +46,17 @@ def test_uncertainty_is_averaged_and_balance_summed_over_layers():
     x = torch.randint(0, 50, (2, 16))
     torch.manual_seed(1)
     out = model(x, x)
-    layers = model.moe_layers()
-    per_layer_u = [m.last_metrics["uncertainty_loss"] for m in layers]
-    per_layer_b = [m.last_metrics["balance_loss"] for m in layers]
-    torch.testing.assert_close(out.uncertainty_loss.detach(), torch.stack(per_layer_u).mean())
-    torch.testing.assert_close(out.balance_loss.detach(), torch.stack(per_layer_b).sum())
+    per_layer_u, per_layer_b = out.layer_losses["uncertainty"], out.layer_losses["balance"]
+    assert len(per_layer_u) == len(per_layer_b) == 3
+    total, reduced = total_loss(out.task_loss, out.layer_losses, model.cfg.moe.loss_terms())
+    torch.testing.assert_close(reduced["uncertainty"], torch.stack(per_layer_u).mean())
+    torch.testing.assert_close(reduced["balance"], torch.stack(per_layer_b).sum())
+    torch.testing.assert_close(total, out.task_loss + 0.01 * reduced["balance"] + 0.1 * reduced["uncertainty"])
+    # The reductions are configuration: sum the uncertainty losses instead.
+    summed = model_preset("tiny", moe=dict(block_config=dict(uncertainty_over_layers="sum"), balance_over_layers="mean"))
+    _, reduced = total_loss(out.task_loss, out.layer_losses, summed.moe.loss_terms())
+    torch.testing.assert_close(reduced["uncertainty"], torch.stack(per_layer_u).sum())
+    torch.testing.assert_close(reduced["balance"], torch.stack(per_layer_b).mean())
 
 
 def test_eval_is_causal_and_deterministic():
@@ -71,13 +80,15 @@ def test_masked_targets_are_left_out_of_the_loss():
 
 
 def test_expert_init_is_the_same_for_any_expert_parallel_layout():
-    one = _model("smoe")
-    one.init_expert_weights(seed=3, ep_rank=0)
+    one = _model("moe")
+    init_expert_weights(one, seed=3, layout=ExpertLayout(num_experts=4))
     torch.manual_seed(0)
-    half = LanguageModel(model_preset("tiny", vocab_size=50, moe=dict(router="smoe", num_experts=4, ep_size=2)))
-    half.init_expert_weights(seed=3, ep_rank=1)  # holds global experts 2 and 3
-    e_full = one.moe_layers()[1].deepspeed_moe.experts.deepspeed_experts
-    e_half = half.moe_layers()[1].deepspeed_moe.experts.deepspeed_experts
+    cfg = model_preset("tiny", vocab_size=50, moe=dict(block="moe", num_experts=4))
+    half = build_model(cfg, ParallelConfig(ep_size=2))
+    init_expert_weights(half, seed=3, layout=ExpertLayout(num_experts=4, ep_size=2, ep_rank=1))  # experts 2, 3
+    e_full = expert_blocks(one)[1].local_experts()
+    e_half = expert_blocks(half)[1].local_experts()
+    assert len(e_half) == 2
     torch.testing.assert_close(e_half[0].fc1.weight, e_full[2].fc1.weight)
     torch.testing.assert_close(e_half[1].fc2.weight, e_full[3].fc2.weight)
     assert (e_full[0].fc1.weight - e_full[1].fc1.weight).abs().max() > 0

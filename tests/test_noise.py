@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from s2moe_ds.moe import GaussianNoise
+from s2moe_ds.moe.method import GaussianNoise
 
 from .harness import run_distributed
 

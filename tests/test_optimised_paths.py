@@ -1,12 +1,11 @@
-"""Each optimised path of the S2MoE layer against the plain one it replaces: same outputs, same
-gradients (docs/performance.md has what each saves)."""
+"""Each function of moe/fused against the plain formula of moe/method it replaces: same outputs,
+same gradients (docs/performance.md has what each saves); and the layer with S2MoEConfig.fused on
+and off."""
 
 import pytest
 import torch
 
-from s2moe_ds.moe import FFN, GaussianNoise, S2MoE, info_nce, info_nce_fused
-from s2moe_ds.moe.layer import mix_gate_logit, mix_paths
-from s2moe_ds.moe.noise import noisy_concat_fused, noisy_concat_plain
+from s2moe_ds.moe import FFN, S2MoE, fused, method
 
 D = 16
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
@@ -39,12 +38,12 @@ def _value_and_grad(fn, x, *args, grad, grad_hat=None):
 def test_fused_noisy_concat_matches_the_plain_formula(dtype, hat_grad):
     x, mu, scale, eps1, eps2, grad = _tensors(dtype=dtype)
     grad_hat = grad[: x.shape[0]] * 3 if hat_grad else None  # as the InfoNCE loss sends into x_hat
-    fused = _value_and_grad(noisy_concat_fused, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
-    plain = _value_and_grad(noisy_concat_plain, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
-    assert fused[0].dtype == fused[1].dtype == dtype and fused[0].shape == (2 * x.shape[0], D)
-    for a, b in zip(fused, plain):
+    f = _value_and_grad(fused.noisy_concat, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
+    plain = _value_and_grad(method.noisy_concat, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
+    assert f[0].dtype == f[1].dtype == dtype and f[0].shape == (2 * x.shape[0], D)
+    for a, b in zip(f, plain):
         torch.testing.assert_close(a, b, **TOL[dtype])
-    torch.testing.assert_close(fused[0][x.shape[0]:], fused[1], rtol=0, atol=0)
+    torch.testing.assert_close(f[0][x.shape[0]:], f[1], rtol=0, atol=0)
     # The noise buffers are the caller's: the fused path must not write into them.
     _, _, _, eps1_again, eps2_again, _ = _tensors(dtype=dtype)
     assert torch.equal(eps1, eps1_again) and torch.equal(eps2, eps2_again)
@@ -53,37 +52,40 @@ def test_fused_noisy_concat_matches_the_plain_formula(dtype, hat_grad):
 def test_fused_noisy_concat_with_only_x_hat_used():
     x, mu, scale, eps1, eps2, grad = _tensors()
     results = []
-    for fn in (noisy_concat_fused, noisy_concat_plain):
+    for fn in (fused.noisy_concat, method.noisy_concat):
         leaf = x.clone().requires_grad_()
         fn(leaf, mu, scale, eps1, eps2)[1].backward(grad[: x.shape[0]])
         results.append(leaf.grad)
     torch.testing.assert_close(*results, **TOL[torch.float32])
 
 
+def _s2moe(fused_paths, **kw):
+    return S2MoE(D, FFN(D, 32), num_experts=4, fused=fused_paths, **kw)
+
+
 @pytest.mark.parametrize("mask", [False, True])
-def test_noise_module_fused_and_plain_concat_draw_the_same_x_hat(mask):
+def test_layer_fused_and_plain_noisy_pair_draw_the_same_x_hat(mask):
     x, *_, grad = _tensors(T=40)
     mask_T = None
     if mask:
         mask_T = torch.ones(40)
         mask_T[::4] = 0
-    noise = GaussianNoise(0.7, "local", True)
     results = []
-    for fused in (True, False):
+    for fused_paths in (True, False):
+        layer = _s2moe(fused_paths, noise_scale=0.7)
         torch.manual_seed(5)
-        results.append(_value_and_grad(lambda t: noise.noisy_concat(t, mask_T, fused=fused), x, grad=grad,
-                                       grad_hat=grad[:40]))
+        results.append(_value_and_grad(lambda t: layer.noisy_pair(t, mask_T), x, grad=grad, grad_hat=grad[:40]))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
-    # and x_hat is what forward() draws from the same seed
+    # and x_hat is what the noise module draws from the same seed
     torch.manual_seed(5)
-    torch.testing.assert_close(results[0][1], noise(x, mask_T), **TOL[torch.float32])
+    torch.testing.assert_close(results[0][1], layer.noise(x, mask_T), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_unmasked_statistics_equal_the_weighted_ones_with_all_weights_one(detach):
     x = (torch.randn(300, D, generator=torch.Generator().manual_seed(6)) * 3 + 5).requires_grad_()
-    noise = GaussianNoise(1.0, "local", detach)
+    noise = method.GaussianNoise(1.0, "local", detach)
     fast, weighted = noise.statistics(x), noise.statistics(x, torch.ones(300))
     for a, b in zip(fast, weighted):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -95,12 +97,12 @@ def test_unmasked_statistics_equal_the_weighted_ones_with_all_weights_one(detach
 @pytest.mark.parametrize("kw", [dict(sample=False), dict(detach=False)])
 def test_cases_outside_the_fused_path_take_the_plain_one(kw):
     x, *_, grad = _tensors(T=24)
-    noise = GaussianNoise(1.0, "local", kw.get("detach", True))
     sample = kw.get("sample", True)
     results = []
-    for fused in (True, False):
+    for fused_paths in (True, False):
+        layer = _s2moe(fused_paths, noise_scale=1.0, detach_noise_stats=kw.get("detach", True))
         torch.manual_seed(2)
-        results.append(_value_and_grad(lambda t: noise.noisy_concat(t, sample=sample, fused=fused), x, grad=grad))
+        results.append(_value_and_grad(lambda t: layer.noisy_pair(t, sample=sample), x, grad=grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -112,9 +114,9 @@ def test_fused_mix_matches_the_plain_mix(dtype):
     y2 = torch.randn(64, D, generator=g).to(dtype)
     grad = torch.randn(32, D, generator=g).to(dtype)
     outs = []
-    for fused in (True, False):
+    for ops in (fused, method):
         leaves = [gate.clone().requires_grad_(), y2.clone().requires_grad_()]
-        out = mix_paths(*leaves, fused=fused)
+        out = ops.mix_paths(*leaves)
         out.backward(grad)
         outs.append((out.detach(), leaves[0].grad, leaves[1].grad))
     assert outs[0][0].dtype == outs[0][2].dtype == dtype and outs[0][1].dtype == torch.float32
@@ -129,9 +131,9 @@ def test_fused_gate_logit_matches_the_plain_linear(dtype):
     weight, bias = (torch.randn(1, D, generator=g) * 0.3).to(dtype), torch.randn(1, generator=g).to(dtype)
     grad = torch.randn(40, 1, generator=g)
     outs = []
-    for fused in (True, False):
+    for ops in (fused, method):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        out = mix_gate_logit(*leaves, fused=fused)
+        out = ops.mix_gate_logit(*leaves)
         out.backward(grad)
         outs.append((out.detach(), *[t.grad for t in leaves]))
     assert outs[0][0].dtype == torch.float32 and [t.dtype for t in outs[0][1:]] == [dtype] * 3
@@ -139,16 +141,15 @@ def test_fused_gate_logit_matches_the_plain_linear(dtype):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
-def _layer_run(fused, dtype, train=True, **kw):
+def _layer_run(fused_paths, dtype, train=True, **kw):
     torch.manual_seed(0)
-    layer = S2MoE(D, FFN(D, 32), **{"num_experts": 4, "k": 2, **kw}).to(dtype).train(train)
-    layer.fused = fused
+    layer = S2MoE(D, FFN(D, 32), **{"num_experts": 4, "k": 2, **kw}, fused=fused_paths).to(dtype).train(train)
     x = torch.randn(64, D, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
     torch.manual_seed(7)
     parts = layer.forward_parts(x)
     grad = torch.randn(64, D, generator=torch.Generator().manual_seed(2)).to(dtype)
-    torch.autograd.backward([parts.output, parts.balance_loss + parts.uncertainty_loss],
-                            [grad, torch.ones((), dtype=parts.balance_loss.dtype)])
+    balance, uncertainty = parts.losses["balance"], parts.losses["uncertainty"]
+    torch.autograd.backward([parts.output, balance + uncertainty], [grad, torch.ones((), dtype=balance.dtype)])
     grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
     return parts, x.grad, grads
 
@@ -160,10 +161,10 @@ def test_layer_fused_equals_plain_outputs_losses_and_gradients(dtype, kw):
     (f_parts, f_xgrad, f_grads), (p_parts, p_xgrad, p_grads) = (_layer_run(f, dtype, **kw) for f in (True, False))
     tol = TOL[dtype]
     # Routing must be the same (the same x_hat), or nothing else can match.
-    torch.testing.assert_close(f_parts.exp_counts, p_parts.exp_counts, rtol=0, atol=0)
+    torch.testing.assert_close(f_parts.metrics["expert_counts"], p_parts.metrics["expert_counts"], rtol=0, atol=0)
     torch.testing.assert_close(f_parts.output, p_parts.output, **tol)
-    torch.testing.assert_close(f_parts.uncertainty_loss, p_parts.uncertainty_loss, **TOL[torch.float32])
-    torch.testing.assert_close(f_parts.balance_loss, p_parts.balance_loss, **TOL[torch.float32])
+    for name in ("uncertainty", "balance"):
+        torch.testing.assert_close(f_parts.losses[name], p_parts.losses[name], **TOL[torch.float32])
     torch.testing.assert_close(f_xgrad, p_xgrad, **tol)
     assert set(f_grads) == set(p_grads)
     for name in p_grads:
@@ -191,10 +192,10 @@ def test_fused_info_nce_matches_the_plain_loss_and_gradients(dtype, requires):
     a = torch.randn(96, D, generator=g).to(dtype)
     b = (a.float() + 0.7 * torch.randn(96, D, generator=g)).to(dtype)
     a[3] = 0  # a zero row: F.normalize's eps branch
-    fused = _info_nce_run(info_nce_fused, a, b, 0.3, requires)
-    plain = _info_nce_run(info_nce, a, b, 0.3, requires)
-    assert fused[0].dtype == plain[0].dtype
-    for f, p in zip(fused, plain):
+    with_fused = _info_nce_run(fused.info_nce, a, b, 0.3, requires)
+    plain = _info_nce_run(method.info_nce, a, b, 0.3, requires)
+    assert with_fused[0].dtype == plain[0].dtype
+    for f, p in zip(with_fused, plain):
         if p is None:
             assert f is None
             continue
@@ -205,7 +206,7 @@ def test_fused_info_nce_matches_the_plain_loss_and_gradients(dtype, requires):
 def test_fused_info_nce_gradient_is_exact():
     g = torch.Generator().manual_seed(6)
     a, b = (torch.randn(7, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    assert torch.autograd.gradcheck(lambda u, v: info_nce_fused(u, v, 0.2), (a, b))
+    assert torch.autograd.gradcheck(lambda u, v: fused.info_nce(u, v, 0.2), (a, b))
 
 
 def test_fused_info_nce_keeps_no_square_matrix_for_backward():
@@ -213,7 +214,7 @@ def test_fused_info_nce_keeps_no_square_matrix_for_backward():
     normalised rows), the fused one only the two [N, D] gradients."""
     N = 256
     saved = {}
-    for name, fn in (("fused", info_nce_fused), ("plain", info_nce)):
+    for name, fn in (("fused", fused.info_nce), ("plain", method.info_nce)):
         a, b = (torch.randn(N, D).requires_grad_() for _ in range(2))
         sizes = []
 

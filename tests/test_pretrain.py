@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from s2moe_ds.config import ConfigError, TrainConfig, model_preset
-from s2moe_ds.train import free_port
+from s2moe_ds.config import ConfigError
+from s2moe_ds.parallel import ParallelConfig, free_port
+from s2moe_ds.train import ExperimentConfig, TrainConfig, TrainerHook, model_preset
 
 from .harness import run_distributed
 
@@ -38,15 +39,18 @@ def _ds_config(stage=2):
     }
 
 
-def _pretrain_worker(rank, world_size, text, out_dir, cache, train_kw):
+def _experiment(model, world_size, text, cache, **train_kw):
     from s2moe_ds.data import DataConfig
-    from s2moe_ds.train.loop import pretrain
-    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, dropout=0.1,
-                         moe=dict(num_experts=4, ep_size=world_size))
-    train = TrainConfig(out_dir=out_dir, seq_len=32, warmup_steps=2, eval_interval=3, save_interval=3,
-                        log_interval=1, **train_kw)
-    data = DataConfig(dataset="path", path=text, cache_dir=cache)
-    return pretrain(model, data, train, _ds_config())
+    return ExperimentConfig(model=model, parallel=ParallelConfig(ep_size=world_size), train=TrainConfig(**train_kw),
+                            data=DataConfig(dataset="path", path=text, cache_dir=cache))
+
+
+def _pretrain_worker(rank, world_size, text, out_dir, cache, train_kw, hooks=(), task=None):
+    from s2moe_ds.train import pretrain
+    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, dropout=0.1, moe=dict(num_experts=4))
+    experiment = _experiment(model, world_size, text, cache, out_dir=out_dir, seq_len=32, warmup_steps=2,
+                             eval_interval=3, save_interval=3, log_interval=1, **train_kw)
+    return pretrain(experiment, _ds_config(), task=task, hooks=hooks)
 
 
 def test_resume_is_exact(text_file, tmp_path):
@@ -65,53 +69,55 @@ def test_resume_is_exact(text_file, tmp_path):
         assert f.read().strip() == "step00000006"
 
 
-def _preempted_worker(rank, world_size, text, out_dir, cache):
+class _SignalledDuringStep2(TrainerHook):
     """Rank 1 alone receives SIGTERM (preemption) during step 2, as a scheduler may signal the ranks
     at different times."""
-    import signal
 
-    from s2moe_ds.train.metrics import Monitor
-    original = Monitor.train_step
+    def __init__(self):
+        self.stops = []
 
-    def signalled_during_step_2(self, step, *args, **kwargs):
-        original(self, step, *args, **kwargs)
-        if rank == 1 and step == 2:
+    def on_step_end(self, trainer, step):
+        import signal
+        if trainer.rank == 1 and step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    Monitor.train_step = signalled_during_step_2
-    return _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6))
+    def on_stop_signal(self, trainer, step, reason):
+        self.stops.append((step, reason))
+
+
+def _preempted_worker(rank, world_size, text, out_dir, cache):
+    hook = _SignalledDuringStep2()
+    final = _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6), hooks=[hook])
+    return {**final, "hook_stops": hook.stops}
 
 
 def test_sigterm_on_one_rank_checkpoints_every_rank_and_stops_for_requeue(text_file, tmp_path):
-    from s2moe_ds.train.loop import REQUEUE_MARKER
+    from s2moe_ds.train import REQUEUE_MARKER
     out = tmp_path / "run"
     results = run_distributed(_preempted_worker, 2, (text_file, str(out), str(tmp_path / "cache")))
     assert [r["step"] for r in results] == [2, 2]
     assert results[1]["stopped_by"] == "SIGTERM" and results[0]["stopped_by"] == "another rank's signal"
+    assert results[1]["hook_stops"] == [(2, "SIGTERM")] and results[0]["hook_stops"] == [(2, "another rank's signal")]
     # Step 2 is not a save interval (3): the signal forced the checkpoint, and it is complete.
     assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
     assert (out / REQUEUE_MARKER).read_text() == "another rank's signal at step 2\n"
 
 
-def _killed_save_worker(rank, world_size, text, out_dir, cache):
-    from s2moe_ds.train import checkpoint
-    original = checkpoint.save
+class _KilledWhileSaving(TrainerHook):
+    """Dies once DeepSpeed's files of step 6 are written, before COMPLETE and latest are."""
 
-    def dies_midway(engine, ckpt_dir, step, client_state, keep, tokenizer=None, meta=None):
+    def before_checkpoint_commit(self, trainer, step, path):
         if step == 6:
-            engine.save_checkpoint(ckpt_dir, tag=f"step{step:08d}", client_state=client_state, save_latest=False)
-            raise KeyboardInterrupt("killed while saving")  # before COMPLETE and latest are written
-        return original(engine, ckpt_dir, step, client_state, keep, tokenizer, meta)
+            assert os.path.isfile(os.path.join(path, "mp_rank_00_model_states.pt"))
+            raise KeyboardInterrupt("killed while saving")
 
-    checkpoint.save = dies_midway
-    try:
-        _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        checkpoint.save = original
-    assert checkpoint.latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
+
+def _killed_save_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.checkpoint import latest_tag
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6), hooks=[_KilledWhileSaving()])
+    assert latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
     # and the run resumes from it: steps 4-6 again
     return _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6, resume=True))["losses"]
 
@@ -124,12 +130,10 @@ def test_killed_save_keeps_the_previous_checkpoint(text_file, tmp_path):
 
 
 def _layout_error_worker(rank, world_size, text, out_dir, cache):
-    from s2moe_ds.data import DataConfig
-    from s2moe_ds.train.loop import pretrain
-    model = model_preset("tiny", moe=dict(num_experts=4, ep_size=4))
-    with pytest.raises(ConfigError, match=r"moe\.ep_size: 4 must divide the world size 2"):
-        pretrain(model, DataConfig(dataset="path", path=text, cache_dir=cache), TrainConfig(out_dir=out_dir),
-                 _ds_config())
+    from s2moe_ds.train import pretrain
+    experiment = _experiment(model_preset("tiny", moe=dict(num_experts=4)), 4, text, cache, out_dir=out_dir)
+    with pytest.raises(ConfigError, match=r"parallel\.ep_size: 4 must divide the world size 2"):
+        pretrain(experiment, _ds_config())
     return True
 
 
@@ -188,15 +192,16 @@ def test_deepspeed_launcher_end_to_end(text_file, tmp_path):
     assert [sum(step) for step in zip(*loads)] == pytest.approx([1.0] * 4, abs=1e-5)
     assert "moe/layer0/mix_gate" in events.Tags()["histograms"]
     record = json.loads((out / "run_config.json").read_text())
-    assert record["model"]["moe"]["ep_size"] == 2 and record["world_size"] == 2
+    assert record["parallel"]["ep_size"] == 2 and record["world_size"] == 2
 
 
 def _rank_average_worker(rank, world_size):
-    from s2moe_ds.train.metrics import _rank_averaged
-    load = torch.tensor([0.5, 0.5, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 0.25, 0.25, 0.5])
-    values = {"layer0/expert_load": load, "layer0/dropped_fraction": torch.tensor(0.1 * rank),
-              "layer0/mix_gate": torch.full((3, ), float(rank))}
-    return _rank_averaged(values)
+    from s2moe_ds.train.collectives import rank_average
+    from s2moe_ds.train.monitor import layer_values, rank_averaged_keys
+    counts = torch.tensor([2, 2, 0, 0]) if rank == 0 else torch.tensor([0, 1, 1, 2])  # shares .5 .5 0 0, 0 .25 .25 .5
+    values = layer_values({"layer0/expert_counts": counts, "layer0/dropped_fraction": torch.tensor(0.1 * rank),
+                           "layer0/mix_gate": torch.full((3, ), float(rank))})
+    return rank_average(values, rank_averaged_keys(values))
 
 
 def test_logged_expert_load_is_every_ranks_not_rank_0s():
@@ -209,11 +214,11 @@ def test_logged_expert_load_is_every_ranks_not_rank_0s():
 
 
 def _consolidate_worker(rank, world_size, text, out_dir, cache, stage):
-    from s2moe_ds.data import DataConfig
-    from s2moe_ds.train.loop import pretrain
-    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, moe=dict(num_experts=4, ep_size=world_size))
-    train = TrainConfig(out_dir=out_dir, seq_len=32, max_steps=3, eval_interval=3, save_interval=3)
-    return pretrain(model, DataConfig(dataset="path", path=text, cache_dir=cache), train, _ds_config(stage))
+    from s2moe_ds.train import pretrain
+    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, moe=dict(num_experts=4))
+    experiment = _experiment(model, world_size, text, cache, out_dir=out_dir, seq_len=32, max_steps=3,
+                             eval_interval=3, save_interval=3)
+    return pretrain(experiment, _ds_config(stage))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -227,10 +232,9 @@ def test_consolidated_checkpoint_reproduces_the_distributed_evaluation(stage, te
                              str(tmp_path / "model.pt")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # One file, no DeepSpeed engine, no process group: the ep_size-1 model of the same weights.
-    from s2moe_ds.config import ModelConfig
-    from s2moe_ds.models import LanguageModel
+    from s2moe_ds.models import build_model, model_config_from_dict
     blob = torch.load(tmp_path / "model.pt", weights_only=False)
-    model = LanguageModel(ModelConfig(**blob["model_config"]))
+    model = build_model(model_config_from_dict(blob["model_config"]))
     model.load_state_dict(blob["state_dict"])
     model.eval()
     corpus = prepare_corpus(DataConfig(dataset="path", path=text_file, cache_dir=cache))
@@ -250,17 +254,14 @@ def test_generate_samples_from_a_checkpoint(text_file, tmp_path):
 
 
 def _relayout_worker(rank, world_size, text, out_dir, cache):
-    from s2moe_ds.data import DataConfig
-    from s2moe_ds.train.loop import pretrain
-    data = DataConfig(dataset="path", path=text, cache_dir=cache)
+    from s2moe_ds.train import pretrain
     train = dict(out_dir=out_dir, seq_len=32, max_steps=2, eval_interval=0, save_interval=2)
-    model = dict(d_model=32, d_inner=64, max_seq_len=32)
-    pretrain(model_preset("tiny", **model, moe=dict(ep_size=2)), data, TrainConfig(**train), _ds_config())
+    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32)
+    pretrain(_experiment(model, 2, text, cache, **train), _ds_config())
     with pytest.raises(ConfigError, match=r"--resume: .* ep_size=2, this run has ep_size=1.*same world size, ep_size and model"):
-        pretrain(model_preset("tiny", **model, moe=dict(ep_size=1)), data, TrainConfig(**train, resume=True),
-                 _ds_config())
+        pretrain(_experiment(model, 1, text, cache, **train, resume=True), _ds_config())
     with pytest.raises(ConfigError, match=r"train\.out_dir: .* already holds checkpoints; pass --resume"):
-        pretrain(model_preset("tiny", **model, moe=dict(ep_size=2)), data, TrainConfig(**train), _ds_config())
+        pretrain(_experiment(model, 2, text, cache, **train), _ds_config())
     return True
 
 
@@ -269,27 +270,25 @@ def test_resume_with_another_expert_parallel_layout_is_refused(text_file, tmp_pa
 
 
 def _non_finite_worker(rank, world_size, text, out_dir, cache):
-    from s2moe_ds.models.transformer import LanguageModel
-    from s2moe_ds.train import checkpoint
-    from s2moe_ds.train.loop import NonFiniteLossError
-    original = LanguageModel.forward
-    calls = {"n": 0}
+    from s2moe_ds.checkpoint import latest_tag
+    from s2moe_ds.data import DataConfig
+    from s2moe_ds.train import LanguageModelingTask, NonFiniteLossError
 
-    def poisoned(self, idx, targets=None, mask=None):
-        out = original(self, idx, targets, mask)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 9 and rank == 1:  # step 5's first micro-batch, on one rank only
+    class PoisonedTask(LanguageModelingTask):
+        """Step 5's first micro-batch gives a NaN task loss, on rank 1 only."""
+        calls = 0
+
+        def forward(self, engine, batch):
+            out = super().forward(engine, batch)
+            PoisonedTask.calls += 1
+            if PoisonedTask.calls == 9 and rank == 1:
                 out.task_loss = out.task_loss * float("nan")
-        return out
+            return out
 
-    LanguageModel.forward = poisoned
-    try:
-        with pytest.raises(NonFiniteLossError) as info:
-            _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6))
-    finally:
-        LanguageModel.forward = original
-    assert checkpoint.latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
+    task = PoisonedTask(DataConfig(dataset="path", path=text, cache_dir=cache), seq_len=32)
+    with pytest.raises(NonFiniteLossError) as info:
+        _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6), task=task)
+    assert latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
     return str(info.value)
 
 

@@ -65,7 +65,7 @@ def test_two_task_job_trains_checkpoints_and_logs(cluster, tmp_path):
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log + cluster.logs()
     assert "2 tasks on 1 node(s)" in log and f"tensorboard --logdir {out}/tensorboard" in log
     record = json.loads((out / "run_config.json").read_text())
-    assert record["world_size"] == 2 and record["model"]["moe"]["ep_size"] == 2
+    assert record["world_size"] == 2 and record["parallel"]["ep_size"] == 2
     assert (out / "checkpoints" / "step00000004" / "COMPLETE").exists()
     assert len([f for f in os.listdir(out / "checkpoints" / "step00000004") if "_expert_" in f]) == 8
     assert _tb_steps(out / "tensorboard") == [1, 2, 3, 4]

@@ -5,8 +5,9 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from s2moe_ds.moe import FFN, S2MoE, info_nce, sampled_info_nce
-from s2moe_ds.moe.uncertainty import sample_rows
+from s2moe_ds.moe import FFN, S2MoE
+from s2moe_ds.moe.method import info_nce, sampled_info_nce
+from s2moe_ds.moe.method import sample_rows
 
 
 def _reference(a, b, tau):

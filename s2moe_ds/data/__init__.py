@@ -5,7 +5,7 @@
     x_BT, y_BT = sampler.next_batch()
 """
 
-from .cache import PreparedCorpus, bits_per_unit, prepare_corpus, word_perplexity
+from .cache import PreparedCorpus, prepare_corpus
 from .config import DataConfig
 from .corpora import embedded_text
 from .sampler import ContiguousBatchSampler, eval_batches
@@ -14,4 +14,4 @@ from .tokenization import (ByteTokenizer, CharTokenizer, SubwordTokenizer, Token
 
 __all__ = ["DataConfig", "PreparedCorpus", "prepare_corpus", "ContiguousBatchSampler", "eval_batches",
            "Tokenizer", "ByteTokenizer", "CharTokenizer", "SubwordTokenizer", "load_tokenizer",
-           "check_tokenizer_matches", "embedded_text", "bits_per_unit", "word_perplexity"]
+           "check_tokenizer_matches", "embedded_text"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List
@@ -175,13 +174,3 @@ def prepare_corpus(cfg: DataConfig) -> PreparedCorpus:
                                                     "metric": metric, "identity": identity})
     _write_json(os.path.join(folder, COMPLETE), {"format": CACHE_FORMAT})
     return _open(folder)
-
-
-def bits_per_unit(total_nll_nats: float, units: int) -> float:
-    """BPC (or bits per byte): total NLL in nats / ln 2 / units."""
-    return total_nll_nats / math.log(2) / units
-
-
-def word_perplexity(total_nll_nats: float, words: int) -> float:
-    """exp(total NLL / words)."""
-    return math.exp(total_nll_nats / words)

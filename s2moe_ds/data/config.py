@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import _check_choice, _fail
+from ..config import check_choice, fail
 
 DATASETS = ("embedded", "enwik8", "text8", "wikitext-103", "path")
 TOKENIZER_KINDS = ("auto", "byte", "char", "subword")
@@ -42,16 +42,16 @@ class DataConfig:
     """Where tokenized splits (and tokenizers built from a corpus) are cached; '~' is expanded."""
 
     def __post_init__(self) -> None:
-        _check_choice(self.dataset, "data.dataset", DATASETS)
+        check_choice(self.dataset, "data.dataset", DATASETS)
         self._check_split()
         self._check_files()
         self._check_tokenizer()
         if not (isinstance(self.subword_vocab_size, int) and not isinstance(self.subword_vocab_size, bool)
                 and 257 <= self.subword_vocab_size <= 2**32 - 1):
             # Byte-level BPE starts from the 256 byte symbols, so anything smaller cannot hold them.
-            _fail("data.subword_vocab_size", f"must be an integer >= 257, got {self.subword_vocab_size!r}")
+            fail("data.subword_vocab_size", f"must be an integer >= 257, got {self.subword_vocab_size!r}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
-            _fail("data.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
+            fail("data.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
 
     def _check_split(self) -> None:
@@ -61,7 +61,7 @@ class DataConfig:
         numbers = (isinstance(split, tuple) and len(split) == 3
                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in split))
         if not numbers or not all(v > 0 for v in split) or abs(sum(split) - 1.0) > 1e-6:
-            _fail("data.split", f"must be 3 positive fractions (train, valid, test) summing to 1, got {self.split!r}; "
+            fail("data.split", f"must be 3 positive fractions (train, valid, test) summing to 1, got {self.split!r}; "
                   "e.g. --split 0.9 0.05 0.05")
         self.split = tuple(float(v) for v in split)
 
@@ -71,45 +71,45 @@ class DataConfig:
         if self.dataset == "embedded":
             for name, value in {"path": self.path, **given}.items():
                 if value is not None:
-                    _fail(f"data.{name}", "is not used with data.dataset 'embedded' (its text ships with Python); "
+                    fail(f"data.{name}", "is not used with data.dataset 'embedded' (its text ships with Python); "
                           "use data.dataset 'path' for a local corpus")
             return
         if given:
             missing = [k for k in split_files if k not in given]
             if missing:
-                _fail(f"data.{missing[0]}", "is required when any of data.train_file/valid_file/test_file is given "
+                fail(f"data.{missing[0]}", "is required when any of data.train_file/valid_file/test_file is given "
                       "(all three splits come from files then)")
             if self.path is not None:
-                _fail("data.path", "give either data.path or data.train_file/valid_file/test_file, not both")
+                fail("data.path", "give either data.path or data.train_file/valid_file/test_file, not both")
             for name, value in given.items():
                 if not os.path.isfile(value):
-                    _fail(f"data.{name}", f"file not found: {value}")
+                    fail(f"data.{name}", f"file not found: {value}")
             return
         if self.path is None:
             if self.dataset == "path":
-                _fail("data.path", "is required with data.dataset 'path': a text file or a folder of *.txt files "
+                fail("data.path", "is required with data.dataset 'path': a text file or a folder of *.txt files "
                       "(or give data.train_file, valid_file and test_file)")
             return
         if not os.path.exists(self.path):
-            _fail("data.path", f"not found: {self.path}")
+            fail("data.path", f"not found: {self.path}")
         if self.dataset == "path" and os.path.isdir(self.path):
             if not any(n.endswith(".txt") for n in os.listdir(self.path)):
-                _fail("data.path", f"folder {self.path} holds no *.txt files")
+                fail("data.path", f"folder {self.path} holds no *.txt files")
         if self.dataset == "wikitext-103" and os.path.isfile(self.path):
-            _fail("data.path", f"{self.path} is a file; wikitext-103 needs a folder saved with datasets' "
+            fail("data.path", f"{self.path} is a file; wikitext-103 needs a folder saved with datasets' "
                   "save_to_disk, or its raw files as data.train_file/valid_file/test_file")
 
     def _check_tokenizer(self) -> None:
         tok = self.tokenizer
         if not isinstance(tok, str) or not tok:
-            _fail("data.tokenizer", f"must be one of {', '.join(map(repr, TOKENIZER_KINDS))} or a tokenizer JSON "
+            fail("data.tokenizer", f"must be one of {', '.join(map(repr, TOKENIZER_KINDS))} or a tokenizer JSON "
                   f"file, got {tok!r}")
         if tok in TOKENIZER_KINDS:
             return
         if not os.path.isfile(tok):
             looks_like_path = tok.endswith(".json") or os.sep in tok
             what = "file not found" if looks_like_path else "unknown tokenizer"
-            _fail("data.tokenizer", f"{what}: {tok!r}; use one of {', '.join(map(repr, TOKENIZER_KINDS))} or the path "
+            fail("data.tokenizer", f"{what}: {tok!r}; use one of {', '.join(map(repr, TOKENIZER_KINDS))} or the path "
                   "of a saved tokenizer JSON file")
 
     @property

@@ -79,15 +79,6 @@ class ContiguousBatchSampler:
         self.position += 1
         return window_BT1[:, :-1], window_BT1[:, 1:]
 
-    def window_starts(self, epoch: int, position: int) -> np.ndarray:
-        """Token offsets of the windows this rank gets in (epoch, position), for inspection and tests."""
-        saved = self.epoch
-        self.epoch = epoch
-        order = self._epoch_order()
-        self.epoch = saved
-        start = position * self.global_batch
-        return order[start + self.rank:start + self.global_batch:self.world_size] * self.seq_len
-
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "world_size": self.world_size,

@@ -1,14 +1,16 @@
 """What the experts learned: routing, expert similarity, representation collapse, the mixing gate.
 
-ExpertAnalyzer hooks every MoE layer of a LanguageModel (S2MoE or DeepSpeed's MoE) and, while the
-model runs its evaluation forwards, records for each layer:
+ExpertAnalyzer hooks every block of a model that routes over experts (moe/blocks/base.py's
+ExpertBlock: S2MoE, DeepSpeed's MoE) and, while the model runs its evaluation forwards, records for
+each layer:
 
 - routing over ALL unmasked tokens: each expert's share of top-1 and of top-k routes, the mean
   router probability per expert, the per-token router entropy, and P(expert | input token);
 - on a fixed sample of the first `sample_tokens` unmasked tokens (the same tokens every run, so
   the report is deterministic): the router inputs themselves, from which the report computes
   expert output similarity (every expert applied to the same tokens), the effective rank of the
-  representations routed to each expert, and S2MoE's mixing gate g(x) = sigmoid(w^T x + b).
+  representations routed to each expert, and the block's own per-token values in [0, 1]
+  (`analysis_extras`: S2MoE's mixing gate g(x) = sigmoid(w^T x + b)).
 
 Entropies are normalised by log(num_experts): 1 is uniform, 0 is everything on one expert.
 The functions below the class are the metrics themselves, testable on constructed inputs.
@@ -19,10 +21,9 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE
 from torch import nn
 
-from ..moe import S2MoE
+from ..moe import ExpertBlock, expert_blocks
 
 
 def normalized_entropy(p_E: torch.Tensor) -> float:
@@ -112,14 +113,14 @@ class ExpertAnalyzer:
 
     def __init__(self, model: nn.Module, sample_tokens: int = 4096, vocab_size: Optional[int] = None) -> None:
         self.model = model
-        self.layers: List[MoE] = model.moe_layers()
+        self.layers: List[ExpertBlock] = expert_blocks(model)
         if not self.layers:
-            raise ValueError("the model has no MoE layers to analyse (router 'dense')")
+            raise ValueError("the model has no MoE layers to analyse (block 'dense')")
         for layer in self.layers:
-            local = layer.deepspeed_moe.num_local_experts
+            local = len(layer.local_experts())
             if local != layer.num_experts:
                 raise ValueError(f"analysis needs every expert on this process (ep_size 1), found {local} of "
-                                 f"{layer.num_experts}; load a consolidated checkpoint (train.consolidate.load_model)")
+                                 f"{layer.num_experts}; load a consolidated checkpoint (checkpoint.load_model)")
         self.sample_tokens = sample_tokens
         self.vocab_size = vocab_size or model.cfg.vocab_size
         self.records = [_LayerRecord(layer.num_experts, self.vocab_size) for layer in self.layers]
@@ -134,9 +135,9 @@ class ExpertAnalyzer:
 
     def __enter__(self) -> "ExpertAnalyzer":
         for layer, record in zip(self.layers, self.records):
-            # On the dispatching MOELayer: S2MoE's blocks call forward_parts, which skips the
-            # outer module's hooks, and in eval both routers hand it exactly the clean tokens.
-            self._handles.append(layer.deepspeed_moe.register_forward_pre_hook(self._hook(layer, record)))
+            # On the dispatch: models call forward_parts, which skips the block's own hooks, and
+            # in eval every block hands the dispatch exactly the clean tokens.
+            self._handles.append(layer.register_dispatch_pre_hook(self._hook(layer, record)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,7 +145,7 @@ class ExpertAnalyzer:
             h.remove()
         self._handles = []
 
-    def _hook(self, layer: MoE, record: _LayerRecord):
+    def _hook(self, layer: ExpertBlock, record: _LayerRecord):
 
         def hook(module, args):
             x_TD = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
@@ -153,11 +154,9 @@ class ExpertAnalyzer:
                 raise RuntimeError("ExpertAnalyzer: the layer saw a different token count than set_tokens gave; call "
                                    "set_tokens before each forward, in eval mode with eval_noise 'none'")
             x_TD, ids_T = x_TD[keep_T], self._tokens_T[keep_T]
-            gate = layer.deepspeed_moe.gate
             with torch.no_grad():
-                # x_TD was moved to the CPU above; the router may live on a GPU.
-                probs_TE = F.softmax(F.linear(x_TD, gate.wg.weight.detach().float().cpu()), dim=-1).double()
-            k = getattr(gate, "eval_k", gate.k)
+                probs_TE = _probabilities(layer, x_TD).double()
+            k = layer.router.eval_k
             top_TK = probs_TE.topk(min(k, probs_TE.shape[-1]), dim=-1).indices
             E = probs_TE.shape[-1]
             record.top1_E += torch.bincount(top_TK[:, 0], minlength=E).double()
@@ -185,14 +184,14 @@ class ExpertAnalyzer:
             if rec.tokens == 0:
                 raise RuntimeError("no tokens were analysed; run the model inside `with analyzer:`")
             E = layer.num_experts
-            experts = list(layer.deepspeed_moe.experts.deepspeed_experts)
-            device = layer.deepspeed_moe.gate.wg.weight.device
+            experts = layer.local_experts()
+            device = next(layer.parameters()).device
             x_ND = torch.cat(rec.sample).to(device)
             probs_T = rec.prob_sum_E / rec.tokens
             top1_share = rec.top1_E / rec.top1_E.sum()
             topk_share = rec.topk_E / rec.topk_E.sum()
             with torch.no_grad():
-                top1_N = F.linear(x_ND, layer.deepspeed_moe.gate.wg.weight.float()).argmax(-1)
+                top1_N = _probabilities(layer, x_ND).argmax(-1).to(device)
             out_sim = expert_output_similarity(experts, x_ND)
             w_sim = expert_weight_similarity(experts)
             per_expert_rank = []
@@ -208,10 +207,11 @@ class ExpertAnalyzer:
             heat_KE = rec.token_expert_VE[frequent] / token_counts_V[frequent].unsqueeze(1)
             entry = {
                 "layer": i,
-                "router": "s2moe" if isinstance(layer, S2MoE) else "smoe",
+                "block": layer.kind,
+                "router": layer.router.kind,
                 "num_experts": E,
                 "tokens": rec.tokens,
-                "k": int(getattr(layer.deepspeed_moe.gate, "eval_k", layer.deepspeed_moe.gate.k)),
+                "k": int(layer.router.eval_k),
                 "top1_share": top1_share.tolist(),
                 "topk_share": topk_share.tolist(),
                 "router_prob_mean": probs_T.tolist(),
@@ -231,17 +231,27 @@ class ExpertAnalyzer:
                 "routing_heatmap": {"tokens": [decode(int(t)) if decode else int(t) for t in frequent],
                                     "p_expert_given_token": heat_KE.tolist()},
             }
-            if isinstance(layer, S2MoE):
-                with torch.no_grad():
-                    g_N = torch.sigmoid(F.linear(x_ND, layer.mix_gate.weight.float(), layer.mix_gate.bias.float()))
-                g_N = g_N.reshape(-1).double().cpu()
-                q = torch.quantile(g_N, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
-                hist = torch.histc(g_N, bins=20, min=0.0, max=1.0)
-                entry["mix_gate"] = {"mean": float(g_N.mean()), "std": float(g_N.std(correction=0)),
-                                     "quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"), q.tolist())),
-                                     "histogram_0_1_20_bins": hist.tolist(), "_values": g_N.tolist()}
+            with torch.no_grad():
+                extras = layer.analysis_extras(x_ND)
+            for name, values_N in extras.items():
+                entry[name] = _unit_interval_summary(values_N.double().cpu())
             layers.append(entry)
         return {"layers": layers}
+
+
+def _probabilities(layer: ExpertBlock, x_TD: torch.Tensor) -> torch.Tensor:
+    """The router's [T, E] distribution for x on the CPU; the router may live on a GPU."""
+    weight_device = next(layer.router.parameters()).device
+    return layer.router.probabilities(x_TD.to(weight_device)).cpu()
+
+
+def _unit_interval_summary(values_N: torch.Tensor) -> Dict[str, object]:
+    """Mean, std, quantiles and a 20-bin histogram over [0, 1] of per-token values (a gate's)."""
+    q = torch.quantile(values_N, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
+    return {"mean": float(values_N.mean()), "std": float(values_N.std(correction=0)),
+            "quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"), q.tolist())),
+            "histogram_0_1_20_bins": torch.histc(values_N, bins=20, min=0.0, max=1.0).tolist(),
+            "_values": values_N.tolist()}
 
 
 def public(report):

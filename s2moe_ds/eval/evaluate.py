@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: full passes over valid and test with each eval_k, next to the FLOPs cost.
 
-The checkpoint is consolidated to one process (train.consolidate), so any training layout (ZeRO
+The checkpoint is consolidated to one process (s2moe_ds.checkpoint), so any training layout (ZeRO
 stage, process count, ep_size) evaluates the same way, and every number except the timings is
 identical from run to run: fixed windows in order, no sampling, no token drops, no noise.
 """
@@ -13,10 +13,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..config import ConfigError, _check_int, _require
+from ..checkpoint import consolidate, model_config_for_inference, model_from_state, resolve_checkpoint
+from ..config import ConfigError, check_int, require
 from ..data import DataConfig, check_tokenizer_matches, eval_batches, prepare_corpus
 from ..fileio import atomic_write_text
-from ..train.consolidate import build_model, consolidate, model_config_for_inference, resolve_checkpoint
+from ..tables import markdown_table
 from .analysis import ExpertAnalyzer, public
 from .flops import flops_per_token
 from .lm_eval import evaluate_split
@@ -29,7 +30,7 @@ class EvalConfig:
     checkpoint: str = ""
     """Run folder, its checkpoints/ folder, or a step folder."""
     eval_k: Sequence[int] = (1, 2)
-    """Experts per token to evaluate with, each in its own full pass (ignored for router 'dense')."""
+    """Experts per token to evaluate with, each in its own full pass (ignored for a dense model)."""
     splits: Sequence[str] = ("valid", "test")
     """Splits to evaluate: train | valid | test."""
     seq_len: Optional[int] = None
@@ -48,22 +49,22 @@ class EvalConfig:
     """DataConfig fields that replace the checkpoint's (e.g. path or cache_dir on another machine)."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.checkpoint, str) and self.checkpoint != "", "eval.checkpoint",
+        require(isinstance(self.checkpoint, str) and self.checkpoint != "", "eval.checkpoint",
                  "required: a run folder, its checkpoints/ folder or a step folder")
         self.eval_k = tuple(self.eval_k)
-        _require(len(self.eval_k) > 0, "eval.eval_k", "give at least one value, e.g. --eval-k 1 2")
+        require(len(self.eval_k) > 0, "eval.eval_k", "give at least one value, e.g. --eval-k 1 2")
         for k in self.eval_k:
-            _check_int(k, "eval.eval_k", 1)
+            check_int(k, "eval.eval_k", 1)
         self.splits = tuple(self.splits)
-        _require(len(self.splits) > 0, "eval.splits", "give at least one of train, valid, test")
+        require(len(self.splits) > 0, "eval.splits", "give at least one of train, valid, test")
         for s in self.splits:
-            _require(s in ("train", "valid", "test"), "eval.splits", f"unknown split {s!r}; use train, valid or test")
+            require(s in ("train", "valid", "test"), "eval.splits", f"unknown split {s!r}; use train, valid or test")
         if self.seq_len is not None:
-            _check_int(self.seq_len, "eval.seq_len", 1)
-        _check_int(self.batch_size, "eval.batch_size", 1)
+            check_int(self.seq_len, "eval.seq_len", 1)
+        check_int(self.batch_size, "eval.batch_size", 1)
         if self.max_batches is not None:
-            _check_int(self.max_batches, "eval.max_batches", 1)
-        _check_int(self.analysis_tokens, "eval.analysis_tokens", 2)
+            check_int(self.max_batches, "eval.max_batches", 1)
+        check_int(self.analysis_tokens, "eval.analysis_tokens", 2)
 
 
 def default_out_dir(step_dir: str) -> str:
@@ -87,12 +88,13 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     model_cfg = model_config_for_inference(client)
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"eval.seq_len: {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
-    router = model_cfg.moe.router
-    ks: List[Optional[int]] = [None] if router == "dense" else list(cfg.eval_k)
+    routed = model_cfg.moe.routed
+    ks: List[Optional[int]] = list(cfg.eval_k) if routed else [None]
     out_dir = cfg.out_dir or default_out_dir(step_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: Dict[str, object] = {
-        "checkpoint": os.path.abspath(step_dir), "step": client.get("step"), "router": router,
+        "checkpoint": os.path.abspath(step_dir), "step": client.get("step"),
+        "block": model_cfg.moe.block, "router": model_cfg.moe.router if routed else None,
         "model": model_cfg.to_dict(), "data": corpus.identity, "metric": corpus.metric,
         "seq_len": seq_len, "batch_size": cfg.batch_size, "max_batches": cfg.max_batches,
         "trained_with": {"world_size": client.get("world_size"), "ep_size": client.get("ep_size")},
@@ -101,10 +103,10 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
         "results": [], "analysis": None,
     }
     # The cost ratio printed next to each score: this eval_k's FLOPs over the largest one's.
-    reference_flops = report["flops_per_token"][str(ks[-1] if router == "dense" else max(ks))]["total"]
+    reference_flops = report["flops_per_token"][str(max(ks) if routed else ks[-1])]["total"]
     models = {}
     for k in ks:
-        models[k] = build_model(state, client, eval_k=k).to(device)
+        models[k] = model_from_state(state, client, eval_k=k).to(device)
         flops = report["flops_per_token"][str(k)]["total"]
         for split in cfg.splits:
             start = time.perf_counter()
@@ -115,7 +117,7 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
                    "flops_vs_largest_k": flops / reference_flops}
             report["results"].append(row)
             log(format_row(row, corpus.metric))
-    if cfg.analysis and router != "dense":
+    if cfg.analysis and routed:
         # Its own pass, so the hooks cost nothing in the timed ones.
         k, split = ks[0], cfg.splits[0]
         analyzer = ExpertAnalyzer(models[k], cfg.analysis_tokens, corpus.tokenizer.vocab_size)
@@ -161,11 +163,9 @@ def format_row(row: Dict, metric: str) -> str:
             f"{row['flops_per_token'] / 1e6:.2f} MFLOPs/token ({row['flops_vs_largest_k']:.2f}x the largest eval_k)")
 
 
-def markdown_table(report: Dict) -> str:
+def report_table(report: Dict) -> str:
     metric = report["metric"]
-    lines = [f"| split | eval_k | {metric} | tokens/s | MFLOPs/token | FLOPs vs the largest eval_k |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in report["results"]:
-        lines.append(f"| {r['split']} | {'-' if r['eval_k'] is None else r['eval_k']} | {r[metric]:.4f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['flops_per_token'] / 1e6:.3f} | {r['flops_vs_largest_k']:.3f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["split", "eval_k", metric, "tokens/s", "MFLOPs/token", "FLOPs vs the largest eval_k"],
+        [[r["split"], "-" if r["eval_k"] is None else r["eval_k"], f"{r[metric]:.4f}", f"{r['tokens_per_s']:,.0f}",
+          f"{r['flops_per_token'] / 1e6:.3f}", f"{r['flops_vs_largest_k']:.3f}"] for r in report["results"]])

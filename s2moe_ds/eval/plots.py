@@ -29,7 +29,8 @@ def routing_figure(layer: Dict):
     im = ax.imshow(heat, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
     ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)
-    ax.set_title(f"layer {layer['layer']} ({layer['router']}): P(top-1 expert | token), most frequent tokens")
+    ax.set_title(f"layer {layer['layer']} ({layer['block']}, router {layer['router']}): "
+                 "P(top-1 expert | token), most frequent tokens")
     ax.set_xlabel("expert")
     fig.colorbar(im, ax=ax)
     bar.bar(range(E), layer["top1_share"], color="tab:blue", label="top-1 share")

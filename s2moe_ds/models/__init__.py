@@ -1,5 +1,8 @@
-"""Language models; no parallelism, no data, no training."""
+"""Language-model backbones (no parallelism, data or training): registry.py names them."""
 
-from .transformer import LanguageModel, LMOutput
+from .base import LMOutput
+from .config import ModelConfig
+from .gpt import GPT
+from .registry import BACKBONES, build_model, model_config_from_dict
 
-__all__ = ["LanguageModel", "LMOutput"]
+__all__ = ["BACKBONES", "GPT", "LMOutput", "ModelConfig", "build_model", "model_config_from_dict"]

@@ -1,13 +1,27 @@
-"""The S2MoE math and its DeepSpeed wiring. Imports torch and deepspeed only."""
+"""Feed-forward blocks and routers, the S2MoE method, and their DeepSpeed wiring.
 
+    config.py     MoEConfig: block kind, router, routing and loss settings
+    registry.py   block kinds and routers by name (a new one: a file + a line)
+    blocks/       dense, moe (DeepSpeed's MoE), s2moe; the BlockOutput contract (blocks/base.py)
+    routers/      topk
+    method/       S2MoE's plain formulas (docs/method.md)
+    fused/        the same formulas as autograd Functions
+    losses.py     named losses and the total loss
+    experts.py    the expert FFN
+
+Imports torch, and DeepSpeed only through s2moe_ds.parallel.
+"""
+
+from .blocks.base import BlockOutput, ExpertBlock, expert_blocks, init_expert_weights
+from .blocks.moe import MoEBlock
+from .blocks.s2moe import S2MoE, S2MoEConfig
+from .config import MoEConfig
 from .experts import FFN
-from .factory import DenseFFN, build_ffn_block
-from .gate import EvalDeterministicGate, install_eval_deterministic_gate
-from .layer import S2MoE, S2MoEOutput
-from .noise import GaussianNoise
-from .uncertainty import info_nce, info_nce_fused, sampled_info_nce
+from .losses import LossTerm, total_loss
+from .registry import BLOCKS, ROUTERS, build_block, build_router
+from . import fused, method
+from .routers.topk import TopKRouter, TopKRouterConfig
 
-__all__ = [
-    "FFN", "DenseFFN", "build_ffn_block", "EvalDeterministicGate", "install_eval_deterministic_gate", "S2MoE",
-    "S2MoEOutput", "GaussianNoise", "info_nce", "info_nce_fused", "sampled_info_nce"
-]
+__all__ = ["BLOCKS", "ROUTERS", "BlockOutput", "ExpertBlock", "FFN", "LossTerm", "MoEBlock", "MoEConfig", "S2MoE",
+           "S2MoEConfig", "TopKRouter", "TopKRouterConfig", "build_block", "build_router", "expert_blocks",
+           "init_expert_weights", "total_loss"]

@@ -1,12 +1,16 @@
-"""The feed-forward network used as an expert (and as the dense baseline)."""
+"""The feed-forward network used as an expert, and on every token as the 'dense' block."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks.base import Block, BlockOutput
 
-class FFN(nn.Module):
+
+class FFN(Block, nn.Module):
     """Two-layer MLP, d_model -> d_inner -> d_model, with GELU and dropout."""
+
+    kind = "dense"
 
     def __init__(self, d_model: int, d_inner: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -16,3 +20,6 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+    def forward_parts(self, hidden_states: torch.Tensor, used_token=None) -> BlockOutput:
+        return BlockOutput(self(hidden_states))

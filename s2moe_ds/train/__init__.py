@@ -1,5 +1,13 @@
-"""DeepSpeed start-up and (later) the training loop, checkpoints and metrics."""
+"""The trainer (build, resume, steps, hooks, save, signals), its tasks, configs and presets, and
+rank 0's monitor. Imports eval (the task's evaluator), never the other way round."""
 
-from .deepspeed_setup import check_ds_config, free_port, init_distributed, initialize, load_ds_config
+from .config import ExperimentConfig, TrainConfig
+from .hooks import TrainerHook
+from .presets import PRESETS, apply_overrides, model_preset, preset
+from .signals import EXIT_REQUEUE, REQUEUE_MARKER
+from .tasks import LanguageModelingTask
+from .trainer import NonFiniteLossError, Trainer, pretrain
 
-__all__ = ["check_ds_config", "free_port", "init_distributed", "initialize", "load_ds_config"]
+__all__ = ["EXIT_REQUEUE", "PRESETS", "REQUEUE_MARKER", "ExperimentConfig", "LanguageModelingTask",
+           "NonFiniteLossError", "TrainConfig", "Trainer", "TrainerHook", "apply_overrides", "model_preset",
+           "preset", "pretrain"]

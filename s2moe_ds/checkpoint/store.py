@@ -3,7 +3,7 @@
 Layout under <out_dir>/checkpoints/:
     step00000100/           DeepSpeed's files (model states, per-expert files, ZeRO optimizer shards)
         rng_rank<r>.pt      each rank's RNG states (dropout, S2MoE noise, router sampling)
-        meta.json           the layout and tokenizer a resume must match, read before any compute
+        meta.json           format, layout, model config and tokenizer a resume must match
         tokenizer.json      the run's tokenizer
         COMPLETE            written last, after every rank finished writing
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
@@ -17,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import deepspeed.comm as dist
 import numpy as np
@@ -26,12 +26,15 @@ from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError
 from ..fileio import atomic_write_text
+from .compat import upgrade_meta
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+META = "meta.json"
+TOKENIZER = "tokenizer.json"
 
 
-def _tag(step: int) -> str:
+def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
@@ -64,26 +67,30 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int, tokenizer=None,
-         meta: Optional[Dict[str, Any]] = None) -> str:
+         meta: Optional[Dict[str, Any]] = None, before_commit: Optional[Callable[[str], None]] = None) -> str:
     """Save a checkpoint on every rank (collective); returns its tag. The tokenizer, if given, is
-    saved beside the weights as tokenizer.json, so the step folder alone can be sampled from;
-    `meta` (JSON-able) is what `check_resumable` compares against the next run."""
-    tag = _tag(step)
+    saved beside the weights, so the step folder alone can be sampled from; `meta` (JSON-able) is
+    what `check_resumable` compares against the next run. `before_commit(step_dir)` runs on every
+    rank once all files but the markers are written: what it raises leaves the checkpoint
+    incomplete, as a kill at that moment would."""
+    tag = step_tag(step)
     rank = dist.get_rank()
+    step_dir = os.path.join(ckpt_dir, tag)
     if rank == 0:
         # A folder of this tag left by a run killed mid-save is incomplete: start it clean.
-        stale = os.path.join(ckpt_dir, tag)
-        if os.path.isdir(stale) and not os.path.isfile(os.path.join(stale, COMPLETE)):
-            shutil.rmtree(stale)
+        if os.path.isdir(step_dir) and not os.path.isfile(os.path.join(step_dir, COMPLETE)):
+            shutil.rmtree(step_dir)
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
     dist.barrier()
+    if before_commit is not None:
+        before_commit(step_dir)
     if rank == 0:
         if tokenizer is not None:
-            tokenizer.save(os.path.join(ckpt_dir, tag, "tokenizer.json"))
-        atomic_write_text(os.path.join(ckpt_dir, tag, "meta.json"), json.dumps(meta or {}, indent=1, sort_keys=True))
-        atomic_write_text(os.path.join(ckpt_dir, tag, COMPLETE), f"{step}\n")
+            tokenizer.save(os.path.join(step_dir, TOKENIZER))
+        atomic_write_text(os.path.join(step_dir, META), json.dumps(meta or {}, indent=1, sort_keys=True))
+        atomic_write_text(os.path.join(step_dir, COMPLETE), f"{step}\n")
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
         _prune(ckpt_dir, keep, tag)
     dist.barrier()
@@ -101,25 +108,26 @@ def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
 def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
     """The tag to resume from, after checking that the checkpoint's meta.json matches `expect`
     (world_size, ep_size, model config, tokenizer, ...). Reads only small files, so every rank can
-    call it before any compute; a mismatch is refused with the reason. None: no checkpoint yet."""
+    call it before any compute; a mismatch is refused with the reason. None: no checkpoint yet.
+    Checkpoints of an earlier format are compared as this version would have written them."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    with open(os.path.join(ckpt_dir, tag, "meta.json")) as f:
-        saved = json.load(f)
+    where = os.path.join(ckpt_dir, tag)
+    with open(os.path.join(where, META)) as f:
+        saved = upgrade_meta(json.load(f), f"--resume: checkpoint {where}")
     expect = json.loads(json.dumps(expect))  # tuples and lists compare as JSON would store them
     for key, value in expect.items():
         if saved.get(key) != value:
-            where = os.path.join(ckpt_dir, tag)
             if key == "tokenizer":
                 raise ConfigError(f"--resume: checkpoint {where} was trained with tokenizer {saved.get(key)}, "
                                   f"this run's data gives {value}; resume with the checkpoint's data and "
-                                  f"tokenizer (--tokenizer {os.path.join(where, 'tokenizer.json')})")
+                                  f"tokenizer (--tokenizer {os.path.join(where, TOKENIZER)})")
             raise ConfigError(
                 f"--resume: checkpoint {where} was written with {key}={saved.get(key)!r}, "
                 f"this run has {key}={value!r}. DeepSpeed cannot re-shard native-MoE optimizer states "
                 "across expert-parallel layouts; resume with the same world size, ep_size and model, or "
-                "consolidate the checkpoint (launch/consolidate.py) and start a new run from its weights")
+                "evaluate and sample the checkpoint (launch/evaluate.py, launch/generate.py) and train a new run")
     return tag
 
 

@@ -1,9 +1,10 @@
 """The comparison harness's plan and its report: which runs, with which flags, and the table.
 
-A variant is a name and the pretraining flags that make it (its MoE and S2MoE fields); every
-variant runs with the same preset, steps, batch, data and seeds, so the only difference between
-two rows is the variant's own fields. The report keeps to numbers that are deterministic (BPC or
-perplexity of full passes), so the same command with the same seeds gives the same table.
+A variant is a name and the pretraining flags that make it (fields of MoEConfig, of its block
+kind's settings and of its router's); every variant runs with the same preset, steps, batch, data
+and seeds, so the only difference between two rows is the variant's own fields. The report keeps
+to numbers that are deterministic (BPC or perplexity of full passes), so the same command with the
+same seeds gives the same table.
 """
 
 import json
@@ -12,42 +13,67 @@ import statistics
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..config import ConfigError, MoEConfig, S2MoEConfig, model_preset
+from ..config import ConfigError
+from ..moe import BLOCKS, ROUTERS, MoEConfig
+from ..tables import markdown_table
+from ..train.presets import model_preset
 
 BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
     # DeepSpeed's own MoE, top-2: the paper's SMoE baseline.
-    "smoe": {"router": "smoe", "k": 2},
+    "smoe": {"block": "moe", "k": 2},
     # S2MoE with top-2 on each path (the paper's setting).
-    "s2moe": {"router": "s2moe", "k": 2},
+    "s2moe": {"block": "s2moe", "k": 2},
     # S2MoE with top-1 per path: 2 paths x 1 expert, the expert compute per token of SMoE top-2.
-    "s2moe-top1": {"router": "s2moe", "k": 1},
-    "smoe-top1": {"router": "smoe", "k": 1},
-    "dense": {"router": "dense"},
+    "s2moe-top1": {"block": "s2moe", "k": 1},
+    "smoe-top1": {"block": "moe", "k": 1},
+    "dense": {"block": "dense"},
 }
 
-_MOE_FIELDS = {f.name for f in fields(MoEConfig)} - {"s2moe", "ep_size"}
-_S2MOE_FIELDS = {f.name for f in fields(S2MoEConfig)}
+_MOE_FIELDS = {f.name for f in fields(MoEConfig)} - {"block_config", "router_config"}
+
+
+def _own_fields(specs) -> Dict[str, set]:
+    return {name: {f.name for f in fields(spec.config)} for name, spec in specs.items() if spec.config is not None}
+
+
+_BLOCK_FIELDS = _own_fields(BLOCKS)
+_ROUTER_FIELDS = _own_fields(ROUTERS)
+_ALL_FIELDS = _MOE_FIELDS.union(*_BLOCK_FIELDS.values(), *_ROUTER_FIELDS.values())
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     overrides: Tuple[Tuple[str, object], ...]
-    """(field, value) pairs of MoEConfig / S2MoEConfig, in a fixed order."""
+    """(field, value) pairs of MoEConfig and of its block's and router's settings, in a fixed order."""
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.name)
 
+    def _get(self, key: str):
+        return dict(self.overrides).get(key, getattr(MoEConfig, key))
+
     @property
-    def router(self) -> str:
-        return str(dict(self.overrides).get("router", MoEConfig.router))
+    def block(self) -> str:
+        return str(self._get("block"))
+
+    @property
+    def routed(self) -> bool:
+        return BLOCKS[self.block].routed
+
+    def accepts(self, key: str) -> bool:
+        """Whether `key` is a field of this variant's MoEConfig, block kind or router."""
+        return (key in _MOE_FIELDS or key in _BLOCK_FIELDS.get(self.block, ())
+                or key in _ROUTER_FIELDS.get(str(self._get("router")), ()))
 
     def moe_dict(self) -> Dict[str, object]:
         moe = {k: v for k, v in self.overrides if k in _MOE_FIELDS}
-        s2 = {k: v for k, v in self.overrides if k in _S2MOE_FIELDS}
-        if s2:
-            moe["s2moe"] = s2
+        for settings, own in (("block_config", _BLOCK_FIELDS.get(self.block, ())),
+                              ("router_config", _ROUTER_FIELDS.get(str(self._get("router")), ()))):
+            values = {k: v for k, v in self.overrides if k in own}
+            if values:
+                moe[settings] = values
         return moe
 
     def flags(self) -> List[str]:
@@ -70,14 +96,15 @@ def parse_value(text: str):
 
 
 def parse_assignment(spec: str, what: str) -> Tuple[str, List[object]]:
-    """'field=v1,v2' -> (field, [v1, v2]), the field checked against MoEConfig and S2MoEConfig."""
+    """'field=v1,v2' -> (field, [v1, v2]), the field checked against MoEConfig and the settings of
+    every registered block kind and router."""
     if "=" not in spec:
         raise ConfigError(f"{what}: {spec!r} is not FIELD=VALUE[,VALUE...], e.g. uncertainty_coef=0,0.5")
     key, values = spec.split("=", 1)
     key = key.strip().replace("-", "_")
-    if key not in _MOE_FIELDS | _S2MOE_FIELDS:
-        raise ConfigError(f"{what}: unknown field {key!r}; use a field of MoEConfig or S2MoEConfig: "
-                          f"{', '.join(sorted(_MOE_FIELDS | _S2MOE_FIELDS))}")
+    if key not in _ALL_FIELDS:
+        raise ConfigError(f"{what}: unknown field {key!r}; use a field of MoEConfig or of a block kind's or "
+                          f"router's settings: {', '.join(sorted(_ALL_FIELDS))}")
     parsed = [parse_value(v.strip()) for v in values.split(",") if v.strip() != ""]
     if not parsed:
         raise ConfigError(f"{what}: {spec!r} gives no value")
@@ -87,8 +114,9 @@ def parse_assignment(spec: str, what: str) -> Tuple[str, List[object]]:
 def plan_variants(names: Sequence[str], ablations: Sequence[str] = (), ablate_base: str = "s2moe",
                   sets: Sequence[str] = (), preset: str = "tiny") -> List[Variant]:
     """The variants to run: each built-in name, then one variant per ablation value (on top of
-    ablate_base); `sets` (FIELD=VALUE) apply to every variant. Each is validated by building its
-    model config, so a bad field or value stops here, before any training."""
+    ablate_base); `sets` (FIELD=VALUE) apply to every variant whose block kind or router has the
+    field. Each is validated by building its model config, so a bad field or value stops here,
+    before any training."""
     common: List[Tuple[str, object]] = []
     for spec in sets:
         key, values = parse_assignment(spec, "--set")
@@ -99,11 +127,15 @@ def plan_variants(names: Sequence[str], ablations: Sequence[str] = (), ablate_ba
     def make(name: str, extra: Sequence[Tuple[str, object]] = ()) -> Variant:
         if name not in BUILTIN_VARIANTS:
             raise ConfigError(f"--variants: unknown variant {name!r}; choose from {', '.join(BUILTIN_VARIANTS)}")
-        merged = dict(common)
+        own = Variant(name, tuple(sorted({**BUILTIN_VARIANTS[name], **dict(extra)}.items())))
+        merged = {k: v for k, v in common if own.accepts(k)}
         merged.update(BUILTIN_VARIANTS[name])
         merged.update(extra)
         label = name + "".join(f" {k}={v}" for k, v in extra)
         variant = Variant(label, tuple(sorted(merged.items())))
+        for key, _ in extra:
+            if not variant.accepts(key):
+                raise ConfigError(f"--ablate: {key!r} is not a setting of variant {name!r} (block {variant.block!r})")
         model_preset(preset, moe=variant.moe_dict())  # raises ConfigError naming the field
         return variant
 
@@ -111,6 +143,9 @@ def plan_variants(names: Sequence[str], ablations: Sequence[str] = (), ablate_ba
     for spec in ablations:
         key, values = parse_assignment(spec, "--ablate")
         variants += [make(ablate_base, [(key, v)]) for v in values]
+    for key, _ in common:
+        if variants and not any(v.accepts(key) for v in variants):
+            raise ConfigError(f"--set: {key!r} is a setting of none of the variants")
     seen = set()
     for v in variants:
         if v.name in seen:
@@ -148,7 +183,7 @@ def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], m
         head += [f"{split} {metric} (1 expert)", f"{split} {metric} (2 experts)"]
     if ref:
         head.append(f"valid: 1 expert - {reference} with 2")
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for v in variants:
         runs = results.get(v.name, [])
         row = [v.name, str(len(runs))]
@@ -159,15 +194,14 @@ def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], m
             ones = [x for x in (eval_value(r, "valid", 1, metric) for r in runs) if x is not None]
             twos = [x for x in (eval_value(r, "valid", 2, metric) for r in ref) if x is not None]
             row.append(f"{statistics.fmean(ones) - statistics.fmean(twos):+.4f}" if ones and twos else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown_table(head, rows)
 
 
 def per_seed_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], metric: str) -> str:
-    lines = [f"| variant | seed | valid {metric} (1 expert) | valid {metric} (2 experts) |", "| --- | --- | --- | --- |"]
+    rows = []
     for v in variants:
         for r in results.get(v.name, []):
             one, two = eval_value(r, "valid", 1, metric), eval_value(r, "valid", 2, metric)
-            lines.append(f"| {v.name} | {r['seed']} | {one:.4f} | {two:.4f} |")
-    return "\n".join(lines)
-
+            rows.append([v.name, r["seed"], f"{one:.4f}", f"{two:.4f}"])
+    return markdown_table(["variant", "seed", f"valid {metric} (1 expert)", f"valid {metric} (2 experts)"], rows)

@@ -1,6 +1,5 @@
 """Process-group start-up and `deepspeed.initialize`, with the checks DeepSpeed makes late or not at all."""
 
-import importlib
 import json
 import os
 import socket
@@ -11,17 +10,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError
-
-
-def _skip_shm_comm_build() -> None:
-    """On the CPU accelerator, DeepSpeed's comm backend JIT-compiles a shared-memory extension
-    (30-120 s) that only `inference_all_reduce` uses; training never calls it.
-
-    `deepspeed.comm.torch` must be fetched by module path: `import deepspeed.comm.torch as m`
-    binds the torch package itself (name clash) and a patch on it does nothing.
-    """
-    if get_accelerator().device_name() == "cpu":
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+from . import deepspeed_internals as ds
 
 
 def free_port() -> int:
@@ -57,7 +46,8 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
     independent singletons, which would each train alone and overwrite each other's checkpoints.
     """
     if not deepspeed.comm.is_initialized():
-        _skip_shm_comm_build()
+        if get_accelerator().device_name() == "cpu":
+            ds.skip_shm_comm_build()  # training never uses the extension it would build
         kwargs = {}
         if timeout_s is not None:
             from datetime import timedelta

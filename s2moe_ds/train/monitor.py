@@ -1,36 +1,38 @@
-"""Rank 0's view of training: a progress bar and TensorBoard events, written once.
+"""Rank 0's view of training: a progress bar and TensorBoard events. No collectives here: the
+trainer averages what needs every rank before it hands values over.
 
-Scalars: train/{loss,task_loss,balance_loss,uncertainty_loss,lr,grad_norm,tokens_per_s},
+Scalars: train/{loss,task_loss,<name>_loss for each named auxiliary loss,lr,grad_norm,tokens_per_s},
 valid/{bpc|ppl,nll_per_token}; per MoE layer moe/layer<i>/{expert<e>_load,dropped_fraction,
-mix_gate_mean} and the histogram moe/layer<i>/mix_gate. Expert load and dropped share are
-averaged over every rank (each routes as many tokens), the mixing gate is rank 0's tokens.
+mix_gate_mean} and the histogram moe/layer<i>/mix_gate. Expert load and dropped share are averaged
+over every rank (each routes as many tokens), the mixing gate is rank 0's tokens.
 """
 
 import os
 from typing import Dict, List, Optional, Tuple
 
-import deepspeed.comm as dist
 import torch
 
-from ..config import TrainConfig
+from .config import TrainConfig
+
+RANK_AVERAGED = ("expert_load", "dropped_fraction")
+"""Per-layer values the trainer averages over the ranks before logging."""
 
 
-_RANK_AVERAGED = ("expert_load", "dropped_fraction")
-
-
-def _rank_averaged(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """values with the expert loads and dropped shares averaged over all ranks, in one all-reduce."""
-    keys = [k for k in values if k.endswith(_RANK_AVERAGED)]
-    if not keys or not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    parts = [values[k].detach().float().reshape(-1) for k in keys]
-    flat = torch.cat([p.to(parts[0].device) for p in parts])  # on the device: NCCL refuses CPU tensors
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out = dict(values)
-    for k, chunk in zip(keys, flat.split([p.numel() for p in parts])):
-        out[k] = chunk.reshape(values[k].shape)
+def layer_values(layer_metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The model's per-layer metrics as logged: routes per expert become each expert's share."""
+    out = {}
+    for name, value in layer_metrics.items():
+        layer, what = name.split("/", 1)
+        if what == "expert_counts":
+            counts = value.float()
+            out[f"{layer}/expert_load"] = counts / counts.sum().clamp_min(1.0)
+        else:
+            out[name] = value
     return out
+
+
+def rank_averaged_keys(values: Dict[str, torch.Tensor]) -> List[str]:
+    return [k for k in values if k.endswith(RANK_AVERAGED)]
 
 
 class Monitor:
@@ -38,7 +40,6 @@ class Monitor:
     def __init__(self, cfg: TrainConfig, is_writer: bool, start_step: int = 0) -> None:
         self.cfg = cfg
         self.is_writer = is_writer
-        self.losses: List[float] = []
         self.writer = None
         self.bar = None
         if is_writer:
@@ -48,43 +49,37 @@ class Monitor:
             self.writer = SummaryWriter(self.tb_dir)
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def train_step(self, step: int, engine, out, loss: torch.Tensor, model, tokens: int, seconds: float) -> None:
-        """Call on every rank: on logging steps the per-layer routing values are averaged over the
-        ranks, a collective."""
-        value = loss.item()
-        self.losses.append(value)
-        log_now = step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
-        layer_values = _rank_averaged(model.layer_metrics()) if log_now else {}
+    def train_step(self, step: int, engine, loss: float, losses: Dict[str, torch.Tensor],
+                   layer: Dict[str, torch.Tensor], tokens_per_s: float) -> None:
+        """The progress bar every step and, on logging steps, the scalars (rank 0 writes; the other
+        ranks return at once). `losses`: the task's and each named loss, reduced over layers;
+        `layer`: the per-layer values, averaged over the ranks where RANK_AVERAGED says."""
         if not self.is_writer:
             return
-        tokens_per_s = tokens / max(seconds, 1e-9)
-        self.bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         self.bar.update(1)
-        if not log_now:
+        if not self.log_now(step):
             return
+        scalars = {"train/loss": loss, **{f"train/{name}_loss": v.item() for name, v in losses.items()},
+                   "train/lr": engine.get_lr()[0], "train/tokens_per_s": tokens_per_s}
         grad_norm = engine.get_global_grad_norm()
-        scalars = {
-            "train/loss": value,
-            "train/task_loss": out.task_loss.item(),
-            "train/balance_loss": out.balance_loss.item(),
-            "train/uncertainty_loss": out.uncertainty_loss.item(),
-            "train/lr": engine.get_lr()[0],
-            "train/tokens_per_s": tokens_per_s,
-        }
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
-        for name, value_t in layer_values.items():
-            layer, what = name.split("/", 1)
+        for name, value_t in layer.items():
+            layer_name, what = name.split("/", 1)
             if what == "expert_load":
                 for e, share in enumerate(value_t.tolist()):
-                    scalars[f"moe/{layer}/expert{e}_load"] = share
+                    scalars[f"moe/{layer_name}/expert{e}_load"] = share
             elif what == "mix_gate":
-                scalars[f"moe/{layer}/mix_gate_mean"] = value_t.float().mean().item()
-                self.writer.add_histogram(f"moe/{layer}/mix_gate", value_t.float(), step)
+                scalars[f"moe/{layer_name}/mix_gate_mean"] = value_t.float().mean().item()
+                self.writer.add_histogram(f"moe/{layer_name}/mix_gate", value_t.float(), step)
             else:
                 scalars[f"moe/{name}"] = float(value_t)
         for tag, v in scalars.items():
             self.writer.add_scalar(tag, v, step)
+
+    def log_now(self, step: int) -> bool:
+        return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
 
     def eval(self, step: int, split: str, result: Dict[str, float]) -> None:
         if not self.is_writer:

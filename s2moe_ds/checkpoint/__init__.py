@@ -1,0 +1,11 @@
+"""Checkpoint storage (crash-consistent saves, exact resume), consolidation to one process, and the
+reading of earlier formats. Used by training, evaluation and the launch scripts; imports models
+and parallel, never train or eval."""
+
+from .compat import FORMAT_VERSION, upgrade_meta, upgrade_model_config
+from .consolidate import consolidate, load_model, model_config_for_inference, model_from_state, resolve_checkpoint
+from .store import COMPLETE, LATEST, check_resumable, latest_tag, load, save, step_tag
+
+__all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "check_resumable", "consolidate", "latest_tag", "load",
+           "load_model", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "step_tag",
+           "upgrade_meta", "upgrade_model_config"]

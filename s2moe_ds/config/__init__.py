@@ -1,0 +1,12 @@
+"""The bottom of the house: ConfigError and the validators every config dataclass uses.
+
+Each config lives beside the component it builds (models/config.py, moe/config.py, the blocks' and
+routers' own files, parallel/config.py, data/config.py, train/config.py); they all validate in
+``__post_init__`` with these helpers, so an error names its field and the fix before any compute.
+"""
+
+from .validate import (ConfigError, check_bool, check_choice, check_int, check_number, check_optional_int, fail,
+                       require)
+
+__all__ = ["ConfigError", "check_bool", "check_choice", "check_int", "check_number", "check_optional_int", "fail",
+           "require"]

@@ -1,0 +1,121 @@
+"""'gpt': a decoder-only Transformer language model with any feed-forward block kind.
+
+Pre-norm blocks, causal attention through torch's scaled_dot_product_attention, learned position
+embeddings, tied input/output embeddings. The feed-forward block of each layer comes from
+moe/registry.py (ModelConfig.block_kind); the model knows no block kind, no process group and
+no loss weighting: blocks return their named losses and metrics (moe/blocks/base.py), the model
+collects them per layer into LMOutput, and the task weighs them.
+
+Shapes: B sequences, T tokens, D = d_model, H heads of d = D / H, V vocabulary.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe import FFN, build_block
+from .base import LMOutput
+from .config import ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).split(D, dim=-1)
+        q_BHTd, k_BHTd, v_BHTd = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True,
+                                                dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y_BHTd.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg: ModelConfig, kind: str, ep_size: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = build_block(cfg.moe, kind, cfg.d_model, FFN(cfg.d_model, cfg.d_inner, cfg.dropout), ep_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor, mask_BT: Optional[torch.Tensor]):
+        """(x, the feed-forward block's BlockOutput)."""
+        x_BTD = x_BTD + self.drop(self.attn(self.ln1(x_BTD)))
+        parts = self.ffn.forward_parts(self.ln2(x_BTD), mask_BT)
+        return x_BTD + self.drop(parts.output), parts
+
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg: ModelConfig, parallel=None) -> None:
+        super().__init__()
+        ep_size = 1 if parallel is None else parallel.ep_size
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.block_kind(i), ep_size) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            block.ffn.reset_block_parameters()  # e.g. S2MoE's mixing gate starts at sigmoid(b)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
+                mask_BT: Optional[torch.Tensor] = None, state=None) -> LMOutput:
+        """idx/targets: [B, T] token ids; mask: [B, T], 0 on padding (left out of every loss).
+        The backbone has no memory: `state` is ignored and None comes back."""
+        B, T = idx_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        pos_T = torch.arange(T, device=idx_BT.device)
+        x_BTD = self.drop(self.tok_emb(idx_BT) + self.pos_emb(pos_T))
+        layer_losses, layer_metrics, reporting = {}, {}, 0
+        for block in self.blocks:
+            x_BTD, parts = block(x_BTD, mask_BT)
+            for name, value in parts.losses.items():
+                layer_losses.setdefault(name, []).append(value)
+            if parts.metrics:
+                layer_metrics.update({f"layer{reporting}/{name}": value for name, value in parts.metrics.items()})
+                reporting += 1
+        logits_BTV = F.linear(self.ln_f(x_BTD), self.tok_emb.weight)
+        task = None
+        if targets_BT is not None:
+            nll_BT = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")
+            if mask_BT is None:
+                task = nll_BT.mean()
+            else:
+                m = mask_BT.flatten().float()
+                task = (nll_BT * m).sum() / m.sum().clamp_min(1.0)
+        return LMOutput(logits_BTV, task, layer_losses, layer_metrics)
+
+    @torch.no_grad()
+    def generate(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample continuations; call in eval mode (blocks then route with eval_k experts, no noise)."""
+        for _ in range(max_new_tokens):
+            context_BT = idx_BT[:, -self.cfg.max_seq_len:]
+            logits_BV = self(context_BT).logits[:, -1, :].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1])).values[:, -1:]
+                logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+            probs_BV = F.softmax(logits_BV, dim=-1)
+            next_B1 = torch.multinomial(probs_BV, 1, generator=generator)
+            idx_BT = torch.cat([idx_BT, next_B1], dim=1)
+        return idx_BT

@@ -1,0 +1,89 @@
+"""The contract of a feed-forward block, and what blocks that route over experts add to it.
+
+Every block kind (dense, moe, s2moe) offers
+    forward_parts(x_BTD, mask_BT) -> BlockOutput(output, losses, metrics)
+with its named auxiliary losses (fp32 scalars, still in the graph) and detached metrics, and
+    forward(x, used_token) -> (output, l_aux, exp_counts)
+DeepSpeed MoE's interface, for code that uses a block as a drop-in for deepspeed.moe.layer.MoE.
+
+Metric names: 'expert_counts' (routes per expert on this rank before capacity drops),
+'dropped_fraction' (share of routes dropped by capacity), 'mix_gate' (S2MoE's g per token).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ...parallel import ExpertLayout
+from ...parallel import deepspeed_internals as ds
+
+
+@dataclass
+class BlockOutput:
+    output: torch.Tensor
+    """Same shape and dtype as the input."""
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named auxiliary losses of this call; MoEConfig.loss_terms() says how they are weighted."""
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached values for logging."""
+
+
+class Block:
+    """Mixed into every block module."""
+
+    kind = ""
+    """The registry name of the block kind."""
+
+    def forward_parts(self, hidden_states: torch.Tensor, used_token=None) -> BlockOutput:
+        raise NotImplementedError
+
+    def reset_block_parameters(self) -> None:
+        """Re-apply the initialisation the block owns, after the backbone's generic one."""
+
+
+class ExpertBlock(Block):
+    """Mixed into the blocks built on DeepSpeed's MoE layer (which they subclass)."""
+
+    @property
+    def router(self) -> nn.Module:
+        """The router DeepSpeed's dispatch calls as its gate (moe/routers)."""
+        return ds.gate(self)
+
+    def local_experts(self) -> List[nn.Module]:
+        return ds.local_experts(self)
+
+    def register_dispatch_pre_hook(self, hook):
+        """hook(module, args) before every dispatch; args[0] is the [T, D] router input."""
+        return ds.dispatcher(self).register_forward_pre_hook(hook)
+
+    def analysis_extras(self, x_ND: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-token values of the block's own, computed on router inputs, for the expert analysis."""
+        return {}
+
+    def _dispatch(self, x_TD: torch.Tensor, used_token):
+        """DeepSpeed's dispatch: (output, balance loss, routes per expert, dropped share)."""
+        out = ds.dispatcher(self)(x_TD, used_token)
+        return out, ds.last_balance_loss(self), ds.last_expert_counts(self), self.router.last_dropped_fraction
+
+
+def expert_blocks(model: nn.Module) -> List[ExpertBlock]:
+    """The model's blocks that route over experts, in order (DeepSpeed numbers its per-expert
+    checkpoint files in this order too)."""
+    return [m for m in model.modules() if isinstance(m, ExpertBlock)]
+
+
+def init_expert_weights(model: nn.Module, seed: int, layout: ExpertLayout) -> None:
+    """Initialise each expert from its GLOBAL id, so the initial model is the same for any
+    expert-parallel layout and no two experts start equal. Call before DeepSpeed takes its copies
+    of the weights."""
+    for layer_id, block in enumerate(expert_blocks(model)):
+        for local_id, expert in enumerate(block.local_experts()):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + layer_id * 10_007 + layout.global_id(local_id))
+            for p in expert.parameters():
+                with torch.no_grad():
+                    if p.dim() >= 2:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                    else:
+                        p.zero_()

@@ -1,0 +1,48 @@
+"""'moe': DeepSpeed's own expert-parallel MoE layer with the configured router; the SMoE baseline.
+
+Training is DeepSpeed's, unchanged; the router (moe/routers) makes evaluation deterministic and
+gives it eval_k. The block subclasses deepspeed.moe.layer.MoE, so its forward is DeepSpeed's and
+the engine treats it as any MoE layer (expert groups, expert parameter groups, per-expert files).
+"""
+
+from ...parallel import deepspeed_internals as ds
+from ..losses import LossTerm
+from ..spec import BlockSpec
+from .base import BlockOutput, ExpertBlock
+
+
+class MoEBlock(ExpertBlock, ds.MoE):
+
+    kind = "moe"
+
+    def forward_parts(self, hidden_states, used_token=None) -> BlockOutput:
+        # DeepSpeed's top-1 gating reads used_token as one flag per token of the flattened batch.
+        mask = None if used_token is None else used_token.reshape(-1)
+        out, balance, counts, dropped = self._dispatch(hidden_states, mask)
+        return BlockOutput(out, {"balance": balance.float()}, {"expert_counts": counts, "dropped_fraction": dropped})
+
+
+def deepspeed_moe_args(moe_cfg) -> dict:
+    """The routing settings every router shares, as DeepSpeed's MoE constructor takes them."""
+    return dict(num_experts=moe_cfg.num_experts, k=moe_cfg.k, capacity_factor=moe_cfg.capacity_factor,
+                eval_capacity_factor=moe_cfg.eval_capacity_factor, min_capacity=moe_cfg.min_capacity,
+                drop_tokens=moe_cfg.drop_tokens)
+
+
+def build(moe_cfg, d_model: int, expert, ep_size: int = 1) -> MoEBlock:
+    from ..registry import build_router
+    block = MoEBlock(d_model, expert, ep_size=ep_size, **deepspeed_moe_args(moe_cfg))
+    ds.set_gate(block, build_router(moe_cfg, ds.gate(block)))
+    return block
+
+
+def balance_term(moe_cfg) -> dict:
+    return {"balance": LossTerm(moe_cfg.balance_coef, moe_cfg.balance_over_layers)}
+
+
+def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool):
+    """The router's logits and the active experts; the dispatch itself moves data, no FLOPs."""
+    return {"router": 2 * d_model * moe_cfg.num_experts, "experts": experts_per_token * 4 * d_model * d_inner}
+
+
+SPEC = BlockSpec(build=build, config=None, routed=True, loss_terms=balance_term, flops=flops)

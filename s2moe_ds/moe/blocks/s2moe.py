@@ -1,0 +1,284 @@
+"""'s2moe': S2MoE (arXiv 2503.23007) on DeepSpeed's expert-parallel MoE layer.
+
+Training forward, for the tokens x of this rank (docs/method.md):
+
+    x_hat = GaussianNoise(x)                          the noisy copy (method/noise.py)
+    [y, y_hat] = SMoE([x; x_hat])                     ONE dispatch: same router, same experts,
+                                                      one all-to-all pair for both paths
+    g = sigmoid(w^T x + b)                            the mixing gate, fp32, starts at 0.5
+    out = g * y + (1 - g) * y_hat                     (method/mixing.py)
+    L_u = InfoNCE(x, x_hat) on a token sample         (method/infonce.py)
+
+Eval forward (eval_noise 'none'): out = SMoE(x) with eval_k experts, one dispatch, deterministic.
+`S2MoEConfig.fused` picks the formulas of method/ or their autograd Functions in fused/.
+
+The class subclasses `deepspeed.moe.layer.MoE`, so DeepSpeed's engine treats it as any MoE layer:
+expert parameter groups for ZeRO 1/2, per-expert checkpoint files, process-group creation.
+Shapes: T tokens of this rank, D = hidden size.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ...config import ConfigError, check_bool, check_choice, check_int, check_number, require
+from ...parallel import check_expert_parallel
+from ...parallel import deepspeed_internals as ds
+from .. import fused, method
+from ..config import MoEConfig
+from ..losses import LAYER_REDUCTIONS, LossTerm
+from ..routers.topk import TopKRouter
+from ..spec import BlockSpec
+from .base import BlockOutput, ExpertBlock
+from .moe import balance_term, deepspeed_moe_args
+from .moe import flops as moe_flops
+
+NOISE_STATS = ("local", "global")
+EVAL_NOISE = ("none", "mean", "sample")
+UNCERTAINTY_ON = ("input", "output")
+
+
+@dataclass
+class S2MoEConfig:
+    """The settings S2MoE adds to a MoE layer (docs/method.md has the method they configure)."""
+
+    noise_scale: float = 1.0
+    """s in N1 = 1 + s*sigma*eps1, N2 = mu + s*sigma*eps2; 0 gives x_hat = x + mu."""
+    noise_stats: str = "local"
+    """Where mu and sigma come from: 'local' (this rank's tokens) or 'global' (all-reduced over the
+    data-parallel group, like SyncBatchNorm)."""
+    detach_noise_stats: bool = True
+    """Treat mu and sigma as constants for autograd."""
+    mix_gate_init_bias: float = 0.0
+    """Initial bias b of the mixing gate g(x) = sigmoid(w^T x + b); w starts at 0, so g starts at
+    sigmoid(b) (0.5 for the default)."""
+    eval_noise: str = "none"
+    """Noise in eval mode: 'none' (x_hat = x, one dispatch), 'mean' (x_hat = x + mu) or 'sample'
+    (as in training)."""
+    uncertainty_coef: float = 0.1
+    """beta, the weight of the InfoNCE uncertainty loss L_u in the total loss."""
+    uncertainty_tau: float = 0.1
+    """InfoNCE temperature tau."""
+    uncertainty_tokens: int = 512
+    """Tokens sampled per layer per step for L_u; bounds its memory at tokens^2 instead of T^2."""
+    uncertainty_on: str = "input"
+    """'input': InfoNCE between x and x_hat (the paper); 'output': between SMoE(x) and SMoE(x_hat)."""
+    uncertainty_over_layers: str = "mean"
+    """How the S2MoE layers' L_u are reduced into one term: 'mean' (the default) or 'sum'."""
+    fused: bool = True
+    """Implementation, not method: true runs the noisy concat, gate logit, path mix and InfoNCE as
+    the autograd Functions of moe/fused (same values and gradients, less memory); false runs the
+    plain formulas of moe/method, the reference they are tested against."""
+
+    def __post_init__(self) -> None:
+        p = "s2moe."
+        check_number(self.noise_scale, p + "noise_scale", 0.0, strict=False)
+        check_choice(self.noise_stats, p + "noise_stats", NOISE_STATS)
+        check_bool(self.detach_noise_stats, p + "detach_noise_stats")
+        check_number(self.mix_gate_init_bias, p + "mix_gate_init_bias", float("-inf"), strict=True)
+        require(abs(self.mix_gate_init_bias) < 1e4, p + "mix_gate_init_bias",
+                f"must be a finite number, got {self.mix_gate_init_bias!r}")
+        check_choice(self.eval_noise, p + "eval_noise", EVAL_NOISE)
+        check_number(self.uncertainty_coef, p + "uncertainty_coef", 0.0, strict=False)
+        check_number(self.uncertainty_tau, p + "uncertainty_tau", 0.0, strict=True)
+        check_int(self.uncertainty_tokens, p + "uncertainty_tokens", 2)
+        check_choice(self.uncertainty_on, p + "uncertainty_on", UNCERTAINTY_ON)
+        check_choice(self.uncertainty_over_layers, p + "uncertainty_over_layers", LAYER_REDUCTIONS)
+        check_bool(self.fused, p + "fused")
+
+
+def _check_folding(uncertainty_coef: float, balance_coef: float, field: str) -> None:
+    if uncertainty_coef > 0 and not balance_coef > 0:
+        raise ConfigError(f"{field}: must be > 0 with block 's2moe': the layer's drop-in forward folds "
+                          "uncertainty_coef / balance_coef * L_u into l_aux; set a small positive balance_coef or "
+                          "s2moe.uncertainty_coef 0")
+
+
+class S2MoE(ExpertBlock, ds.MoE):
+    """S2MoE layer (arXiv 2503.23007) on DeepSpeed's MoE; a drop-in for `deepspeed.moe.layer.MoE`.
+
+    The positional arguments and their defaults are DeepSpeed's MoE's (use_residual excepted:
+    DeepSpeed's residual MoE is not supported). Keyword-only extras:
+
+    - eval_k: experts per token in eval mode (default: k).
+    - eval_drop_tokens: drop tokens beyond capacity in eval mode (default: drop_tokens, as DeepSpeed).
+    - balance_coef: the coefficient your training code multiplies l_aux by (default 0.01). The
+      drop-in `forward` returns l_aux = L_balance + (uncertainty_coef / balance_coef) * L_u, so
+      that `balance_coef * l_aux` adds exactly `uncertainty_coef * L_u` to the loss.
+    - router: makes the router from the gate DeepSpeed's constructor built (moe/registry.py's
+      build_router does for any registered router); None: the 'topk' router with the arguments above.
+    - any S2MoEConfig field (noise_scale, noise_stats, ..., fused).
+    """
+
+    kind = "s2moe"
+
+    def __init__(self,
+                 hidden_size: int,
+                 expert: nn.Module,
+                 num_experts: int = 1,
+                 ep_size: int = 1,
+                 k: int = 1,
+                 capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4,
+                 use_residual: bool = False,
+                 noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True,
+                 use_rts: bool = True,
+                 use_tutel: bool = False,
+                 enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: bool = True,
+                 *,
+                 eval_k: Optional[int] = None,
+                 eval_drop_tokens: Optional[bool] = None,
+                 balance_coef: float = MoEConfig.balance_coef,
+                 router: Optional[Callable[[nn.Module], nn.Module]] = None,
+                 **s2moe) -> None:
+        # Validate everything before DeepSpeed's constructor, whose asserts name no field.
+        if not (isinstance(hidden_size, int) and hidden_size >= 1):
+            raise ConfigError(f"hidden_size: must be an integer >= 1, got {hidden_size!r}")
+        if not isinstance(expert, nn.Module):
+            raise ConfigError(f"expert: must be a torch.nn.Module, got {type(expert).__name__}")
+        if use_residual:
+            raise ConfigError("use_residual: DeepSpeed's residual MoE is not supported by S2MoE; leave it False")
+        check_expert_parallel(num_experts, ep_size, "num_experts", "ep_size")
+        # MoEConfig and the top-k router's config hold the routing checks; reuse them.
+        MoEConfig(block="moe", num_experts=num_experts, k=k, eval_k=eval_k, capacity_factor=capacity_factor,
+                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens,
+                  eval_drop_tokens=drop_tokens if eval_drop_tokens is None else eval_drop_tokens,
+                  balance_coef=balance_coef,
+                  router_config=dict(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
+                                     top2_2nd_expert_sampling=top2_2nd_expert_sampling))
+        unknown = sorted(set(s2moe) - {f.name for f in fields(S2MoEConfig)})
+        if unknown:
+            raise ConfigError(f"S2MoE: unknown argument(s) {', '.join(unknown)}; its keyword arguments are "
+                              f"eval_k, eval_drop_tokens, balance_coef, router and S2MoEConfig's fields")
+        self.config = S2MoEConfig(**s2moe)
+        _check_folding(self.config.uncertainty_coef, balance_coef, "balance_coef")
+        super().__init__(hidden_size, expert, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
+                         min_capacity, use_residual, noisy_gate_policy, drop_tokens, use_rts, use_tutel,
+                         enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
+        self.balance_coef = balance_coef
+        gate = ds.gate(self)
+        ds.set_gate(self, router(gate) if router is not None else
+                    TopKRouter.from_deepspeed_gate(gate, k if eval_k is None else eval_k, eval_drop_tokens))
+        cfg = self.config
+        self.noise = method.GaussianNoise(cfg.noise_scale, cfg.noise_stats, cfg.detach_noise_stats)
+        # Named without "expert": DeepSpeed moves every state-dict key containing that word into
+        # the per-expert checkpoint files.
+        self.mix_gate = nn.Linear(hidden_size, 1)
+        self.reset_block_parameters()
+
+    @property
+    def eval_k(self) -> int:
+        return self.router.eval_k
+
+    def reset_block_parameters(self) -> None:
+        """w = 0 and b = mix_gate_init_bias, so g(x) starts at sigmoid(b) for every token."""
+        nn.init.zeros_(self.mix_gate.weight)
+        nn.init.constant_(self.mix_gate.bias, self.config.mix_gate_init_bias)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        if self.config.noise_stats == "global":
+            # Statistics are shared by the ranks that share the non-expert weights, as SyncBatchNorm
+            # shares them across its data-parallel group.
+            self.noise.stats_group = ds.data_parallel_group()
+
+    def _uses_noise(self) -> bool:
+        return self.training or self.config.eval_noise != "none"
+
+    def noisy_pair(self, x_TD: torch.Tensor, mask_T: Optional[torch.Tensor] = None,
+                   sample: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """([x; x_hat] along the token axis, x_hat): both paths in one buffer for one dispatch.
+        The fused Function covers sampled noise with constant statistics; the rest is plain."""
+        cfg = self.config
+        if cfg.fused and sample and cfg.noise_scale != 0 and cfg.detach_noise_stats:
+            mu_D, sigma_D = self.noise.statistics(x_TD, mask_T)
+            return fused.noisy_concat(x_TD, mu_D, cfg.noise_scale * sigma_D, *method.draw_eps(x_TD))
+        x_hat_TD = self.noise(x_TD, mask_T, sample=sample)
+        return torch.cat([x_TD, x_hat_TD], dim=0), x_hat_TD
+
+    def forward_parts(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> BlockOutput:
+        """hidden_states: [..., hidden_size]; used_token: optional [...] mask, 1 for real tokens and 0
+        for padding (padding is left out of the noise statistics and of L_u; top-1 routing also
+        leaves it out, as in DeepSpeed). Losses: 'balance' and 'uncertainty' (0 in eval)."""
+        cfg = self.config
+        ops = fused if cfg.fused else method
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        # fp32, never the activations' dtype: DeepSpeed's top-1 gate counts capacity slots in the
+        # mask's dtype, and bf16 holds whole numbers exactly only up to 256.
+        mask_T = None if used_token is None else used_token.reshape(-1).to(torch.float32)
+        uncertainty = x_TD.new_zeros((), dtype=torch.float32)
+        metrics = {}
+
+        if not self._uses_noise():
+            # x_hat = x, so g * SMoE(x) + (1 - g) * SMoE(x) = SMoE(x): one dispatch, no gate.
+            out_TD, balance, counts, dropped = self._dispatch(x_TD, mask_T)
+        else:
+            # Clean tokens first: DeepSpeed drops routes by position when an expert is full, so
+            # the clean path (the one evaluation uses) keeps priority over the noisy copy.
+            both_2TD, x_hat_TD = self.noisy_pair(x_TD, mask_T, sample=self.training or cfg.eval_noise == "sample")
+            both_mask = None if mask_T is None else torch.cat([mask_T, mask_T], dim=0)
+            y_2TD, balance, counts, dropped = self._dispatch(both_2TD, both_mask)
+            y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
+            g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias))
+            out_TD = ops.mix_paths(g_T1, y_2TD)
+            if self.training and cfg.uncertainty_coef > 0:
+                pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)
+                uncertainty = method.sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
+                                                      loss=ops.info_nce)
+            metrics["mix_gate"] = g_T1.detach().reshape(-1)
+
+        metrics.update(expert_counts=counts, dropped_fraction=dropped)
+        return BlockOutput(out_TD.reshape(hidden_states.shape), {"balance": balance.float(), "uncertainty": uncertainty},
+                           metrics)
+
+    def forward(self,
+                hidden_states: torch.Tensor,
+                used_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DeepSpeed MoE's interface: (output, l_aux, exp_counts).
+
+        l_aux = L_balance + (uncertainty_coef / balance_coef) * L_u, so code written for DeepSpeed's
+        MoE (`loss = task_loss + balance_coef * l_aux`) trains S2MoE with both losses weighted as
+        configured.
+        """
+        parts = self.forward_parts(hidden_states, used_token)
+        l_aux = parts.losses["balance"]
+        if self.config.uncertainty_coef > 0 and self.training:
+            l_aux = l_aux + (self.config.uncertainty_coef / self.balance_coef) * parts.losses["uncertainty"]
+        return parts.output, l_aux, parts.metrics["expert_counts"]
+
+    def analysis_extras(self, x_ND: torch.Tensor):
+        g_N1 = torch.sigmoid(method.mix_gate_logit(x_ND, self.mix_gate.weight, self.mix_gate.bias))
+        return {"mix_gate": g_N1.reshape(-1)}
+
+
+def build(moe_cfg, d_model: int, expert, ep_size: int = 1) -> S2MoE:
+    from ..registry import build_router
+    return S2MoE(d_model, expert, ep_size=ep_size, **deepspeed_moe_args(moe_cfg), eval_k=moe_cfg.resolved_eval_k,
+                 eval_drop_tokens=moe_cfg.eval_drop_tokens, balance_coef=moe_cfg.balance_coef,
+                 router=lambda gate: build_router(moe_cfg, gate), **asdict(moe_cfg.block_config))
+
+
+def loss_terms(moe_cfg):
+    cfg = moe_cfg.block_config
+    return {**balance_term(moe_cfg), "uncertainty": LossTerm(cfg.uncertainty_coef, cfg.uncertainty_over_layers)}
+
+
+def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool):
+    """In training the router and the experts see the clean and the noisy copy, and the mixing gate
+    runs; in eval only the clean tokens, as any MoE."""
+    paths = 2 if training else 1
+    out = {name: paths * v for name, v in moe_flops(moe_cfg, d_model, d_inner, experts_per_token, training).items()}
+    out["mix_gate"] = 2 * d_model if training else 0
+    return out
+
+
+def check(moe_cfg) -> None:
+    _check_folding(moe_cfg.block_config.uncertainty_coef, moe_cfg.balance_coef, "moe.balance_coef")
+
+
+SPEC = BlockSpec(build=build, config=S2MoEConfig, routed=True, loss_terms=loss_terms, flops=flops, check=check)

@@ -1,0 +1,122 @@
+"""The feed-forward blocks of a model: which kind, which router, how tokens are routed and how
+the routers' losses count. The block kind and the router are separate choices, each resolved
+through moe/registry.py, whose entries also bring the settings of their own (block_config,
+router_config)."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional
+
+from ..config import ConfigError, check_bool, check_choice, check_int, check_number, require
+from .losses import LAYER_REDUCTIONS, LossTerm
+
+_BLOCK_KINDS_BEFORE_THE_REDESIGN = {"s2moe": "s2moe", "smoe": "moe", "dense": "dense"}
+
+
+def check_top_k(k, num_experts: int, name: str) -> None:
+    """k experts per token: an integer in [1, num_experts]."""
+    check_int(k, name, 1)
+    require(k <= num_experts, name, f"must be <= num_experts ({num_experts}), got {k}")
+
+
+def resolve_settings(value, cls, name: str, owner: str):
+    """A block's or router's own settings: None (its defaults), a dict of its fields, or `cls`."""
+    if cls is None:
+        require(value in (None, {}), name, f"{owner} has no settings of its own, got {value!r}")
+        return None
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        require(not unknown, name, f"unknown field(s) {', '.join(map(repr, unknown))} for {owner}; "
+                f"its fields: {', '.join(sorted(known))}")
+        return cls(**value)
+    require(isinstance(value, cls), name, f"must be a {cls.__name__} or a dict of its fields, "
+            f"got {type(value).__name__}")
+    return value
+
+
+@dataclass
+class MoEConfig:
+    """Which feed-forward block the model's MoE layers are, which router they use, and how."""
+
+    block: str = "s2moe"
+    """Block kind of the MoE layers: 'dense' (one FFN on every token), 'moe' (DeepSpeed's
+    expert-parallel MoE, the SMoE baseline) or 's2moe' (S2MoE: the same router and experts on
+    the clean and a noise-augmented copy of each token, mixed by a learned gate)."""
+    router: str = "topk"
+    """The router of 'moe' and 's2moe' blocks: 'topk' (DeepSpeed's top-k gate, made deterministic
+    in eval mode and given eval_k)."""
+    num_experts: int = 16
+    """Experts per MoE layer, across all expert-parallel ranks."""
+    k: int = 2
+    """Experts per token (per path, for S2MoE) in training."""
+    eval_k: Optional[int] = None
+    """Experts per token in eval mode; None means k. The paper evaluates S2MoE with 1."""
+    capacity_factor: float = 1.0
+    """DeepSpeed's training capacity factor (capacity = ceil(S / E * factor * k))."""
+    eval_capacity_factor: float = 1.0
+    """DeepSpeed's capacity factor in eval mode."""
+    min_capacity: int = 4
+    """Minimum tokens per expert regardless of the capacity factor."""
+    drop_tokens: bool = True
+    """Drop tokens beyond capacity in training (False means unbounded capacity)."""
+    eval_drop_tokens: bool = False
+    """Drop tokens beyond capacity in eval mode. Off by default, unlike DeepSpeed: with drops a
+    token's output depends on the other tokens of its batch, so metrics would change with batch
+    size and process count."""
+    balance_coef: float = 0.01
+    """Weight of the router's load-balancing loss in the total loss."""
+    balance_over_layers: str = "sum"
+    """How the MoE layers' balance losses are reduced into one term: 'sum' (DeepSpeed's
+    convention, the default) or 'mean'."""
+    router_config: Any = None
+    """The router's own settings: its config class (moe/registry.py) or a dict of its fields;
+    None gives its defaults."""
+    block_config: Any = None
+    """The block kind's own settings (S2MoEConfig for 's2moe'; 'dense' and 'moe' have none): the
+    class or a dict of its fields; None gives its defaults."""
+
+    def __post_init__(self) -> None:
+        from .registry import BLOCKS, ROUTERS
+        p = "moe."
+        if self.router in _BLOCK_KINDS_BEFORE_THE_REDESIGN and self.router not in ROUTERS:
+            raise ConfigError(f"moe.router: {self.router!r} names a block kind; moe.router now names the router "
+                              f"({', '.join(map(repr, ROUTERS))}) and moe.block the block kind: use block "
+                              f"{_BLOCK_KINDS_BEFORE_THE_REDESIGN[self.router]!r} (flag --block)")
+        check_choice(self.block, p + "block", tuple(BLOCKS))
+        check_choice(self.router, p + "router", tuple(ROUTERS))
+        check_int(self.num_experts, p + "num_experts", 1)
+        check_top_k(self.k, self.num_experts, p + "k")
+        if self.eval_k is not None:
+            check_top_k(self.eval_k, self.num_experts, p + "eval_k")
+        check_number(self.capacity_factor, p + "capacity_factor", 0.0, strict=True)
+        check_number(self.eval_capacity_factor, p + "eval_capacity_factor", 0.0, strict=True)
+        check_int(self.min_capacity, p + "min_capacity", 0)
+        check_bool(self.drop_tokens, p + "drop_tokens")
+        check_bool(self.eval_drop_tokens, p + "eval_drop_tokens")
+        check_number(self.balance_coef, p + "balance_coef", 0.0, strict=False)
+        check_choice(self.balance_over_layers, p + "balance_over_layers", LAYER_REDUCTIONS)
+        self.router_config = resolve_settings(self.router_config, ROUTERS[self.router].config, p + "router_config",
+                                              f"router {self.router!r}")
+        self.block_config = resolve_settings(self.block_config, BLOCKS[self.block].config, p + "block_config",
+                                             f"block {self.block!r}")
+        BLOCKS[self.block].check(self)
+
+    @property
+    def routed(self) -> bool:
+        """True when the block kind routes tokens over experts (and so has a router and eval_k)."""
+        from .registry import BLOCKS
+        return BLOCKS[self.block].routed
+
+    @property
+    def resolved_eval_k(self) -> int:
+        return self.k if self.eval_k is None else self.eval_k
+
+    def loss_terms(self) -> Dict[str, LossTerm]:
+        """The named losses this block kind reports, with their coefficients and layer reductions."""
+        from .registry import BLOCKS
+        return BLOCKS[self.block].loss_terms(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,34 @@
+"""Block kinds and routers by name. A new one is a file that defines its spec plus one line here.
+
+A BlockSpec says how to build a feed-forward block from a MoEConfig, which settings of its own it
+has, which named losses it reports and what it costs; a RouterSpec says how to build a router for
+DeepSpeed's dispatch. Models, training, evaluation, FLOPs, analysis and comparisons ask these specs
+(or the BlockOutput contract) and never switch on a kind themselves.
+"""
+
+from typing import Dict
+
+from .blocks import dense, moe, s2moe
+from .routers import topk
+from .spec import BlockSpec, RouterSpec
+
+BLOCKS: Dict[str, BlockSpec] = {
+    "dense": dense.SPEC,
+    "moe": moe.SPEC,
+    "s2moe": s2moe.SPEC,
+}
+
+ROUTERS: Dict[str, RouterSpec] = {
+    "topk": topk.SPEC,
+}
+
+
+def build_block(moe_cfg, kind: str, d_model: int, expert, ep_size: int = 1):
+    """A feed-forward block of `kind` ('dense' for the dense layers of a MoE model) with `expert`
+    as its (per-expert) FFN."""
+    return BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size)
+
+
+def build_router(moe_cfg, deepspeed_gate):
+    """The configured router, in place of the gate DeepSpeed's MoE constructor made."""
+    return ROUTERS[moe_cfg.router].build(moe_cfg.router_config, moe_cfg, deepspeed_gate)

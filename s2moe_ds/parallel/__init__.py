@@ -1,0 +1,12 @@
+"""Process start-up, the DeepSpeed config, the parallel layout, and DeepSpeed's private names.
+
+Nothing here knows a model, a block or a loop: models take a ParallelConfig, blocks ask an
+ExpertLayout, and every touch of DeepSpeed's internals goes through deepspeed_internals.
+"""
+
+from .config import ParallelConfig
+from .layout import ExpertLayout, check_expert_parallel
+from .setup import check_ds_config, free_port, init_distributed, initialize, launcher_world_size, load_ds_config
+
+__all__ = ["ParallelConfig", "ExpertLayout", "check_expert_parallel", "check_ds_config", "free_port",
+           "init_distributed", "initialize", "launcher_world_size", "load_ds_config"]

@@ -1,0 +1,187 @@
+"""Every use of DeepSpeed's private names, in one module, checked against the installed version.
+
+DeepSpeed's public MoE API is the `MoE` layer (constructor and forward) and the engine. Building
+S2MoE and the routers on DeepSpeed's own dispatch needs more: the layer's inner `MOELayer`, its
+experts list and gate, the gate's weight and settings, the `(l_aux, capacity, ...)` tuple of its
+sparse-route gating, the expert-parallel process groups, the shared-memory comm build, and the
+names of the checkpoint files. Those change between minor releases, so they are reached only
+from here: a DeepSpeed upgrade is checked and mended in this one file, and `check_version` refuses
+a release it was not checked against before anything else runs.
+"""
+
+import contextlib
+import importlib
+import re
+from typing import Dict, Iterator, List
+
+import deepspeed
+import torch
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.utils import groups
+from torch import nn
+
+SUPPORTED = ((0, 19, 8), (0, 20, 0))
+"""The DeepSpeed releases these internals were checked against: [first, last) as version tuples."""
+
+
+def _version_tuple(text: str):
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def check_version(version: str = deepspeed.__version__) -> None:
+    low, high = SUPPORTED
+    if not low <= _version_tuple(version) < high:
+        supported = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high[:2]))}"
+        raise ImportError(
+            f"s2moe-ds supports deepspeed {supported}, found {version}. S2MoE builds on DeepSpeed's MoE "
+            f"internals (listed in {__name__}), which change between minor releases; install a supported "
+            f"release (pip install 'deepspeed{supported}') or check that module against this one first.")
+
+
+check_version()
+
+__all__ = ["MoE", "TopKGate", "check_version"]
+
+# ----------------------------------------------------------------------------- the MoE layer
+
+EXPERT_PARAM_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+"""Where a MoE layer's state dict keeps its experts, followed by the expert index."""
+
+
+def dispatcher(moe: MoE) -> nn.Module:
+    """The layer's MOELayer: routes with its gate, runs the all-to-all pair and the experts.
+    Call it as dispatcher(x_TD, used_token); after the call it holds the gate's l_aux and
+    exp_counts (read them with last_balance_loss and last_expert_counts)."""
+    return moe.deepspeed_moe
+
+
+def local_experts(moe: MoE) -> List[nn.Module]:
+    return list(moe.deepspeed_moe.experts.deepspeed_experts)
+
+
+def gate(moe: MoE) -> nn.Module:
+    return moe.deepspeed_moe.gate
+
+
+def set_gate(moe: MoE, new_gate: nn.Module) -> None:
+    """Replace the layer's router; it keeps its place in the module tree (and state-dict keys)."""
+    moe.deepspeed_moe.gate = new_gate
+
+
+def last_balance_loss(moe: MoE) -> torch.Tensor:
+    return moe.deepspeed_moe.l_aux
+
+
+def last_expert_counts(moe: MoE) -> torch.Tensor:
+    return moe.deepspeed_moe.exp_counts
+
+
+# ----------------------------------------------------------------------------- the top-k gate
+
+GATE_SETTINGS = ("k", "use_rts", "top2_2nd_expert_sampling", "drop_tokens", "capacity_factor",
+                 "eval_capacity_factor")
+"""TopKGate attributes its forward reads at call time."""
+
+
+def gate_arguments(gate_: TopKGate) -> Dict[str, object]:
+    """A TopKGate's constructor arguments, read back from the gate."""
+    return dict(model_dim=gate_.wg.in_features, num_experts=gate_.wg.out_features, k=gate_.k,
+                capacity_factor=gate_.capacity_factor, eval_capacity_factor=gate_.eval_capacity_factor,
+                min_capacity=gate_.min_capacity, noisy_gate_policy=gate_.noisy_gate_policy,
+                drop_tokens=gate_.drop_tokens, use_rts=gate_.use_rts, ep_group=gate_.ep_group,
+                top2_2nd_expert_sampling=gate_.top2_2nd_expert_sampling)
+
+
+def gate_weight(gate_: TopKGate) -> torch.Tensor:
+    """[num_experts, d_model]: the router's logits are x @ weight.T."""
+    return gate_.wg.weight
+
+
+def gate_ep_group(gate_: TopKGate):
+    return gate_.ep_group
+
+
+@contextlib.contextmanager
+def gate_settings(gate_: TopKGate, **values) -> Iterator[None]:
+    """Run DeepSpeed's gating with other settings for one call (eval_k, no randomness, a
+    capacity), every line of its routing math in use instead of a copy of it."""
+    unknown = set(values) - set(GATE_SETTINGS)
+    if unknown:
+        raise ValueError(f"not a TopKGate setting: {sorted(unknown)}")
+    saved = {name: getattr(gate_, name) for name in GATE_SETTINGS}
+    for name, value in values.items():
+        setattr(gate_, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(gate_, name, value)
+
+
+def dropped_fraction(sparse_gate_output) -> torch.Tensor:
+    """Share of routes the capacity limit dropped, from the gate's sparse-route output
+    (l_aux, capacity, E, indices_KS, locations_KS, gates_KS, exp_counts): dropped routes carry -1."""
+    return (sparse_gate_output[3] < 0).float().mean().detach()
+
+
+def capacity_factor_holding(tokens: int, num_tokens: int, num_experts: int) -> float:
+    """A capacity factor under which DeepSpeed's capacity, ceil(S / E * factor), holds `tokens`."""
+    return max(tokens, 1) * num_experts / num_tokens
+
+
+# ----------------------------------------------------------------------------- process groups
+
+
+def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> str:
+    """DeepSpeed's expert-parallel and expert-data-parallel groups for ep_size, created with
+    DeepSpeed's own function if absent (the engine then finds and uses them); their name."""
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+    return name
+
+
+def expert_parallel_rank(group_name: str) -> int:
+    return groups._get_expert_parallel_rank(group_name)
+
+
+def expert_parallel_world_size(group_name: str) -> int:
+    return groups._get_expert_parallel_world_size(group_name)
+
+
+def data_parallel_group():
+    """The group that shares the non-expert weights (every rank, without model parallelism)."""
+    return groups._get_data_parallel_group()
+
+
+def use_data_before_expert_parallel(ds_config: Dict) -> bool:
+    """The DeepSpeed config's rank topology for expert groups (E + D by default)."""
+    return bool(ds_config.get("use_data_before_expert_parallelism", False))
+
+
+# ----------------------------------------------------------------------------- start-up and engine
+
+
+def skip_shm_comm_build() -> None:
+    """On the CPU accelerator, DeepSpeed's comm backend JIT-compiles a shared-memory extension
+    (30-120 s) that only `inference_all_reduce` uses; training never calls it.
+
+    `deepspeed.comm.torch` must be fetched by module path: `import deepspeed.comm.torch as m`
+    binds the torch package itself (name clash) and a patch on it does nothing."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def optimizer_name(engine) -> str:
+    return type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""The engine's file of non-expert weights and client state (rank 0 writes it)."""
+EXPERT_STATES_GLOB = "layer_*_expert_*_model_states.pt"
+"""One file per MoE layer and GLOBAL expert id; its keys use the global id too."""
+CLIENT_STATE_SKIP = ("module", "optimizer", "lr_scheduler")
+"""Keys of MODEL_STATES that are the engine's, not the client state we passed to save_checkpoint."""
+

@@ -1,0 +1,36 @@
+"""The trainer's own collectives: votes every rank takes together, and rank averages for logging.
+Each is called on every rank at the same point of the loop."""
+
+from typing import Dict, Iterable
+
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: ranks that decide to stop must stop together,
+    never one of them left waiting inside a collective."""
+    # On the accelerator: NCCL refuses CPU tensors (on CPU this is "cpu" and gloo).
+    t = torch.tensor([1.0 if flag else 0.0], device=get_accelerator().current_device_name())
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def all_finite(*values: torch.Tensor) -> bool:
+    return not any_rank(not all(bool(torch.isfinite(v.detach()).all()) for v in values))
+
+
+def rank_average(values: Dict[str, torch.Tensor], keys: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """values with those of `keys` averaged over all ranks, in one all-reduce."""
+    keys = [k for k in keys if k in values]
+    if not keys or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    parts = [values[k].detach().float().reshape(-1) for k in keys]
+    flat = torch.cat([p.to(parts[0].device) for p in parts])  # on the device: NCCL refuses CPU tensors
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out = dict(values)
+    for k, chunk in zip(keys, flat.split([p.numel() for p in parts])):
+        out[k] = chunk.reshape(values[k].shape)
+    return out

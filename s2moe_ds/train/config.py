@@ -1,0 +1,114 @@
+"""The training loop's own settings, and the experiment config that joins every part of a run."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+from ..config import ConfigError, check_bool, check_int, check_number, require
+from ..data import DataConfig
+from ..models import ModelConfig, model_config_from_dict
+from ..parallel import ParallelConfig, check_expert_parallel
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. Batch sizes, precision, ZeRO, clipping and the optimizer live in the
+    DeepSpeed config; this holds what DeepSpeed does not know."""
+
+    out_dir: str = "runs/tiny"
+    """Run folder: checkpoints/, tensorboard/, run_config.json."""
+    max_steps: int = 200
+    """Optimizer steps (each of gradient_accumulation_steps micro-batches)."""
+    seq_len: int = 64
+    """Tokens per training sequence; at most model.max_seq_len."""
+    lr: Optional[float] = None
+    """Peak learning rate; None keeps the DeepSpeed config's optimizer.params.lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio at max_steps."""
+    eval_interval: int = 50
+    """Evaluate on the validation split every n steps (and at the end); 0 disables."""
+    eval_max_batches: Optional[int] = None
+    """Cap on validation batches per rank; None evaluates the full split."""
+    save_interval: int = 100
+    """Checkpoint every n steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    log_interval: int = 10
+    """TensorBoard scalars every n steps."""
+    seed: int = 1234
+    """Seed of weights, data order and noise."""
+    resume: bool = False
+    """Continue from out_dir/checkpoints/latest."""
+    expect_world_size: Optional[int] = None
+    """Refuse to start unless exactly this many processes joined (cluster scripts pass the task count)."""
+    save_on_signal: bool = True
+    """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step, checkpoint
+    and exit with status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
+    stop_after: Optional[int] = None
+    """End this invocation (with a checkpoint) at this step, as a scheduler time slice would; the
+    learning-rate schedule still spans max_steps, and --resume continues exactly."""
+
+    def __post_init__(self) -> None:
+        p = "train."
+        require(isinstance(self.out_dir, str) and self.out_dir != "", p + "out_dir", "must be a folder path")
+        check_int(self.max_steps, p + "max_steps", 1)
+        check_int(self.seq_len, p + "seq_len", 1)
+        if self.lr is not None:
+            check_number(self.lr, p + "lr", 0.0, strict=True)
+        check_int(self.warmup_steps, p + "warmup_steps", 0)
+        check_number(self.min_lr_ratio, p + "min_lr_ratio", 0.0, strict=False)
+        require(self.min_lr_ratio <= 1, p + "min_lr_ratio", f"must be <= 1, got {self.min_lr_ratio}")
+        check_int(self.eval_interval, p + "eval_interval", 0)
+        if self.eval_max_batches is not None:
+            check_int(self.eval_max_batches, p + "eval_max_batches", 1)
+        check_int(self.save_interval, p + "save_interval", 0)
+        check_int(self.keep_checkpoints, p + "keep_checkpoints", 1)
+        check_int(self.log_interval, p + "log_interval", 1)
+        check_int(self.seed, p + "seed", 0)
+        check_bool(self.resume, p + "resume")
+        if self.expect_world_size is not None:
+            check_int(self.expect_world_size, p + "expect_world_size", 1)
+        check_bool(self.save_on_signal, p + "save_on_signal")
+        if self.stop_after is not None:
+            check_int(self.stop_after, p + "stop_after", 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run is: the model's architecture, its parallel layout, the data and the loop.
+    The checks that need two of them are here, before anything is built."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The layout across processes."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus and its tokenization (the language-modelling task's data)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = model_config_from_dict(self.model)
+        for name, cls in (("parallel", ParallelConfig), ("data", DataConfig), ("train", TrainConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        if self.model.moe.routed:
+            check_expert_parallel(self.model.moe.num_experts, self.parallel.ep_size)
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}; "
+                              "lower --seq-len or raise --max-seq-len")
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the world size; they raise before any compute."""
+        ep = self.parallel.ep_size
+        if self.model.moe.routed and world_size % ep:
+            raise ConfigError(f"parallel.ep_size: {ep} must divide the world size {world_size} "
+                              "(expert-parallel groups tile the ranks); pick a divisor of the process count")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,231 @@
+"""The trainer: builds a run from an ExperimentConfig, resumes it exactly, steps, evaluates,
+checkpoints and stops on signals; a task supplies the data, the loss and the evaluator.
+
+    Trainer(experiment, ds_config, task=None, hooks=()).run()       # pretrain() for short
+
+Phases, each a method: setup (process group, task data, model, engine, resume), step (gradient
+accumulation of micro-batches, one optimizer step), evaluate, save, stop. Hooks (hooks.py) see
+each phase; tests inject faults through them.
+"""
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import deepspeed.comm as dist
+import torch
+
+from ..checkpoint import FORMAT_VERSION, check_resumable, latest_tag, load, save
+from ..config import ConfigError
+from ..fileio import atomic_write_text
+from ..models import build_model
+from ..moe import expert_blocks, init_expert_weights
+from ..parallel import ExpertLayout, check_ds_config, init_distributed, initialize, load_ds_config
+from ..parallel import deepspeed_internals as ds
+from .collectives import all_finite, rank_average
+from .config import ExperimentConfig, TrainConfig
+from .hooks import TrainerHook
+from .monitor import Monitor, layer_values, rank_averaged_keys
+from .signals import REQUEUE_MARKER, StopRequest
+from .tasks import LanguageModelingTask
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def lr_schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]:
+    """The DeepSpeed config with our warmup + cosine schedule over max_steps (and --lr, if given).
+
+    DeepSpeed's WarmupCosineLR is used so that the engine saves and restores the scheduler with
+    the checkpoint. A scheduler already in the config is kept, with total_num_steps set to max_steps.
+    """
+    cfg = json.loads(json.dumps(ds_config))
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if train.lr is not None:
+        opt.setdefault("params", {})["lr"] = train.lr
+    if "lr" not in opt.get("params", {}):
+        raise ConfigError("optimizer.params.lr: the DeepSpeed config sets no learning rate; add one or pass --lr")
+    sched = cfg.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
+    params = sched.setdefault("params", {})
+    if sched["type"] == "WarmupCosineLR":
+        params.setdefault("warmup_num_steps", train.warmup_steps)
+        params.setdefault("warmup_type", "linear")
+        params.setdefault("warmup_min_ratio", 0.0)
+        params.setdefault("cos_min_ratio", train.min_lr_ratio)
+        params["total_num_steps"] = train.max_steps
+    return cfg
+
+
+class Trainer:
+
+    def __init__(self, experiment: ExperimentConfig, ds_config, task=None, hooks: Sequence[TrainerHook] = ()) -> None:
+        self.experiment = experiment
+        self.train_cfg = experiment.train
+        self._ds_config_source = ds_config
+        self.task = task if task is not None else LanguageModelingTask(experiment.data, experiment.train.seq_len)
+        self.hooks = list(hooks)
+        self.step = 0
+        self.losses = []
+        self.final: Dict[str, Any] = {"stopped_by": None}
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Everything before the first step; every check raises before any compute."""
+        exp, train = self.experiment, self.train_cfg
+        ds_config = load_ds_config(self._ds_config_source)
+        check_ds_config(ds_config)
+        init_distributed(expected_world_size=train.expect_world_size)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        exp.check_world(self.world)
+        self.task.prepare()
+        self.model_cfg = self.task.configure_model(exp.model)
+        self.ds_config = lr_schedule(ds_config, train)
+        self.ckpt_dir = os.path.join(train.out_dir, "checkpoints")
+        self.meta = {"format_version": FORMAT_VERSION, "world_size": self.world, "ep_size": exp.parallel.ep_size,
+                     "model_config": self.model_cfg.to_dict(), "tokenizer": self.task.identity()}
+        # Every rank checks (the files are small), so every rank stops together, before any compute.
+        resume_tag = check_resumable(self.ckpt_dir, self.meta) if train.resume else None
+        if not train.resume and latest_tag(self.ckpt_dir) is not None:
+            raise ConfigError(f"train.out_dir: {train.out_dir} already holds checkpoints; pass --resume to "
+                              "continue that run, or choose another --out-dir")
+        self.engine = self._build_engine()
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.gas = self.engine.gradient_accumulation_steps()
+        if self.rank == 0:
+            print(self._describe(), flush=True)
+        self.task.start(self.rank, self.world, self.micro_batch, train.seed)
+        torch.manual_seed(train.seed + 1 + self.rank)  # noise and dropout differ across ranks
+        if resume_tag is not None:
+            state = load(self.engine, self.ckpt_dir, resume_tag)
+            self.task.load_state_dict(state)
+            self.step = state["step"]
+        self.record = {"format_version": FORMAT_VERSION, "model": self.model_cfg.to_dict(),
+                       "parallel": exp.parallel.to_dict(), **self.task.run_record(), "train": train.to_dict(),
+                       "deepspeed": self.ds_config, "world_size": self.world}
+        if self.rank == 0:
+            atomic_write_text(os.path.join(train.out_dir, "run_config.json"), json.dumps(self.record, indent=2))
+        self.monitor = Monitor(train, self.rank == 0, start_step=self.step)
+        self.loss_terms = self.model_cfg.moe.loss_terms()
+        self.scheduled = [m for m in self.engine.module.modules() if hasattr(m, "set_training_step")]
+        self.last_saved = self.step if train.resume else -1
+        if resume_tag is not None and self.rank == 0:
+            print(f"resumed from {os.path.join(self.ckpt_dir, resume_tag)} at step {self.step}", flush=True)
+
+    def _build_engine(self):
+        exp, seed = self.experiment, self.train_cfg.seed
+        torch.manual_seed(seed)
+        model = build_model(self.model_cfg, exp.parallel)
+        if expert_blocks(model):
+            init_expert_weights(model, seed, ExpertLayout.from_process_groups(
+                self.model_cfg.moe.num_experts, exp.parallel.ep_size, self.ds_config))
+        engine, _, _, _ = initialize(model, self.ds_config)
+        return engine
+
+    def _describe(self) -> str:
+        moe, engine = self.model_cfg.moe, self.engine
+        n_params = sum(p.numel() for p in engine.module.parameters())
+        routing = f"block {moe.block}" + (f", router {moe.router}" if moe.routed else "")
+        return (f"model: {n_params:,} parameters on rank 0, {routing}, {len(expert_blocks(engine.module))} MoE layers | "
+                f"world {self.world}, ep_size {self.experiment.parallel.ep_size}, "
+                f"ZeRO {engine.zero_optimization_stage()}, bf16 {engine.bfloat16_enabled()}, "
+                f"optimizer {ds.optimizer_name(engine)} | global batch {self.micro_batch * self.gas * self.world} x "
+                f"{self.train_cfg.seq_len} tokens | {self.task.describe()}")
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> Dict[str, Any]:
+        """Train to max_steps (or stop_after, or a stop signal); the final metrics."""
+        self.setup()
+        train = self.train_cfg
+        end = train.max_steps if train.stop_after is None else min(train.stop_after, train.max_steps)
+        self.engine.train()
+        self.stop = StopRequest(train.save_on_signal)
+        try:
+            while self.step < end:
+                self.train_step()
+                if train.eval_interval and (self.step % train.eval_interval == 0 or self.step == train.max_steps):
+                    self.evaluate("valid")
+                stopping = self.stop.agreed()
+                if (train.save_interval and self.step % train.save_interval == 0) or self.step == end or stopping:
+                    self.save()
+                if stopping:
+                    self.stop_for_requeue()
+                    break
+        finally:
+            self.stop.restore()
+        self.monitor.close(self.step, self.ckpt_dir if self.last_saved >= 0 else None)
+        return {**self.final, "step": self.step, "losses": self.losses}
+
+    def train_step(self) -> None:
+        """One optimizer step of gradient_accumulation_steps micro-batches, then its logging."""
+        step = self.step + 1
+        for module in self.scheduled:
+            module.set_training_step(step)
+        for hook in self.hooks:
+            hook.on_step_start(self, step)
+        start = time.perf_counter()
+        for _ in range(self.gas):
+            out = self.task.forward(self.engine, self.task.next_batch())
+            loss, parts = self.task.loss(out, self.loss_terms)
+            if not all_finite(loss):
+                shown = ", ".join(f"{name}={value.item()}" for name, value in parts.items())
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step}: total={loss.item()}, {shown}; the last good checkpoint in "
+                    f"{self.ckpt_dir} is unchanged (resume with a lower --lr)")
+            self.engine.backward(loss)
+            self.engine.step()
+        seconds = time.perf_counter() - start
+        self.step = step
+        self.losses.append(loss.item())
+        layer = {}
+        if self.monitor.log_now(step):
+            values = layer_values(out.layer_metrics)
+            layer = rank_average(values, rank_averaged_keys(values))  # a collective: every rank
+        tokens = self.gas * self.task.tokens_per_micro_batch() * self.world
+        self.monitor.train_step(step, self.engine, self.losses[-1], parts, layer, tokens / max(seconds, 1e-9))
+        for hook in self.hooks:
+            hook.on_step_end(self, step)
+
+    def evaluate(self, split: str) -> Dict[str, float]:
+        self.engine.eval()
+        result = self.task.evaluate(self.engine, split, self.train_cfg.eval_max_batches)
+        self.engine.train()
+        self.final[split] = result
+        self.monitor.eval(self.step, split, result)
+        for hook in self.hooks:
+            hook.after_evaluation(self, self.step, split, result)
+        return result
+
+    def save(self) -> str:
+        step = self.step
+        client_state = {**self.meta, "step": step, **self.task.state_dict(), "run": self.record}
+
+        def before_commit(path: str) -> None:
+            for hook in self.hooks:
+                hook.before_checkpoint_commit(self, step, path)
+
+        tag = save(self.engine, self.ckpt_dir, step, client_state, self.train_cfg.keep_checkpoints,
+                   self.task.tokenizer, meta=self.meta, before_commit=before_commit)
+        self.last_saved = step
+        for hook in self.hooks:
+            hook.after_checkpoint(self, step, os.path.join(self.ckpt_dir, tag))
+        return tag
+
+    def stop_for_requeue(self) -> None:
+        reason = self.stop.signal_name or "another rank's signal"
+        self.final["stopped_by"] = reason
+        if self.rank == 0:
+            # The job script reads this marker, not srun's exit status, which a task killed
+            # after the others exited could change.
+            atomic_write_text(os.path.join(self.train_cfg.out_dir, REQUEUE_MARKER), f"{reason} at step {self.step}\n")
+            print(f"\n{reason}: checkpointed step {self.step}, exiting for requeue", flush=True)
+        for hook in self.hooks:
+            hook.on_stop_signal(self, self.step, reason)
+
+
+def pretrain(experiment: ExperimentConfig, ds_config, task=None, hooks: Sequence[TrainerHook] = ()) -> Dict[str, Any]:
+    """Train, evaluate and checkpoint; returns the final metrics (also on TensorBoard)."""
+    return Trainer(experiment, ds_config, task, hooks).run()
