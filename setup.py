@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="s2moe-ds",
-    version="0.1.0",
+    version="0.2.0",
     description="S2MoE (arXiv 2503.23007) mixture-of-experts language models trained with DeepSpeed",
     python_requires=">=3.10",
     packages=find_packages(include=["s2moe_ds", "s2moe_ds.*"]),

@@ -2,7 +2,7 @@
 
 A field `noise_scale` becomes `--noise-scale`, its docstring the flag's help, grouped by the config
 it belongs to. Flags default to "not given", so presets and the dataclass defaults apply unless the
-user overrides them. `python -m s2moe_ds.cli` prints docs/cli.md: every script's --help.
+user overrides them. `python -m s2moe_ds.cli docs/cli.md` writes every script's --help there.
 """
 
 import argparse
@@ -155,16 +155,16 @@ def experiment_from_args(ns: argparse.Namespace):
     from .models import ModelConfig
     from .moe import BLOCKS, ROUTERS, MoEConfig
     from .parallel import ParallelConfig
-    from .train import PRESETS, TrainConfig, preset
-    base = PRESETS[ns.preset]().model.moe
+    from .train import PRESETS, TrainConfig, apply_overrides
+    experiment = PRESETS[ns.preset]()
     moe = given(ns, MoEConfig)
     for what, specs in (("block", BLOCKS), ("router", ROUTERS)):
-        settings = _own_settings(ns, specs, moe.get(what, getattr(base, what)), what)
+        settings = _own_settings(ns, specs, moe.get(what, getattr(experiment.model.moe, what)), what)
         if settings:
             moe[f"{what}_config"] = settings
     overrides = {"model": {**given(ns, ModelConfig, skip=("vocab_size", )), "moe": moe},
                  "parallel": given(ns, ParallelConfig), "data": given(ns, DataConfig), "train": given(ns, TrainConfig)}
-    return preset(ns.preset, overrides)
+    return apply_overrides(experiment, overrides)
 
 
 # ----------------------------------------------------------------------------- launch/evaluate.py
@@ -288,7 +288,7 @@ SCRIPTS = {"launch/pretrain.py": pretrain_parser, "launch/evaluate.py": evaluate
 def reference_markdown(width: int = 100) -> str:
     """docs/cli.md: every launch script's --help, at a fixed width."""
     parts = ["# Command-line reference\n",
-             "Generated from each script's `--help` by `python -m s2moe_ds.cli > docs/cli.md`; a test keeps",
+             "Generated from each script's `--help` by `python -m s2moe_ds.cli docs/cli.md`; a test keeps",
              "this file equal to what the code prints. The flags of `launch/pretrain.py` come from the config",
              "dataclasses (one flag per field, its docstring as the help).\n"]
     for script, build in SCRIPTS.items():
@@ -297,7 +297,13 @@ def reference_markdown(width: int = 100) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    print(reference_markdown(), end="")
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m s2moe_ds.cli docs/cli.md", file=sys.stderr)
+        return 2
+    from .fileio import atomic_write_text
+    atomic_write_text(args[0], reference_markdown())
     return 0
 
 

@@ -83,3 +83,17 @@ def test_config_round_trips_through_a_dict():
     cfg = MoEConfig(num_experts=8, block_config=S2MoEConfig(noise_scale=0.5))
     again = MoEConfig(**cfg.to_dict())
     assert again == cfg and again.block_config.noise_scale == 0.5 and again.resolved_eval_k == 2
+
+
+def test_presets_take_overrides_and_a_new_block_kind_starts_from_its_own_defaults():
+    from s2moe_ds.train import preset
+    exp = preset("tiny", {"model": {"moe": {"block_config": {"noise_scale": 0.5}}}, "parallel": {"ep_size": 2},
+                          "train": {"max_steps": 7}})
+    assert exp.model.moe.block_config.noise_scale == 0.5 and exp.model.moe.block_config.uncertainty_coef == 0.1
+    assert (exp.parallel.ep_size, exp.train.max_steps, exp.model.moe.num_experts) == (2, 7, 4)
+    # The preset's S2MoE settings do not follow it to another block kind, which has none.
+    assert preset("tiny", {"model": {"moe": {"block": "moe"}}}).model.moe.block_config is None
+    with pytest.raises(ConfigError, match=r"moe\.block_config: block 'moe' has no settings"):
+        preset("tiny", {"model": {"moe": {"block": "moe", "block_config": {"noise_scale": 0.5}}}})
+    with pytest.raises(ConfigError, match=r"preset: must be one of 'tiny', 'paper-small'"):
+        preset("huge")

@@ -152,6 +152,10 @@ def _cli(*args, env=None, timeout=600):
     (["--deepspeed_config", "ds_configs/zero2.json", "--dataset", "path", "--path", "/no/such.txt"], "data.path"),
     (["--deepspeed_config", "/no/such.json"], "deepspeed_config: file not found"),
     (["--deepspeed_config", "ds_configs/zero2.json", "--max-steps", "0"], "train.max_steps"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--block", "moe", "--noise-scale", "0.5"],
+     "--noise-scale: is a setting of block 's2moe', but this run's moe.block is 'moe'"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--router", "smoe"], "moe.router: 'smoe' names a block kind"),
+    (["--deepspeed_config", "ds_configs/zero2.json", "--max-seq-len", "32"], "train.seq_len: 64 exceeds model.max_seq_len 32"),
 ])
 def test_cli_errors_name_the_field_before_any_compute(args, message):
     result = _cli(*args, timeout=120)

@@ -11,15 +11,13 @@ import argparse
 import os
 import sys
 
-# This folder must never become a package (it would shadow the `tokenizers` library): the script
-# puts the repository root on the path instead.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from s2moe_ds.config import ConfigError  # noqa: E402
-from s2moe_ds.data.cache import CHUNK_CHARS  # noqa: E402
-from s2moe_ds.data.config import DATASETS, DataConfig  # noqa: E402
-from s2moe_ds.data.corpora import locate  # noqa: E402
-from s2moe_ds.data.tokenization import SubwordTokenizer, iter_chunks  # noqa: E402
+# This folder is files, never a package (it would shadow the `tokenizers` library); s2moe_ds comes
+# from the installed package (make venv installs it in editable mode).
+from s2moe_ds.config import ConfigError
+from s2moe_ds.data.cache import CHUNK_CHARS
+from s2moe_ds.data.config import DATASETS, DataConfig
+from s2moe_ds.data.corpora import locate
+from s2moe_ds.data.tokenization import SubwordTokenizer, iter_chunks
 
 
 def main(argv=None) -> int:

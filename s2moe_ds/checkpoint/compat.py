@@ -27,6 +27,7 @@ def format_version(state: Dict[str, Any]) -> int:
 def upgrade_model_config(model_config: Dict[str, Any], where: str) -> Dict[str, Any]:
     """A model config dict of any known format as format 2 writes it (every field present)."""
     from ..models import model_config_from_dict
+    from ..moe import BLOCKS
     cfg = dict(model_config)
     moe = dict(cfg.get("moe") or {})
     if "block" not in moe:
@@ -35,10 +36,12 @@ def upgrade_model_config(model_config: Dict[str, Any], where: str) -> Dict[str, 
             raise ConfigError(f"{where}: its model config names router {router!r}, which no version of s2moe-ds "
                               "wrote; the checkpoint is not one of ours or is damaged")
         moe.pop("ep_size", None)
+        block = _BLOCK_OF_ROUTER_V1[router]
+        # Format 1 carried S2MoE's settings for every router; only the kind that has settings keeps them.
         s2moe = moe.pop("s2moe", None)
         router_config = {name: moe.pop(name) for name in _TOPK_FIELDS_V1 if name in moe}
-        moe.update(block=_BLOCK_OF_ROUTER_V1[router], router="topk", router_config=router_config,
-                   block_config=s2moe if router == "s2moe" else None)
+        moe.update(block=block, router="topk", router_config=router_config,
+                   block_config=s2moe if BLOCKS[block].config is not None else None)
         cfg["moe"] = moe
     try:
         return model_config_from_dict(cfg).to_dict()

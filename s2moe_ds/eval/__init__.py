@@ -1,4 +1,4 @@
-"""Evaluation: full-split metrics, FLOPs accounting, what the experts learned, plots, comparisons."""
+"""Evaluation: full-split metrics, FLOPs accounting, what the experts learned, plots."""
 
 from .lm_eval import evaluate_split
 

@@ -3,6 +3,6 @@
 from .base import LMOutput
 from .config import ModelConfig
 from .gpt import GPT
-from .registry import BACKBONES, build_model, model_config_from_dict
+from .registry import BACKBONES, build_model, check_backbone, model_config_from_dict
 
-__all__ = ["BACKBONES", "GPT", "LMOutput", "ModelConfig", "build_model", "model_config_from_dict"]
+__all__ = ["BACKBONES", "GPT", "LMOutput", "ModelConfig", "build_model", "check_backbone", "model_config_from_dict"]

@@ -3,7 +3,7 @@ The parallel layout is not here (parallel/config.py): the same ModelConfig runs 
 
 from dataclasses import asdict, dataclass, field
 
-from ..config import check_choice, check_int, check_number, require
+from ..config import check_int, check_number, require
 from ..moe import MoEConfig
 
 
@@ -33,11 +33,12 @@ class ModelConfig:
     """The feed-forward blocks' kind, router and routing settings."""
 
     def __post_init__(self) -> None:
-        from .registry import BACKBONES
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
         p = "model."
-        check_choice(self.backbone, p + "backbone", tuple(BACKBONES))
+        # The backbone's name is checked against models/registry.py where a config meets it
+        # (model_config_from_dict, build_model, ExperimentConfig).
+        require(isinstance(self.backbone, str) and self.backbone != "", p + "backbone", "must name a backbone")
         check_int(self.vocab_size, p + "vocab_size", 2)
         check_int(self.n_layer, p + "n_layer", 1)
         check_int(self.d_model, p + "d_model", 1)

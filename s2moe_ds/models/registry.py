@@ -23,13 +23,18 @@ BACKBONES: Dict[str, BackboneSpec] = {
 }
 
 
+def check_backbone(name: str) -> None:
+    check_choice(name, "model.backbone", tuple(BACKBONES))
+
+
 def model_config_from_dict(d: dict) -> ModelConfig:
     """The model config a checkpoint or run record stores, in its backbone's config class."""
     backbone = d.get("backbone", "gpt")
-    check_choice(backbone, "model.backbone", tuple(BACKBONES))
+    check_backbone(backbone)
     return BACKBONES[backbone].config(**d)
 
 
 def build_model(cfg: ModelConfig, parallel=None):
     """The backbone `cfg.backbone` names, with its blocks laid out by `parallel` (ParallelConfig)."""
+    check_backbone(cfg.backbone)
     return BACKBONES[cfg.backbone].build(cfg, parallel)

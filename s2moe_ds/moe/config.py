@@ -6,16 +6,12 @@ router_config)."""
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional
 
-from ..config import ConfigError, check_bool, check_choice, check_int, check_number, require
+from ..config import ConfigError, check_choice, require
 from .losses import LAYER_REDUCTIONS, LossTerm
+from .registry import BLOCKS, ROUTERS
+from .routing import BALANCE_COEF, check_routing
 
 _BLOCK_KINDS_BEFORE_THE_REDESIGN = {"s2moe": "s2moe", "smoe": "moe", "dense": "dense"}
-
-
-def check_top_k(k, num_experts: int, name: str) -> None:
-    """k experts per token: an integer in [1, num_experts]."""
-    check_int(k, name, 1)
-    require(k <= num_experts, name, f"must be <= num_experts ({num_experts}), got {k}")
 
 
 def resolve_settings(value, cls, name: str, owner: str):
@@ -65,7 +61,7 @@ class MoEConfig:
     """Drop tokens beyond capacity in eval mode. Off by default, unlike DeepSpeed: with drops a
     token's output depends on the other tokens of its batch, so metrics would change with batch
     size and process count."""
-    balance_coef: float = 0.01
+    balance_coef: float = BALANCE_COEF
     """Weight of the router's load-balancing loss in the total loss."""
     balance_over_layers: str = "sum"
     """How the MoE layers' balance losses are reduced into one term: 'sum' (DeepSpeed's
@@ -78,7 +74,6 @@ class MoEConfig:
     class or a dict of its fields; None gives its defaults."""
 
     def __post_init__(self) -> None:
-        from .registry import BLOCKS, ROUTERS
         p = "moe."
         if self.router in _BLOCK_KINDS_BEFORE_THE_REDESIGN and self.router not in ROUTERS:
             raise ConfigError(f"moe.router: {self.router!r} names a block kind; moe.router now names the router "
@@ -86,16 +81,8 @@ class MoEConfig:
                               f"{_BLOCK_KINDS_BEFORE_THE_REDESIGN[self.router]!r} (flag --block)")
         check_choice(self.block, p + "block", tuple(BLOCKS))
         check_choice(self.router, p + "router", tuple(ROUTERS))
-        check_int(self.num_experts, p + "num_experts", 1)
-        check_top_k(self.k, self.num_experts, p + "k")
-        if self.eval_k is not None:
-            check_top_k(self.eval_k, self.num_experts, p + "eval_k")
-        check_number(self.capacity_factor, p + "capacity_factor", 0.0, strict=True)
-        check_number(self.eval_capacity_factor, p + "eval_capacity_factor", 0.0, strict=True)
-        check_int(self.min_capacity, p + "min_capacity", 0)
-        check_bool(self.drop_tokens, p + "drop_tokens")
-        check_bool(self.eval_drop_tokens, p + "eval_drop_tokens")
-        check_number(self.balance_coef, p + "balance_coef", 0.0, strict=False)
+        check_routing(p, self.num_experts, self.k, self.eval_k, self.capacity_factor, self.eval_capacity_factor,
+                      self.min_capacity, self.drop_tokens, self.eval_drop_tokens, self.balance_coef)
         check_choice(self.balance_over_layers, p + "balance_over_layers", LAYER_REDUCTIONS)
         self.router_config = resolve_settings(self.router_config, ROUTERS[self.router].config, p + "router_config",
                                               f"router {self.router!r}")
@@ -106,7 +93,6 @@ class MoEConfig:
     @property
     def routed(self) -> bool:
         """True when the block kind routes tokens over experts (and so has a router and eval_k)."""
-        from .registry import BLOCKS
         return BLOCKS[self.block].routed
 
     @property
@@ -115,7 +101,6 @@ class MoEConfig:
 
     def loss_terms(self) -> Dict[str, LossTerm]:
         """The named losses this block kind reports, with their coefficients and layer reductions."""
-        from .registry import BLOCKS
         return BLOCKS[self.block].loss_terms(self)
 
     def to_dict(self) -> dict:

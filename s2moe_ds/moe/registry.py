@@ -25,8 +25,8 @@ ROUTERS: Dict[str, RouterSpec] = {
 
 def build_block(moe_cfg, kind: str, d_model: int, expert, ep_size: int = 1):
     """A feed-forward block of `kind` ('dense' for the dense layers of a MoE model) with `expert`
-    as its (per-expert) FFN."""
-    return BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size)
+    as its (per-expert) FFN and moe_cfg's router."""
+    return BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda gate: build_router(moe_cfg, gate))
 
 
 def build_router(moe_cfg, deepspeed_gate):

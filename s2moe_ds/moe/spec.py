@@ -7,7 +7,8 @@ from typing import Callable, Optional
 @dataclass(frozen=True)
 class BlockSpec:
     build: Callable
-    """build(moe_cfg, d_model, expert, ep_size) -> the block module (see blocks/base.py)."""
+    """build(moe_cfg, d_model, expert, ep_size, router) -> the block module (see blocks/base.py);
+    router(deepspeed_gate) makes the configured router for a block built on DeepSpeed's MoE."""
     config: Optional[type]
     """The dataclass of the kind's own settings (MoEConfig.block_config), or None."""
     routed: bool

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 from ..config import ConfigError, check_bool, check_int, check_number, require
 from ..data import DataConfig
-from ..models import ModelConfig, model_config_from_dict
+from ..models import ModelConfig, check_backbone, model_config_from_dict
 from ..parallel import ParallelConfig, check_expert_parallel
 
 
@@ -97,6 +97,7 @@ class ExperimentConfig:
         for name, cls in (("parallel", ParallelConfig), ("data", DataConfig), ("train", TrainConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
+        check_backbone(self.model.backbone)
         if self.model.moe.routed:
             check_expert_parallel(self.model.moe.num_experts, self.parallel.ep_size)
         if self.train.seq_len > self.model.max_seq_len:

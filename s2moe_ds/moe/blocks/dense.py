@@ -7,7 +7,7 @@ FFN's: the same for the dense layers of a MoE model (model.moe_every > 1) and fo
 from ..spec import BlockSpec
 
 
-def build(moe_cfg, d_model: int, expert, ep_size: int = 1):
+def build(moe_cfg, d_model: int, expert, ep_size: int, router):
     return expert
 
 

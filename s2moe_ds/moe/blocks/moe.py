@@ -29,10 +29,9 @@ def deepspeed_moe_args(moe_cfg) -> dict:
                 drop_tokens=moe_cfg.drop_tokens)
 
 
-def build(moe_cfg, d_model: int, expert, ep_size: int = 1) -> MoEBlock:
-    from ..registry import build_router
+def build(moe_cfg, d_model: int, expert, ep_size: int, router) -> MoEBlock:
     block = MoEBlock(d_model, expert, ep_size=ep_size, **deepspeed_moe_args(moe_cfg))
-    ds.set_gate(block, build_router(moe_cfg, ds.gate(block)))
+    ds.set_gate(block, router(ds.gate(block)))
     return block
 
 

@@ -27,9 +27,9 @@ from ...config import ConfigError, check_bool, check_choice, check_int, check_nu
 from ...parallel import check_expert_parallel
 from ...parallel import deepspeed_internals as ds
 from .. import fused, method
-from ..config import MoEConfig
 from ..losses import LAYER_REDUCTIONS, LossTerm
-from ..routers.topk import TopKRouter
+from ..routers.topk import TopKRouter, TopKRouterConfig
+from ..routing import BALANCE_COEF, check_routing
 from ..spec import BlockSpec
 from .base import BlockOutput, ExpertBlock
 from .moe import balance_term, deepspeed_moe_args
@@ -133,7 +133,7 @@ class S2MoE(ExpertBlock, ds.MoE):
                  *,
                  eval_k: Optional[int] = None,
                  eval_drop_tokens: Optional[bool] = None,
-                 balance_coef: float = MoEConfig.balance_coef,
+                 balance_coef: float = BALANCE_COEF,
                  router: Optional[Callable[[nn.Module], nn.Module]] = None,
                  **s2moe) -> None:
         # Validate everything before DeepSpeed's constructor, whose asserts name no field.
@@ -144,13 +144,11 @@ class S2MoE(ExpertBlock, ds.MoE):
         if use_residual:
             raise ConfigError("use_residual: DeepSpeed's residual MoE is not supported by S2MoE; leave it False")
         check_expert_parallel(num_experts, ep_size, "num_experts", "ep_size")
-        # MoEConfig and the top-k router's config hold the routing checks; reuse them.
-        MoEConfig(block="moe", num_experts=num_experts, k=k, eval_k=eval_k, capacity_factor=capacity_factor,
-                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens,
-                  eval_drop_tokens=drop_tokens if eval_drop_tokens is None else eval_drop_tokens,
-                  balance_coef=balance_coef,
-                  router_config=dict(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
-                                     top2_2nd_expert_sampling=top2_2nd_expert_sampling))
+        # MoEConfig's routing checks and the top-k router's config, with the same messages.
+        check_routing("moe.", num_experts, k, eval_k, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens,
+                      drop_tokens if eval_drop_tokens is None else eval_drop_tokens, balance_coef)
+        TopKRouterConfig(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
+                         top2_2nd_expert_sampling=top2_2nd_expert_sampling)
         unknown = sorted(set(s2moe) - {f.name for f in fields(S2MoEConfig)})
         if unknown:
             raise ConfigError(f"S2MoE: unknown argument(s) {', '.join(unknown)}; its keyword arguments are "
@@ -256,11 +254,10 @@ class S2MoE(ExpertBlock, ds.MoE):
         return {"mix_gate": g_N1.reshape(-1)}
 
 
-def build(moe_cfg, d_model: int, expert, ep_size: int = 1) -> S2MoE:
-    from ..registry import build_router
+def build(moe_cfg, d_model: int, expert, ep_size: int, router) -> S2MoE:
     return S2MoE(d_model, expert, ep_size=ep_size, **deepspeed_moe_args(moe_cfg), eval_k=moe_cfg.resolved_eval_k,
-                 eval_drop_tokens=moe_cfg.eval_drop_tokens, balance_coef=moe_cfg.balance_coef,
-                 router=lambda gate: build_router(moe_cfg, gate), **asdict(moe_cfg.block_config))
+                 eval_drop_tokens=moe_cfg.eval_drop_tokens, balance_coef=moe_cfg.balance_coef, router=router,
+                 **asdict(moe_cfg.block_config))
 
 
 def loss_terms(moe_cfg):
