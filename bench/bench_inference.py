@@ -5,7 +5,7 @@
 
 One model (the preset with k=2 in training) is evaluated in eval mode with eval_k 1 and eval_k 2:
 two copies with identical weights, timed in one process, interleaved, under torch.inference_mode.
-S2MoE in eval mode routes the clean tokens only (METHOD.md: x_hat = x), so eval_k 1 is a plain
+S2MoE in eval mode routes the clean tokens only (docs/method.md: x_hat = x), so eval_k 1 is a plain
 top-1 MoE forward. The analytic column is s2moe_ds.eval.flops: flops_per_token at each eval_k and
 inference_cost_ratio(1 vs 2). --balance-steps N first trains the routers alone on the balance
 loss, so that routing is as balanced as a trained model's (random-init routers are not).
@@ -44,11 +44,11 @@ def expert_padding(model, k: int, tokens: int) -> float:
     from s2moe_ds.parallel import deepspeed_internals as ds
     ratios = []
     for layer in expert_blocks(model):
-        gate = layer.router
+        gate = ds.gate_arguments(layer.router)
         counts_E = ds.last_expert_counts(layer)
         num_experts = counts_E.numel()
-        if gate.eval_drop_tokens:
-            capacity = max(math.ceil(tokens / num_experts * gate.eval_capacity_factor * k), gate.min_capacity)
+        if layer.router.eval_drop_tokens:
+            capacity = max(math.ceil(tokens / num_experts * gate["eval_capacity_factor"] * k), gate["min_capacity"])
         else:
             capacity = int(counts_E.max())
         ratios.append(num_experts * capacity / (k * tokens))

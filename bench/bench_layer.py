@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_layer.py --dtype bf16 --tokens 2048
 
 Variants, all timed in one process, interleaved:
-- s2moe-k1, s2moe-k2: S2MoE (training mode, METHOD.md defaults: noise, InfoNCE, mixing gate),
+- s2moe-k1, s2moe-k2: S2MoE (training mode, docs/method.md's defaults: noise, InfoNCE, mixing gate),
   k experts per path; its experts see 2 * k routes per token (clean + noisy copy);
 - dsmoe-k1, dsmoe-k2: deepspeed.moe.layer.MoE with the same experts, capacity and k;
 - dsmoe-k2-2T: dsmoe-k2 on twice the tokens, i.e. the routing and expert work of S2MoE top-2

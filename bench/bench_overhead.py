@@ -5,13 +5,13 @@ mixing gate, as shares of the S2MoE layer's forward + backward.
     .venv/bin/python bench/bench_overhead.py --k 1 --profile
 
 Timed in one process, interleaved, each forward + backward on the same tokens:
-- s2moe:          the full layer (METHOD.md defaults);
+- s2moe:          the full layer (docs/method.md's defaults);
 - s2moe-plain:    the same layer with its fused paths off (S2MoEConfig.fused false): the plain
                   autograd graph of the noisy concat, the path mix and InfoNCE, i.e. before the optimisations;
 - s2moe-no-lu:    the same layer with uncertainty_coef 0 (no InfoNCE);
 - smoe-2T:        DeepSpeed's MoE on the 2T concatenated tokens: the routing and expert work
                   inside S2MoE, without any of its extras;
-- noise+concat:   GaussianNoise.noisy_concat alone: statistics, sampling, the [x; x_hat] buffer;
+- noise+concat:   S2MoE.noisy_pair alone: statistics, sampling, the [x; x_hat] buffer;
 - info_nce:       sampled_info_nce(x, x_hat) alone (uncertainty_tokens rows);
 - gate+mix:       the mixing gate and g * y + (1 - g) * y_hat alone;
 - ... (plain):    those three with the fused paths off.
@@ -25,7 +25,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.bench_layer import build_layer, fwd_bwd, make_inputs  # noqa: E402
@@ -57,7 +56,7 @@ def component_calls(layer, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> dict:
     def gate_mix() -> None:
         x_TD.grad = y_2TD.grad = None
         layer.mix_gate.zero_grad(set_to_none=True)
-        g_T1 = torch.sigmoid(F.linear(x_TD.float(), layer.mix_gate.weight.float(), layer.mix_gate.bias.float()))
+        g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, layer.mix_gate.weight, layer.mix_gate.bias))
         ops.mix_paths(g_T1, y_2TD).backward(grad_TD)
 
     return {"noise+concat": noise_concat, "info_nce": info_nce, "gate+mix": gate_mix}

@@ -9,12 +9,10 @@ import argparse
 import ast
 import functools
 import inspect
-import os
 import textwrap
 from dataclasses import MISSING, fields
 from typing import Any, Dict, Iterable, List, Optional
 
-from .config import ConfigError
 
 NESTED = ("moe", "block_config", "router_config")
 """Fields that hold another config, which gets flags of its own."""
@@ -52,7 +50,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: Iter
                     defaults: Any = None, note: str = "") -> None:
     """One flag per field of `cls`, in a group titled `title`, the field's docstring as its help.
     The default shown is the field's in `defaults` (a preset's instance) or the dataclass's."""
-    summary = (cls.__doc__ or "").strip().split("\n")[0]
+    summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
     group = parser.add_argument_group(title, " ".join(p for p in (summary, note) if p) or None)
     docs = field_docs(cls)
     for f in fields(cls):
@@ -133,35 +131,23 @@ def pretrain_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     return deepspeed.add_config_arguments(parser)
 
 
-def _own_settings(ns: argparse.Namespace, specs, chosen: str, what: str) -> Optional[Dict[str, Any]]:
-    """The flags of the chosen block kind's (or router's) settings; flags of another one are refused."""
-    out = None
-    for name, spec in specs.items():
-        if spec.config is None:
-            continue
-        values = given(ns, spec.config)
-        if values and name != chosen:
-            flag = "--" + next(iter(values)).replace("_", "-")
-            raise ConfigError(f"{flag}: is a setting of {what} {name!r}, but this run's moe.{what} is {chosen!r}; "
-                              f"drop it or pass --{what} {name}")
-        if name == chosen and values:
-            out = values
-    return out
-
-
 def experiment_from_args(ns: argparse.Namespace):
     """The ExperimentConfig launch/pretrain.py's flags describe: the preset with the given fields."""
     from .data import DataConfig
     from .models import ModelConfig
-    from .moe import BLOCKS, ROUTERS, MoEConfig
+    from .moe import MoEConfig
+    from .moe.config import SETTINGS, nest_settings
     from .parallel import ParallelConfig
     from .train import PRESETS, TrainConfig, apply_overrides
     experiment = PRESETS[ns.preset]()
-    moe = given(ns, MoEConfig)
-    for what, specs in (("block", BLOCKS), ("router", ROUTERS)):
-        settings = _own_settings(ns, specs, moe.get(what, getattr(experiment.model.moe, what)), what)
-        if settings:
-            moe[f"{what}_config"] = settings
+    flat = given(ns, MoEConfig)
+    for _, registry, _ in SETTINGS:
+        for spec in registry.values():
+            if spec.config is not None:
+                flat.update(given(ns, spec.config))
+    base = experiment.model.moe
+    moe = nest_settings(flat, flat.get("block", base.block), flat.get("router", base.router),
+                        label=lambda name: "--" + name.replace("_", "-"))
     overrides = {"model": {**given(ns, ModelConfig, skip=("vocab_size", )), "moe": moe},
                  "parallel": given(ns, ParallelConfig), "data": given(ns, DataConfig), "train": given(ns, TrainConfig)}
     return apply_overrides(experiment, overrides)
@@ -270,9 +256,9 @@ def compare_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=2000, help="(default: 2000)")
     parser.add_argument("--evals", type=int, default=10, help="validation points along training (default: 10)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run; ep_size = nproc (default: 2)")
-    parser.add_argument("--deepspeed-config", default=os.path.join("ds_configs", "zero2.json"),
-                        help="(default: ds_configs/zero2.json)")
-    parser.add_argument("--out", default=os.path.join("runs", "compare"), help="(default: runs/compare)")
+    parser.add_argument("--deepspeed-config", default=None,
+                        help="(default: the repository's ds_configs/zero2.json)")
+    parser.add_argument("--out", default=None, help="(default: the repository's runs/compare)")
     parser.add_argument("--reference", default="smoe",
                         help="variant whose 2-expert score the table compares with (default: smoe)")
     parser.add_argument("--name", default="results", help="report files OUT/NAME.md, NAME.json, NAME_curves.png; "

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Pretrain with launch/pretrain.py on a SLURM allocation: one process per GPU, started by srun.
 #
-#   sbatch slurm/pretrain.sh                                   # 1 node x 8 GPUs, the defaults below
-#   sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 slurm/pretrain.sh --preset paper-small
-#   PRESET=paper-small DATASET=enwik8 OUT_DIR=/scratch/runs/e8 sbatch slurm/pretrain.sh --max-steps 100000
+#   sbatch --gpus-per-node 8 slurm/pretrain.sh                 # 1 node x 8 tasks, the defaults below
+#   sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 slurm/pretrain.sh --max-steps 100000
+#   DATASET=enwik8 OUT_DIR=/scratch/runs/e8 sbatch --gpus-per-node 8 slurm/pretrain.sh --max-steps 100000
 #
 # Arguments after the script name go to launch/pretrain.py unchanged (they win over the variables).
-# Environment overrides: PRESET (tiny), DS_CONFIG (ds_configs/zero2.json), DATASET (embedded),
+# Environment overrides: PRESET (paper-small: 16 experts, so EP_SIZE 8 divides them), DS_CONFIG (ds_configs/zero2.json), DATASET (embedded),
 # DATA_PATH, EP_SIZE (tasks per node: keeps the all-to-all inside a node), OUT_DIR
 # (runs/<job name>-<job id>), PYTHON (.venv/bin/python when present), MAX_REQUEUES (10),
 # MASTER_PORT (derived from the job id).
@@ -43,7 +43,7 @@ RESTART=${SLURM_RESTART_COUNT:-0}
 LOG_DIR=$OUT_DIR/logs
 mkdir -p "$LOG_DIR"
 
-ARGS=(--deepspeed_config "${DS_CONFIG:-ds_configs/zero2.json}" --preset "${PRESET:-tiny}"
+ARGS=(--deepspeed_config "${DS_CONFIG:-ds_configs/zero2.json}" --preset "${PRESET:-paper-small}"
       --dataset "${DATASET:-embedded}" --ep-size "${EP_SIZE:-$TASKS_PER_NODE}" --out-dir "$OUT_DIR"
       --expect-world-size "$NTASKS" --resume)
 if [ -n "${DATA_PATH:-}" ]; then ARGS+=(--path "$DATA_PATH"); fi

@@ -1,6 +1,6 @@
 """The house's rules, checked on the code itself: imports run one way between packages, DeepSpeed's
-private names are reached from one module, block kinds are switched on inside moe/ only, and the
-launch scripts are thin (no sys.path tricks)."""
+private names are reached from one module (library, launch scripts and benchmarks), block kinds are
+switched on inside moe/ only, and the launch scripts are thin (no sys.path tricks)."""
 
 import ast
 import io
@@ -89,9 +89,16 @@ PRIVATE = [r"\bdeepspeed_moe\b", r"\bdeepspeed_experts\b", r"\.\s*wg\b", r"\bgro
            r"\bsharded_moe\b", r"\bexp_counts\b", r"\bl_aux\s*,\s*C\b", r"deepspeed\s*\.\s*utils\b"]
 
 
+def _python_files(*folders):
+    for folder in folders:
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".py"):
+                yield os.path.join(ROOT, folder, name)
+
+
 def test_deepspeed_private_names_are_reached_from_one_module():
     offenders = []
-    for path in _library_files():
+    for path in [*_library_files(), *_python_files("launch", "bench")]:
         if path == INTERNALS:
             continue
         code = _code_without_strings(path)

@@ -84,7 +84,7 @@ def test_bench_comm(tmp_path):
     rows = {(r["variant"], r["phase"]): r for r in record["rows"]}
     assert {v for v, _ in rows} == {"s2moe-k1", "s2moe-k2", "dsmoe-k1", "dsmoe-k2"}
     for (variant, phase), row in rows.items():
-        # A dispatch and a combine each way, whatever the variant (METHOD.md: one pair per layer).
+        # A dispatch and a combine each way, whatever the variant (docs/method.md: one pair per layer).
         assert row["all_to_all_calls"] == 2 and row["all_to_all_bytes_per_rank"] > 0, (variant, phase)
     # S2MoE sends both copies in one dispatch: the buffers of DeepSpeed's MoE at twice the routes.
     assert (rows[("s2moe-k1", "forward")]["all_to_all_bytes_per_rank"]

@@ -1,4 +1,4 @@
-"""The noise module: x_hat = N1 * x + N2 with the moments METHOD.md gives, per feature."""
+"""The noise module: x_hat = N1 * x + N2 with the moments docs/method.md gives, per feature."""
 
 import pytest
 import torch

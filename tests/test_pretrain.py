@@ -109,7 +109,8 @@ class _KilledWhileSaving(TrainerHook):
 
     def before_checkpoint_commit(self, trainer, step, path):
         if step == 6:
-            assert os.path.isfile(os.path.join(path, "mp_rank_00_model_states.pt"))
+            for name in ("mp_rank_00_model_states.pt", f"rng_rank{trainer.rank}.pt", "meta.json", "tokenizer.json"):
+                assert os.path.isfile(os.path.join(path, name)), name
             raise KeyboardInterrupt("killed while saving")
 
 
@@ -310,3 +311,21 @@ def test_cpu_optimizer_offload_config_trains(text_file, tmp_path):
                                "--eval-interval", "3", timeout=900)
     assert "DeepSpeedCPUAdam" in result.stdout + result.stderr
     assert (out / "checkpoints" / "step00000003" / "COMPLETE").exists()
+
+
+def _resume_rules_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.train import pretrain
+    train = dict(out_dir=out_dir, seq_len=32, max_steps=3, eval_interval=0, save_interval=2)
+    model = dict(d_model=32, d_inner=64, max_seq_len=32)
+    pretrain(_experiment(model_preset("tiny", **model), 2, text, cache, **train, stop_after=2), _ds_config())
+    # A model change is refused naming the field that changed ...
+    with pytest.raises(ConfigError, match=r"another model config \(moe\.block_config\.noise_scale: 1\.0 -> 0\.5\)"):
+        pretrain(_experiment(model_preset("tiny", **model, moe=dict(block_config=dict(noise_scale=0.5))), 2, text,
+                             cache, **train, resume=True), _ds_config())
+    # ... while an implementation switch (the same values computed another way) resumes.
+    return pretrain(_experiment(model_preset("tiny", **model, moe=dict(block_config=dict(fused=False))), 2, text,
+                                cache, **train, resume=True), _ds_config())["step"]
+
+
+def test_resume_names_a_changed_model_field_and_accepts_an_implementation_switch(text_file, tmp_path):
+    assert run_distributed(_resume_rules_worker, 2, (text_file, str(tmp_path / "r"), str(tmp_path / "cache"))) == [3, 3]

@@ -33,7 +33,7 @@ def _submit(cluster, tmp_path, name, extra, sbatch_args=()):
     text = tmp_path / "corpus.txt"
     text.write_text(TEXT)
     out_dir = tmp_path / name
-    env = {"S2MOE_REPO": ROOT, "PYTHON": sys.executable, "OUT_DIR": str(out_dir), "DATASET": "path",
+    env = {"S2MOE_REPO": ROOT, "PYTHON": sys.executable, "OUT_DIR": str(out_dir), "PRESET": "tiny", "DATASET": "path",
            "DATA_PATH": str(text), "OMP_NUM_THREADS": "1"}
     args = ["--job-name", name, "--ntasks-per-node", "2", "--cpus-per-task", "1", "--nodes", "1",
             "--output", str(tmp_path / f"{name}-%j.out"), *sbatch_args, SCRIPT,

@@ -16,7 +16,6 @@ from ..config import ConfigError
 
 FORMAT_VERSION = 2
 
-_BLOCK_OF_ROUTER_V1 = {"s2moe": "s2moe", "smoe": "moe", "dense": "dense"}
 _TOPK_FIELDS_V1 = ("noisy_gate_policy", "use_rts", "top2_2nd_expert_sampling")
 
 
@@ -28,15 +27,16 @@ def upgrade_model_config(model_config: Dict[str, Any], where: str) -> Dict[str, 
     """A model config dict of any known format as format 2 writes it (every field present)."""
     from ..models import model_config_from_dict
     from ..moe import BLOCKS
+    from ..moe.config import BLOCK_OF_OLD_ROUTER
     cfg = dict(model_config)
     moe = dict(cfg.get("moe") or {})
     if "block" not in moe:
         router = moe.pop("router", "s2moe")
-        if router not in _BLOCK_OF_ROUTER_V1:
+        if router not in BLOCK_OF_OLD_ROUTER:
             raise ConfigError(f"{where}: its model config names router {router!r}, which no version of s2moe-ds "
                               "wrote; the checkpoint is not one of ours or is damaged")
         moe.pop("ep_size", None)
-        block = _BLOCK_OF_ROUTER_V1[router]
+        block = BLOCK_OF_OLD_ROUTER[router]
         # Format 1 carried S2MoE's settings for every router; only the kind that has settings keeps them.
         s2moe = moe.pop("s2moe", None)
         router_config = {name: moe.pop(name) for name in _TOPK_FIELDS_V1 if name in moe}

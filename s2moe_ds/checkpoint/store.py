@@ -17,15 +17,16 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import deepspeed.comm as dist
 import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from ..config import ConfigError
+from ..config import ConfigError, without_implementation_fields
 from ..fileio import atomic_write_text
+from ..models import model_config_from_dict
 from .compat import upgrade_meta
 
 LATEST = "latest"
@@ -71,7 +72,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     """Save a checkpoint on every rank (collective); returns its tag. The tokenizer, if given, is
     saved beside the weights, so the step folder alone can be sampled from; `meta` (JSON-able) is
     what `check_resumable` compares against the next run. `before_commit(step_dir)` runs on every
-    rank once all files but the markers are written: what it raises leaves the checkpoint
+    rank once every file but COMPLETE and latest is written: what it raises leaves the checkpoint
     incomplete, as a kill at that moment would."""
     tag = step_tag(step)
     rank = dist.get_rank()
@@ -83,13 +84,14 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
-    dist.barrier()
-    if before_commit is not None:
-        before_commit(step_dir)
     if rank == 0:
         if tokenizer is not None:
             tokenizer.save(os.path.join(step_dir, TOKENIZER))
         atomic_write_text(os.path.join(step_dir, META), json.dumps(meta or {}, indent=1, sort_keys=True))
+    dist.barrier()
+    if before_commit is not None:
+        before_commit(step_dir)
+    if rank == 0:
         atomic_write_text(os.path.join(step_dir, COMPLETE), f"{step}\n")
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
         _prune(ckpt_dir, keep, tag)
@@ -105,6 +107,21 @@ def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 
 
+def _differences(saved, expected, path: str = "") -> List[str]:
+    """'field: saved -> expected' for every leaf where two JSON-like values differ."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        return [d for key in sorted(set(saved) | set(expected))
+                for d in _differences(saved.get(key), expected.get(key), f"{path}.{key}" if path else key)]
+    return [] if saved == expected else [f"{path}: {saved!r} -> {expected!r}"]
+
+
+def _resume_view(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What a resume must match: the model config without its implementation-only fields."""
+    if "model_config" not in meta:
+        return meta
+    return {**meta, "model_config": without_implementation_fields(model_config_from_dict(meta["model_config"]))}
+
+
 def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
     """The tag to resume from, after checking that the checkpoint's meta.json matches `expect`
     (world_size, ep_size, model config, tokenizer, ...). Reads only small files, so every rank can
@@ -115,19 +132,23 @@ def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
         return None
     where = os.path.join(ckpt_dir, tag)
     with open(os.path.join(where, META)) as f:
-        saved = upgrade_meta(json.load(f), f"--resume: checkpoint {where}")
-    expect = json.loads(json.dumps(expect))  # tuples and lists compare as JSON would store them
+        saved = _resume_view(json.loads(json.dumps(upgrade_meta(json.load(f), f"--resume: checkpoint {where}"))))
+    expect = json.loads(json.dumps(_resume_view(expect)))  # tuples and lists compare as JSON would store them
     for key, value in expect.items():
         if saved.get(key) != value:
             if key == "tokenizer":
                 raise ConfigError(f"--resume: checkpoint {where} was trained with tokenizer {saved.get(key)}, "
                                   f"this run's data gives {value}; resume with the checkpoint's data and "
                                   f"tokenizer (--tokenizer {os.path.join(where, TOKENIZER)})")
-            raise ConfigError(
-                f"--resume: checkpoint {where} was written with {key}={saved.get(key)!r}, "
-                f"this run has {key}={value!r}. DeepSpeed cannot re-shard native-MoE optimizer states "
-                "across expert-parallel layouts; resume with the same world size, ep_size and model, or "
-                "evaluate and sample the checkpoint (launch/evaluate.py, launch/generate.py) and train a new run")
+            if key == "model_config":
+                why = (f"another model config ({'; '.join(_differences(saved.get(key), value))}); a resume "
+                       "continues the same model")
+            else:
+                why = (f"{key}={saved.get(key)!r}, this run has {key}={value!r}. DeepSpeed cannot re-shard "
+                       "native-MoE optimizer states across expert-parallel layouts")
+            raise ConfigError(f"--resume: checkpoint {where} was written with {why}; resume with the same world size, "
+                              "ep_size and model, or evaluate and sample the checkpoint (launch/evaluate.py, "
+                              "launch/generate.py), which take any layout")
     return tag
 
 

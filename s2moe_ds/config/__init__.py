@@ -5,8 +5,8 @@ routers' own files, parallel/config.py, data/config.py, train/config.py); they a
 ``__post_init__`` with these helpers, so an error names its field and the fix before any compute.
 """
 
-from .validate import (ConfigError, check_bool, check_choice, check_int, check_number, check_optional_int, fail,
-                       require)
+from .validate import (IMPLEMENTATION, ConfigError, check_bool, check_choice, check_int, check_known_fields,
+                       check_number, check_optional_int, fail, require, without_implementation_fields)
 
-__all__ = ["ConfigError", "check_bool", "check_choice", "check_int", "check_number", "check_optional_int", "fail",
-           "require"]
+__all__ = ["IMPLEMENTATION", "ConfigError", "check_bool", "check_choice", "check_int", "check_known_fields",
+           "check_number", "check_optional_int", "fail", "require", "without_implementation_fields"]

@@ -2,8 +2,23 @@
 says what would be accepted, so a bad flag or config file fails before any compute."""
 
 
+from dataclasses import fields, is_dataclass
+
+IMPLEMENTATION = {"implementation": True}
+"""Field metadata of a setting that changes how a result is computed, not the result (a run may
+resume with another value)."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+def without_implementation_fields(obj):
+    """A config dataclass as a dict, nested ones included, less the fields marked IMPLEMENTATION."""
+    if not is_dataclass(obj):
+        return obj
+    return {f.name: without_implementation_fields(getattr(obj, f.name)) for f in fields(obj)
+            if not f.metadata.get("implementation")}
 
 
 def fail(name: str, message: str) -> None:
@@ -31,6 +46,14 @@ def check_int(value, name: str, minimum: int) -> None:
 def check_optional_int(value, name: str, minimum: int) -> None:
     if value is not None:
         check_int(value, name, minimum)
+
+
+def check_known_fields(values, cls, name: str, owner: str) -> None:
+    """Every key of `values` is a field of the dataclass `cls` (the settings of `owner`)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    require(not unknown, name, f"unknown field(s) {', '.join(map(repr, unknown))} for {owner}; "
+            f"its fields: {', '.join(sorted(known))}")
 
 
 def check_number(value, name: str, minimum: float, strict: bool) -> None:

@@ -155,7 +155,7 @@ class ExpertAnalyzer:
                                    "set_tokens before each forward, in eval mode with eval_noise 'none'")
             x_TD, ids_T = x_TD[keep_T], self._tokens_T[keep_T]
             with torch.no_grad():
-                probs_TE = _probabilities(layer, x_TD).double()
+                probs_TE = layer.router.probabilities(x_TD).double()  # on the CPU, where x_TD now is
             k = layer.router.eval_k
             top_TK = probs_TE.topk(min(k, probs_TE.shape[-1]), dim=-1).indices
             E = probs_TE.shape[-1]
@@ -191,7 +191,7 @@ class ExpertAnalyzer:
             top1_share = rec.top1_E / rec.top1_E.sum()
             topk_share = rec.topk_E / rec.topk_E.sum()
             with torch.no_grad():
-                top1_N = _probabilities(layer, x_ND).argmax(-1).to(device)
+                top1_N = layer.router.probabilities(x_ND).argmax(-1)
             out_sim = expert_output_similarity(experts, x_ND)
             w_sim = expert_weight_similarity(experts)
             per_expert_rank = []
@@ -237,12 +237,6 @@ class ExpertAnalyzer:
                 entry[name] = _unit_interval_summary(values_N.double().cpu())
             layers.append(entry)
         return {"layers": layers}
-
-
-def _probabilities(layer: ExpertBlock, x_TD: torch.Tensor) -> torch.Tensor:
-    """The router's [T, E] distribution for x on the CPU; the router may live on a GPU."""
-    weight_device = next(layer.router.parameters()).device
-    return layer.router.probabilities(x_TD.to(weight_device)).cpu()
 
 
 def _unit_interval_summary(values_N: torch.Tensor) -> Dict[str, object]:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..checkpoint import consolidate, model_config_for_inference, model_from_state, resolve_checkpoint
-from ..config import ConfigError, check_int, require
+from ..config import ConfigError, check_int, check_optional_int, require
 from ..data import DataConfig, check_tokenizer_matches, eval_batches, prepare_corpus
 from ..fileio import atomic_write_text
 from ..tables import markdown_table
@@ -59,11 +59,9 @@ class EvalConfig:
         require(len(self.splits) > 0, "eval.splits", "give at least one of train, valid, test")
         for s in self.splits:
             require(s in ("train", "valid", "test"), "eval.splits", f"unknown split {s!r}; use train, valid or test")
-        if self.seq_len is not None:
-            check_int(self.seq_len, "eval.seq_len", 1)
+        check_optional_int(self.seq_len, "eval.seq_len", 1)
         check_int(self.batch_size, "eval.batch_size", 1)
-        if self.max_batches is not None:
-            check_int(self.max_batches, "eval.max_batches", 1)
+        check_optional_int(self.max_batches, "eval.max_batches", 1)
         check_int(self.analysis_tokens, "eval.analysis_tokens", 2)
 
 

@@ -10,11 +10,12 @@ same seeds gives the same table.
 import json
 import re
 import statistics
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError
-from ..moe import BLOCKS, ROUTERS, MoEConfig
+from ..moe import BLOCKS, MoEConfig
+from ..moe.config import nest_settings, setting_owners
 from ..tables import markdown_table
 from ..train.presets import model_preset
 
@@ -29,16 +30,6 @@ BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
     "dense": {"block": "dense"},
 }
 
-_MOE_FIELDS = {f.name for f in fields(MoEConfig)} - {"block_config", "router_config"}
-
-
-def _own_fields(specs) -> Dict[str, set]:
-    return {name: {f.name for f in fields(spec.config)} for name, spec in specs.items() if spec.config is not None}
-
-
-_BLOCK_FIELDS = _own_fields(BLOCKS)
-_ROUTER_FIELDS = _own_fields(ROUTERS)
-_ALL_FIELDS = _MOE_FIELDS.union(*_BLOCK_FIELDS.values(), *_ROUTER_FIELDS.values())
 
 
 @dataclass(frozen=True)
@@ -51,12 +42,12 @@ class Variant:
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.name)
 
-    def _get(self, key: str):
-        return dict(self.overrides).get(key, getattr(MoEConfig, key))
+    def _get(self, key: str) -> str:
+        return str(dict(self.overrides).get(key, getattr(MoEConfig, key)))
 
     @property
     def block(self) -> str:
-        return str(self._get("block"))
+        return self._get("block")
 
     @property
     def routed(self) -> bool:
@@ -64,17 +55,11 @@ class Variant:
 
     def accepts(self, key: str) -> bool:
         """Whether `key` is a field of this variant's MoEConfig, block kind or router."""
-        return (key in _MOE_FIELDS or key in _BLOCK_FIELDS.get(self.block, ())
-                or key in _ROUTER_FIELDS.get(str(self._get("router")), ()))
+        chosen = {"moe": "", "block": self.block, "router": self._get("router")}
+        return any(chosen[what] == name for what, name in setting_owners(key))
 
     def moe_dict(self) -> Dict[str, object]:
-        moe = {k: v for k, v in self.overrides if k in _MOE_FIELDS}
-        for settings, own in (("block_config", _BLOCK_FIELDS.get(self.block, ())),
-                              ("router_config", _ROUTER_FIELDS.get(str(self._get("router")), ()))):
-            values = {k: v for k, v in self.overrides if k in own}
-            if values:
-                moe[settings] = values
-        return moe
+        return nest_settings(dict(self.overrides), self.block, self._get("router"))
 
     def flags(self) -> List[str]:
         out = []
@@ -102,9 +87,9 @@ def parse_assignment(spec: str, what: str) -> Tuple[str, List[object]]:
         raise ConfigError(f"{what}: {spec!r} is not FIELD=VALUE[,VALUE...], e.g. uncertainty_coef=0,0.5")
     key, values = spec.split("=", 1)
     key = key.strip().replace("-", "_")
-    if key not in _ALL_FIELDS:
+    if not setting_owners(key):
         raise ConfigError(f"{what}: unknown field {key!r}; use a field of MoEConfig or of a block kind's or "
-                          f"router's settings: {', '.join(sorted(_ALL_FIELDS))}")
+                          "router's settings (launch/pretrain.py --help lists them)")
     parsed = [parse_value(v.strip()) for v in values.split(",") if v.strip() != ""]
     if not parsed:
         raise ConfigError(f"{what}: {spec!r} gives no value")

@@ -76,6 +76,8 @@ def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None])
 def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
     """launch/compare.py's work, from its parsed flags (s2moe_ds.cli.compare_parser); `extra`
     flags pass through to launch/pretrain.py."""
+    args.deepspeed_config = args.deepspeed_config or os.path.join(ROOT, "ds_configs", "zero2.json")
+    args.out = args.out or os.path.join(ROOT, "runs", "compare")
     try:
         variants = plan_variants(args.variants, args.ablate, args.ablate_base, args.set, args.preset)
         if not variants:
@@ -85,6 +87,8 @@ def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
         model_preset(args.preset)
         if args.path and not os.path.exists(args.path):
             raise ConfigError(f"--path: {args.path} does not exist")
+        if not os.path.isfile(args.deepspeed_config):
+            raise ConfigError(f"--deepspeed-config: file not found: {args.deepspeed_config}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@
     losses.py     named losses and the total loss
     experts.py    the expert FFN
 
-Imports torch, and DeepSpeed only through s2moe_ds.parallel.
+Imports torch, DeepSpeed's internals only through s2moe_ds.parallel (and deepspeed.comm, its
+public collectives, directly).
 """
 
 from .blocks.base import BlockOutput, ExpertBlock, expert_blocks, init_expert_weights
@@ -24,4 +25,4 @@ from .routers.topk import TopKRouter, TopKRouterConfig
 
 __all__ = ["BLOCKS", "ROUTERS", "BlockOutput", "ExpertBlock", "FFN", "LossTerm", "MoEBlock", "MoEConfig", "S2MoE",
            "S2MoEConfig", "TopKRouter", "TopKRouterConfig", "build_block", "build_router", "expert_blocks",
-           "init_expert_weights", "total_loss"]
+           "fused", "init_expert_weights", "method", "total_loss"]

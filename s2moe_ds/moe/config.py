@@ -3,15 +3,19 @@ the routers' losses count. The block kind and the router are separate choices, e
 through moe/registry.py, whose entries also bring the settings of their own (block_config,
 router_config)."""
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import ConfigError, check_choice, require
+from ..config import ConfigError, check_choice, check_known_fields, require
 from .losses import LAYER_REDUCTIONS, LossTerm
 from .registry import BLOCKS, ROUTERS
 from .routing import BALANCE_COEF, check_routing
 
-_BLOCK_KINDS_BEFORE_THE_REDESIGN = {"s2moe": "s2moe", "smoe": "moe", "dense": "dense"}
+BLOCK_OF_OLD_ROUTER = {"s2moe": "s2moe", "smoe": "moe", "dense": "dense"}
+"""Before the redesign of issue 11, moe.router named the block kind: its values and what they are now."""
+
+SETTINGS = (("block", BLOCKS, "block_config"), ("router", ROUTERS, "router_config"))
+"""The two choices whose registry entries bring settings of their own, and where MoEConfig keeps them."""
 
 
 def resolve_settings(value, cls, name: str, owner: str):
@@ -22,14 +26,49 @@ def resolve_settings(value, cls, name: str, owner: str):
     if value is None:
         return cls()
     if isinstance(value, dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        require(not unknown, name, f"unknown field(s) {', '.join(map(repr, unknown))} for {owner}; "
-                f"its fields: {', '.join(sorted(known))}")
+        check_known_fields(value, cls, name, owner)
         return cls(**value)
     require(isinstance(value, cls), name, f"must be a {cls.__name__} or a dict of its fields, "
             f"got {type(value).__name__}")
     return value
+
+
+def settings_dict(value) -> Dict[str, Any]:
+    """A block's or router's settings as a dict of fields, whether given as a dict or the dataclass."""
+    if value is None:
+        return {}
+    return asdict(value) if is_dataclass(value) else dict(value)
+
+
+def setting_owners(name: str) -> List[Tuple[str, str]]:
+    """Where a field of that name lives: ('moe', '') for MoEConfig's own, ('block', kind) or
+    ('router', name) for the settings of each registered block kind or router that has it."""
+    owners = [("moe", "")] if name in {f.name for f in fields(MoEConfig)} - {s for _, _, s in SETTINGS} else []
+    for what, registry, _ in SETTINGS:
+        owners += [(what, key) for key, spec in registry.items()
+                   if spec.config is not None and name in {f.name for f in fields(spec.config)}]
+    return owners
+
+
+def nest_settings(flat: Dict[str, Any], block: str, router: str, label=lambda name: name) -> Dict[str, Any]:
+    """Flat {field: value} as MoEConfig's fields, with block_config and router_config for `block`
+    and `router`. A field of another kind's or router's settings is refused, named by label(field)."""
+    chosen = {"block": block, "router": router}
+    out: Dict[str, Any] = {}
+    for name, value in flat.items():
+        owners = setting_owners(name)
+        if ("moe", "") in owners:
+            out[name] = value
+            continue
+        mine = [what for what, key in owners if chosen.get(what) == key]
+        if not mine:
+            if not owners:
+                raise ConfigError(f"{label(name)}: not a field of MoEConfig nor of any block kind's or router's settings")
+            what, key = owners[0]
+            raise ConfigError(f"{label(name)}: is a setting of {what} {key!r}, but this run's moe.{what} is "
+                              f"{chosen[what]!r}; drop it or pass --{what} {key}")
+        out.setdefault(f"{mine[0]}_config", {})[name] = value
+    return out
 
 
 @dataclass
@@ -75,10 +114,10 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         p = "moe."
-        if self.router in _BLOCK_KINDS_BEFORE_THE_REDESIGN and self.router not in ROUTERS:
+        if self.router in BLOCK_OF_OLD_ROUTER and self.router not in ROUTERS:
             raise ConfigError(f"moe.router: {self.router!r} names a block kind; moe.router now names the router "
                               f"({', '.join(map(repr, ROUTERS))}) and moe.block the block kind: use block "
-                              f"{_BLOCK_KINDS_BEFORE_THE_REDESIGN[self.router]!r} (flag --block)")
+                              f"{BLOCK_OF_OLD_ROUTER[self.router]!r} (flag --block)")
         check_choice(self.block, p + "block", tuple(BLOCKS))
         check_choice(self.router, p + "router", tuple(ROUTERS))
         check_routing(p, self.num_experts, self.k, self.eval_k, self.capacity_factor, self.eval_capacity_factor,

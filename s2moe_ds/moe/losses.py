@@ -22,9 +22,9 @@ class LossTerm:
     """'sum' or 'mean' over the layers that report the loss."""
 
 
-def reduce_over_layers(values: List[torch.Tensor], how: str) -> torch.Tensor:
+def reduce_over_layers(values: List[torch.Tensor], how: str, device=None) -> torch.Tensor:
     if not values:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     if how == "sum":
         return sum(values)
     return torch.stack(values).mean()
@@ -33,7 +33,8 @@ def reduce_over_layers(values: List[torch.Tensor], how: str) -> torch.Tensor:
 def total_loss(task_loss: torch.Tensor, layer_losses: Dict[str, List[torch.Tensor]],
                terms: Dict[str, LossTerm]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """(task + sum over terms of coef * reduced loss, the reduced value of each named loss)."""
-    reduced = {name: reduce_over_layers(layer_losses.get(name, []), term.over_layers) for name, term in terms.items()}
+    reduced = {name: reduce_over_layers(layer_losses.get(name, []), term.over_layers, task_loss.device)
+               for name, term in terms.items()}
     total = task_loss
     for name, term in terms.items():
         total = total + term.coef * reduced[name]

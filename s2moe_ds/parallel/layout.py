@@ -49,12 +49,6 @@ class ExpertLayout:
     def global_id(self, local_id: int) -> int:
         return self.ep_rank * self.num_local + local_id
 
-    def local_id(self, global_id: int) -> int:
-        local = global_id - self.ep_rank * self.num_local
-        if not 0 <= local < self.num_local:
-            raise ValueError(f"expert {global_id} is not on expert-parallel rank {self.ep_rank}")
-        return local
-
     def global_ids(self) -> List[int]:
         return [self.global_id(i) for i in range(self.num_local)]
 

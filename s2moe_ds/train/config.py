@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-from ..config import ConfigError, check_bool, check_int, check_number, require
+from ..config import ConfigError, check_bool, check_int, check_number, check_optional_int, require
 from ..data import DataConfig
 from ..models import ModelConfig, check_backbone, model_config_from_dict
 from ..parallel import ParallelConfig, check_expert_parallel
@@ -60,18 +60,15 @@ class TrainConfig:
         check_number(self.min_lr_ratio, p + "min_lr_ratio", 0.0, strict=False)
         require(self.min_lr_ratio <= 1, p + "min_lr_ratio", f"must be <= 1, got {self.min_lr_ratio}")
         check_int(self.eval_interval, p + "eval_interval", 0)
-        if self.eval_max_batches is not None:
-            check_int(self.eval_max_batches, p + "eval_max_batches", 1)
+        check_optional_int(self.eval_max_batches, p + "eval_max_batches", 1)
         check_int(self.save_interval, p + "save_interval", 0)
         check_int(self.keep_checkpoints, p + "keep_checkpoints", 1)
         check_int(self.log_interval, p + "log_interval", 1)
         check_int(self.seed, p + "seed", 0)
         check_bool(self.resume, p + "resume")
-        if self.expect_world_size is not None:
-            check_int(self.expect_world_size, p + "expect_world_size", 1)
+        check_optional_int(self.expect_world_size, p + "expect_world_size", 1)
         check_bool(self.save_on_signal, p + "save_on_signal")
-        if self.stop_after is not None:
-            check_int(self.stop_after, p + "stop_after", 1)
+        check_optional_int(self.stop_after, p + "stop_after", 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

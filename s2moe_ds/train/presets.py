@@ -1,7 +1,7 @@
 """Named presets: functions that return whole experiment configs; flags and overrides replace fields.
 
-    tiny         2 layers, d_model 64, 4 heads, d_inner 128, 4 experts top-2: seconds per step
-                 on 2 CPU cores, for tests and the README's demo
+    tiny         2 layers, d_model 64, 4 heads, d_inner 128, 4 experts top-2: about 0.1 s per
+                 step on 2 CPU cores, for tests and the README's demo
     paper-small  the paper's 4 layers, d_model 256, 8 heads, d_inner 512, 16 experts top-2
                  (docs/method.md, from the authors' sister code)
 """
@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict
 from ..config import check_choice
 from ..models import ModelConfig, model_config_from_dict
 from ..moe import MoEConfig
+from ..moe.config import settings_dict
 from .config import ExperimentConfig
 
 
@@ -34,7 +35,7 @@ def _merge_moe(base: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
     out = {**base, **{k: v for k, v in given.items() if k not in ("block_config", "router_config")}}
     for kind, settings in (("block", "block_config"), ("router", "router_config")):
         own = base.get(settings) if out[kind] == base[kind] else None
-        out[settings] = {**(own or {}), **(given.get(settings) or {})} or None
+        out[settings] = {**settings_dict(own), **settings_dict(given.get(settings))} or None
     return out
 
 

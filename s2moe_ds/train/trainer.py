@@ -11,7 +11,7 @@ each phase; tests inject faults through them.
 import json
 import os
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import deepspeed.comm as dist
 import torch

@@ -2,9 +2,10 @@
 
 Every block kind (dense, moe, s2moe) offers
     forward_parts(x_BTD, mask_BT) -> BlockOutput(output, losses, metrics)
-with its named auxiliary losses (fp32 scalars, still in the graph) and detached metrics, and
+with its named auxiliary losses (fp32 scalars, still in the graph) and detached metrics. The
+blocks built on DeepSpeed's MoE (moe, s2moe) also keep its forward,
     forward(x, used_token) -> (output, l_aux, exp_counts)
-DeepSpeed MoE's interface, for code that uses a block as a drop-in for deepspeed.moe.layer.MoE.
+for code that uses them as a drop-in for deepspeed.moe.layer.MoE; the dense block is the FFN.
 
 Metric names: 'expert_counts' (routes per expert on this rank before capacity drops),
 'dropped_fraction' (share of routes dropped by capacity), 'mix_gate' (S2MoE's g per token).

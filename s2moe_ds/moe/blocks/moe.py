@@ -5,6 +5,7 @@ gives it eval_k. The block subclasses deepspeed.moe.layer.MoE, so its forward is
 the engine treats it as any MoE layer (expert groups, expert parameter groups, per-expert files).
 """
 
+from ...parallel import check_expert_parallel
 from ...parallel import deepspeed_internals as ds
 from ..losses import LossTerm
 from ..spec import BlockSpec
@@ -30,6 +31,7 @@ def deepspeed_moe_args(moe_cfg) -> dict:
 
 
 def build(moe_cfg, d_model: int, expert, ep_size: int, router) -> MoEBlock:
+    check_expert_parallel(moe_cfg.num_experts, ep_size)  # DeepSpeed's own assert names no field
     block = MoEBlock(d_model, expert, ep_size=ep_size, **deepspeed_moe_args(moe_cfg))
     ds.set_gate(block, router(ds.gate(block)))
     return block

@@ -17,13 +17,14 @@ expert parameter groups for ZeRO 1/2, per-expert checkpoint files, process-group
 Shapes: T tokens of this rank, D = hidden size.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ...config import ConfigError, check_bool, check_choice, check_int, check_number, require
+from ...config import (IMPLEMENTATION, ConfigError, check_bool, check_choice, check_int, check_known_fields,
+                       check_number, require)
 from ...parallel import check_expert_parallel
 from ...parallel import deepspeed_internals as ds
 from .. import fused, method
@@ -67,8 +68,8 @@ class S2MoEConfig:
     """'input': InfoNCE between x and x_hat (the paper); 'output': between SMoE(x) and SMoE(x_hat)."""
     uncertainty_over_layers: str = "mean"
     """How the S2MoE layers' L_u are reduced into one term: 'mean' (the default) or 'sum'."""
-    fused: bool = True
-    """Implementation, not method: true runs the noisy concat, gate logit, path mix and InfoNCE as
+    fused: bool = field(default=True, metadata=IMPLEMENTATION)
+    """Implementation, not method (a run may resume with the other value): true runs the noisy concat, gate logit, path mix and InfoNCE as
     the autograd Functions of moe/fused (same values and gradients, less memory); false runs the
     plain formulas of moe/method, the reference they are tested against."""
 
@@ -149,10 +150,8 @@ class S2MoE(ExpertBlock, ds.MoE):
                       drop_tokens if eval_drop_tokens is None else eval_drop_tokens, balance_coef)
         TopKRouterConfig(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
                          top2_2nd_expert_sampling=top2_2nd_expert_sampling)
-        unknown = sorted(set(s2moe) - {f.name for f in fields(S2MoEConfig)})
-        if unknown:
-            raise ConfigError(f"S2MoE: unknown argument(s) {', '.join(unknown)}; its keyword arguments are "
-                              f"eval_k, eval_drop_tokens, balance_coef, router and S2MoEConfig's fields")
+        check_known_fields(s2moe, S2MoEConfig, "S2MoE",
+                           "S2MoE's keyword arguments (eval_k, eval_drop_tokens, balance_coef, router and these)")
         self.config = S2MoEConfig(**s2moe)
         _check_folding(self.config.uncertainty_coef, balance_coef, "balance_coef")
         super().__init__(hidden_size, expert, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
@@ -192,12 +191,13 @@ class S2MoE(ExpertBlock, ds.MoE):
                    sample: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """([x; x_hat] along the token axis, x_hat): both paths in one buffer for one dispatch.
         The fused Function covers sampled noise with constant statistics; the rest is plain."""
-        cfg = self.config
-        if cfg.fused and sample and cfg.noise_scale != 0 and cfg.detach_noise_stats:
-            mu_D, sigma_D = self.noise.statistics(x_TD, mask_T)
-            return fused.noisy_concat(x_TD, mu_D, cfg.noise_scale * sigma_D, *method.draw_eps(x_TD))
-        x_hat_TD = self.noise(x_TD, mask_T, sample=sample)
-        return torch.cat([x_TD, x_hat_TD], dim=0), x_hat_TD
+        noise = self.noise
+        mu_D, sigma_D = noise.statistics(x_TD, mask_T)
+        if not sample or noise.noise_scale == 0:
+            x_hat_TD = method.expected_copy(x_TD, mu_D)
+            return torch.cat([x_TD, x_hat_TD], dim=0), x_hat_TD
+        concat = fused.noisy_concat if self.config.fused and noise.detach_noise_stats else method.noisy_concat
+        return concat(x_TD, mu_D, noise.noise_scale * sigma_D, *method.draw_eps(x_TD))
 
     def forward_parts(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> BlockOutput:
         """hidden_states: [..., hidden_size]; used_token: optional [...] mask, 1 for real tokens and 0

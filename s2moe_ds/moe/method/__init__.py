@@ -10,7 +10,7 @@ one of the two by `S2MoEConfig.fused`, and tests hold them equal.
 
 from .infonce import info_nce, sample_rows, sampled_info_nce
 from .mixing import mix_gate_logit, mix_paths
-from .noise import GaussianNoise, draw_eps, noisy_concat, noisy_copy
+from .noise import GaussianNoise, draw_eps, expected_copy, noisy_concat, noisy_copy
 
-__all__ = ["GaussianNoise", "draw_eps", "info_nce", "mix_gate_logit", "mix_paths", "noisy_concat", "noisy_copy",
+__all__ = ["GaussianNoise", "draw_eps", "expected_copy", "info_nce", "mix_gate_logit", "mix_paths", "noisy_concat", "noisy_copy",
            "sample_rows", "sampled_info_nce"]

@@ -31,6 +31,11 @@ def noisy_copy(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Tensor, ep
     return (x + mu_D + scale_D * (eps1_TD * x + eps2_TD)).to(x_TD.dtype)
 
 
+def expected_copy(x_TD: torch.Tensor, mu_D: torch.Tensor) -> torch.Tensor:
+    """x + mu, the noisy copy's expectation (eval_noise 'mean', or noise_scale 0), in x's dtype."""
+    return (x_TD.float() + mu_D).to(x_TD.dtype)
+
+
 def noisy_concat(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Tensor, eps1_TD: torch.Tensor,
                  eps2_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """([x; x_hat] along the token axis, x_hat): both paths in one buffer for one dispatch."""
@@ -89,5 +94,5 @@ class GaussianNoise(nn.Module):
         """x_hat for the tokens x_TD; with sample=False the expectation x + mu (eval_noise 'mean')."""
         mu_D, sigma_D = self.statistics(x_TD, mask_T)
         if not sample or self.noise_scale == 0:
-            return (x_TD.float() + mu_D).to(x_TD.dtype)
+            return expected_copy(x_TD, mu_D)
         return noisy_copy(x_TD, mu_D, self.noise_scale * sigma_D, *draw_eps(x_TD))

@@ -6,8 +6,8 @@ dispatch, all-to-all pair, capacity and expert parallelism. It offers:
 - forward(x_TD, used_token, sparse_routes=True, use_tutel=False): DeepSpeed's sparse-route gating
   tuple (l_aux, capacity, num_experts, indices_KS, locations_KS, gates_KS, exp_counts), with eval_k
   experts per token and no randomness in eval mode;
-- eval_k, and last_dropped_fraction (the share of routes the last call dropped by capacity, read
-  by the block right after the call);
+- kind (its registry name), eval_k, and last_dropped_fraction (the share of routes the last call
+  dropped by capacity, read by the block right after the call);
 - probabilities(x_TD): the [T, E] fp32 routing distribution, deterministic, for analysis;
 - optionally set_training_step(step), called by the trainer at the start of every step, for
   routers that schedule themselves (the trainer finds it on any module of the model).

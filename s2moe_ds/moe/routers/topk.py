@@ -69,8 +69,9 @@ class TopKRouter(ds.TopKGate):
         return router
 
     def probabilities(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """softmax(x @ W^T) in fp32: what the gate ranks experts by, without its training noise."""
-        return F.softmax(F.linear(x_TD.float(), ds.gate_weight(self).float()), dim=-1)
+        """softmax(x @ W^T) in fp32 on x's device: what the gate ranks experts by, without its noise."""
+        weight = ds.gate_weight(self).detach().float().to(x_TD.device)
+        return F.softmax(F.linear(x_TD.float(), weight), dim=-1)
 
     def _top1_capacity_factor(self, input: torch.Tensor) -> float:
         """A capacity factor whose capacity holds every token that any expert of the group receives."""
