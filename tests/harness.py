@@ -15,6 +15,7 @@ import os
 import queue as queue_mod
 import time
 import traceback
+from contextlib import contextmanager
 from typing import Any, Callable, List, Sequence
 
 import torch
@@ -25,6 +26,25 @@ from s2moe_ds.parallel import free_port
 
 class DistributedTestError(AssertionError):
     pass
+
+
+@contextmanager
+def counting_all_to_all():
+    """Counts deepspeed.comm.all_to_all_single calls (the MoE dispatch's collective) made inside
+    the block: yields a dict whose 'n' is the count so far (set it to 0 to restart)."""
+    import deepspeed.comm as dist
+    calls = {"n": 0}
+    original = dist.all_to_all_single
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_to_all_single = counting
+    try:
+        yield calls
+    finally:
+        dist.all_to_all_single = original
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, results, timeout: float) -> None:

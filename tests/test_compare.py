@@ -27,6 +27,13 @@ def test_default_variants_and_ablations_become_flags():
     assert variants[4].moe_dict() == {"k": 2, "block": "s2moe", "block_config": {"uncertainty_coef": 0.5}}
     with_set = plan_variants(["smoe"], sets=["num_experts=8"])
     assert with_set[0].flags() == ["--block", "moe", "--k", "2", "--num-experts", "8"]
+    # Every baseline router, plain and under S2MoE; a router's own setting reaches its variants only.
+    routers = plan_variants(["xmoe", "s2moe-xmoe", "s2moe-stablemoe", "smoe-dropout"], sets=["xmoe_dim=8"])
+    assert [v.flags() for v in routers] == [["--block", "moe", "--k", "2", "--router", "xmoe", "--xmoe-dim", "8"],
+                                            ["--block", "s2moe", "--k", "2", "--router", "xmoe", "--xmoe-dim", "8"],
+                                            ["--block", "s2moe", "--k", "2", "--router", "stablemoe"],
+                                            ["--block", "moe", "--k", "2", "--router", "smoe_dropout"]]
+    assert routers[1].moe_dict() == {"block": "s2moe", "k": 2, "router": "xmoe", "router_config": {"xmoe_dim": 8}}
     # A block kind's own setting goes to the variants of that kind only; the router's to every routed one.
     mixed = plan_variants(["smoe", "s2moe", "dense"], sets=["noise_stats=global", "use_rts=false"])
     assert [v.flags() for v in mixed] == [["--block", "moe", "--k", "2", "--no-use-rts"],
@@ -72,6 +79,9 @@ def test_harness_end_to_end_reproduces_its_table(tmp_path):
     assert {(r["split"], r["eval_k"]) for r in run["eval"]["results"]} == {("valid", 1), ("valid", 2), ("test", 1),
                                                                             ("test", 2)}
     assert [s for s, _ in run["valid_curve"]] == [2, 4]
+    assert 0 < run["final_mix_gate_mean"] < 1 and run["train_step_ms_median"] > 0
+    assert report["runs"]["smoe"][0]["final_mix_gate_mean"] is None  # no mixing gate in SMoE
+    assert "| variant | train ms/step (median) |" in md
     assert (tmp_path / "a" / "results_curves.png").stat().st_size > 1000
     # A second invocation reuses the finished runs ...
     again = _compare(tmp_path, tmp_path / "a")

@@ -59,8 +59,8 @@ def test_router_and_layout_fields_are_validated_by_name():
 
 
 def test_block_router_and_coefficient_errors_say_how_to_fix():
-    with pytest.raises(ConfigError, match=r"moe\.router: must be one of 'topk'"):
-        MoEConfig(router="xmoe")
+    with pytest.raises(ConfigError, match=r"moe\.router: must be one of 'topk', 'xmoe', 'stablemoe', 'smoe_dropout'"):
+        MoEConfig(router="hash")
     with pytest.raises(ConfigError, match=r"moe\.block: must be one of 'dense', 'moe', 's2moe'"):
         MoEConfig(block="xmoe")
     # The names of before the redesign, where --router named the block kind, say what moved.

@@ -7,7 +7,7 @@ import torch
 from s2moe_ds.moe import FFN, S2MoE
 from s2moe_ds.parallel import ExpertLayout
 
-from .harness import run_distributed
+from .harness import counting_all_to_all, run_distributed
 
 D, E, T = 8, 4, 24
 
@@ -68,17 +68,8 @@ def test_ep2_matches_ep1_outputs_and_gradients(train, kw):
 
 
 def _a2a_worker(rank, world_size):
-    import deepspeed.comm as dist
     from deepspeed.moe.layer import MoE
-    calls = {"n": 0}
-    original = dist.all_to_all_single
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    dist.all_to_all_single = counting
-    try:
+    with counting_all_to_all() as calls:
         counts = {}
         torch.manual_seed(0)
         for name, layer in (("s2moe", _make(world_size)),
@@ -93,8 +84,6 @@ def _a2a_worker(rank, world_size):
                 (out.sum() + l_aux).backward()
                 counts[f"{name}/{mode}"] = (forward, calls["n"] - forward)
         return counts
-    finally:
-        dist.all_to_all_single = original
 
 
 def test_one_all_to_all_pair_per_layer_for_both_paths():

@@ -189,7 +189,7 @@ def test_deepspeed_launcher_end_to_end(text_file, tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/task_loss", "train/balance_loss", "train/uncertainty_loss", "train/lr",
-                "train/grad_norm", "train/tokens_per_s", "valid/bpc", "moe/layer0/expert0_load",
+                "train/grad_norm", "train/tokens_per_s", "train/step_ms", "valid/bpc", "moe/layer0/expert0_load",
                 "moe/layer0/dropped_fraction", "moe/layer1/mix_gate_mean"):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]

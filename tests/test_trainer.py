@@ -26,11 +26,11 @@ class StepCountingRouter(TopKRouter):
         super().__init__(*args, **kwargs)
         self.steps = []
 
-    def set_training_step(self, step: int) -> None:
-        self.steps.append(step)
+    def set_training_step(self, step: int, max_steps: int) -> None:
+        self.steps.append((step, max_steps))
 
 
-def build_step_counting(router_cfg, moe_cfg, deepspeed_gate):
+def build_step_counting(router_cfg, moe_cfg, deepspeed_gate, context):
     return StepCountingRouter.from_deepspeed_gate(deepspeed_gate, moe_cfg.resolved_eval_k, moe_cfg.eval_drop_tokens)
 
 
@@ -101,7 +101,7 @@ def test_a_router_and_a_backbone_from_outside_train_with_every_hook(tmp_path):
     for r in results:
         assert r["steps"] == 3 and r["router_kinds"] == ["step-counting"] * 2
         # Every router of the model saw every step, before the step ran.
-        assert r["router_steps"] == [[1, 2, 3], [1, 2, 3]]
+        assert r["router_steps"] == [[(1, 3), (2, 3), (3, 3)]] * 2
         # Hooks fire on every rank, in phase order; a checkpoint is committed only after its hook.
         assert r["events"] == [("start", 1), ("end", 1), ("start", 2), ("end", 2), ("eval", 2, "valid", True),
                                ("commit", 2, False), ("saved", 2, True), ("start", 3), ("end", 3),

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -10,12 +11,20 @@ from s2moe_ds.moe.method import info_nce, sampled_info_nce
 from s2moe_ds.moe.method import sample_rows
 
 
-def _reference(a, b, tau):
+SIM = {
+    "cosine": lambda u, v: float(u @ v / (u.norm() * v.norm())),
+    "dot": lambda u, v: float(u @ v),
+    "neg_sq_distance": lambda u, v: -float((u - v).square().sum()),
+}
+
+
+def _reference(a, b, tau, kind="cosine"):
     a, b = a.double(), b.double()
     total = 0.0
     for i in range(a.shape[0]):
-        sims = [float(a[i] @ b[j] / (a[i].norm() * b[j].norm())) / tau for j in range(b.shape[0])]
-        total += -sims[i] + math.log(sum(math.exp(s) for s in sims))
+        sims = [SIM[kind](a[i], b[j]) / tau for j in range(b.shape[0])]
+        top = max(sims)
+        total += -sims[i] + top + math.log(sum(math.exp(s - top) for s in sims))
     return total / a.shape[0]
 
 
@@ -27,6 +36,33 @@ def test_info_nce_matches_a_float64_reference():
         assert abs(info_nce(a, b, tau).item() - _reference(a, b, tau)) < 1e-5
     # The positive pairing matters: matched pairs give a lower loss than shuffled ones.
     assert info_nce(a, b, 0.1) < info_nce(a, b[torch.randperm(12, generator=g)], 0.1)
+
+
+def test_every_similarity_matches_its_float64_reference_and_reaches_the_layer():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(10, 4, generator=g)
+    b = a + 0.3 * torch.randn(10, 4, generator=g)
+    for kind in SIM:
+        assert abs(info_nce(a, b, 2.0, kind).item() - _reference(a, b, 2.0, kind)) < 1e-5, kind
+        u, v = (t.double().requires_grad_() for t in (a, b))
+        assert torch.autograd.gradcheck(lambda u, v: info_nce(u, v, 2.0, kind), (u, v)), kind
+    # Only the cosine ignores the scale of the features.
+    assert info_nce(3 * a, 3 * b, 2.0) == pytest.approx(info_nce(a, b, 2.0).item(), abs=1e-6)
+    assert info_nce(3 * a, 3 * b, 2.0, "dot") != pytest.approx(info_nce(a, b, 2.0, "dot").item(), abs=1e-3)
+    # The layer's L_u is InfoNCE with the configured similarity, fused or not.
+    x = torch.randn(32, 8, generator=g)
+    for kind in SIM:
+        losses = []
+        for fused in (True, False):
+            torch.manual_seed(0)
+            layer = S2MoE(8, FFN(8, 16), num_experts=4, k=2, uncertainty_similarity=kind, uncertainty_tau=2.0,
+                          fused=fused).train()
+            torch.manual_seed(1)
+            x_hat = layer.noisy_pair(x)[1]
+            torch.manual_seed(1)
+            losses.append(layer.forward_parts(x).losses["uncertainty"].item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5), kind
+        assert losses[0] == pytest.approx(_reference(x, x_hat, 2.0, kind), abs=1e-4), kind
 
 
 def test_info_nce_gradient_is_exact():

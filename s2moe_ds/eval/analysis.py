@@ -95,6 +95,7 @@ class _LayerRecord:
         self.tokens = 0
         self.token_expert_VE = torch.zeros(vocab_size, num_experts, dtype=torch.float64)
         self.sample: List[torch.Tensor] = []
+        self.sample_ids: List[torch.Tensor] = []  # routers such as StableMoE's route by token id
         self.sampled = 0
 
 
@@ -155,7 +156,7 @@ class ExpertAnalyzer:
                                    "set_tokens before each forward, in eval mode with eval_noise 'none'")
             x_TD, ids_T = x_TD[keep_T], self._tokens_T[keep_T]
             with torch.no_grad():
-                probs_TE = layer.router.probabilities(x_TD).double()  # on the CPU, where x_TD now is
+                probs_TE = layer.router.probabilities(x_TD, ids_T).double()  # on the CPU, where x_TD now is
             k = layer.router.eval_k
             top_TK = probs_TE.topk(min(k, probs_TE.shape[-1]), dim=-1).indices
             E = probs_TE.shape[-1]
@@ -169,6 +170,7 @@ class ExpertAnalyzer:
             room = self.sample_tokens - record.sampled
             if room > 0:
                 record.sample.append(x_TD[:room])
+                record.sample_ids.append(ids_T[:room])
                 record.sampled += min(room, x_TD.shape[0])
 
         return hook
@@ -191,7 +193,7 @@ class ExpertAnalyzer:
             top1_share = rec.top1_E / rec.top1_E.sum()
             topk_share = rec.topk_E / rec.topk_E.sum()
             with torch.no_grad():
-                top1_N = layer.router.probabilities(x_ND).argmax(-1)
+                top1_N = layer.router.probabilities(x_ND, torch.cat(rec.sample_ids)).argmax(-1)
             out_sim = expert_output_similarity(experts, x_ND)
             w_sim = expert_weight_similarity(experts)
             per_expert_rank = []

@@ -4,8 +4,8 @@ of every matmul; norms, activations, softmax and the embedding lookup are left o
 Per layer and token, with d = d_model, ctx = mean causal context:
     attention   6 d^2 (q, k, v) + 2 d^2 (output) + 4 ctx d (scores and weighted sum)
     FFN block   what its kind says (moe/blocks/*.py, `flops`): a dense FFN 4 d f; a MoE layer
-                2 d E (router) + k_active * 4 d f; S2MoE in training twice that (the clean and the
-                noisy copy) plus 2 d for its mixing gate
+                the router (2 d E for a linear one; moe/routers/*.py count theirs) + k_active * 4 d f;
+                S2MoE in training twice that (the clean and the noisy copy) plus 2 d for its mixing gate
 plus the tied output projection 2 d V. A causal sequence of T tokens attends to (T + 1) / 2
 positions on average. A backward pass costs twice its forward.
 """
@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 from ..models import ModelConfig
 from ..moe import BLOCKS
+from ..moe.registry import router_flops
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, experts_per_token: Optional[int] = None,
@@ -29,8 +30,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, experts_per_token: Optional[
     k = experts_per_token if experts_per_token is not None else (moe.k if training else moe.resolved_eval_k)
     ctx = (min(seq_len, cfg.max_seq_len) + 1) / 2
     out = {"attention": cfg.n_layer * (8 * d * d + 4 * ctx * d)}
+    routing = router_flops(moe, d, training) if moe.routed else 0
     for i in range(cfg.n_layer):
-        for name, value in BLOCKS[cfg.block_kind(i)].flops(moe, d, cfg.d_inner, k, training).items():
+        for name, value in BLOCKS[cfg.block_kind(i)].flops(moe, d, cfg.d_inner, k, training, routing).items():
             out[name] = out.get(name, 0) + value
     out["lm_head"] = 2 * d * cfg.vocab_size
     scale = 3.0 if training else 1.0

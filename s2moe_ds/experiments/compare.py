@@ -19,17 +19,27 @@ from ..moe.config import nest_settings, setting_owners
 from ..tables import markdown_table
 from ..train.presets import model_preset
 
+BASELINE_ROUTERS = {"smoe": "topk", "xmoe": "xmoe", "stablemoe": "stablemoe", "smoe-dropout": "smoe_dropout"}
+"""The paper's baselines by their name in its tables, and the router each one is."""
+
+
+def _routed(block: str, router: str, k: int) -> Dict[str, object]:
+    # The default router stays implicit, so the commands (and the runs they name) of before the
+    # other routers existed are unchanged.
+    return {"block": block, "k": k, **({} if router == MoEConfig.router else {"router": router})}
+
+
 BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
-    # DeepSpeed's own MoE, top-2: the paper's SMoE baseline.
-    "smoe": {"block": "moe", "k": 2},
-    # S2MoE with top-2 on each path (the paper's setting).
-    "s2moe": {"block": "s2moe", "k": 2},
+    # The paper's baselines, top-2 on DeepSpeed's own MoE (SMoE is DeepSpeed's top-k gate) ...
+    **{name: _routed("moe", router, 2) for name, router in BASELINE_ROUTERS.items()},
+    # ... and S2MoE over each of their routers, top-2 on each path (the paper's setting).
+    "s2moe": _routed("s2moe", "topk", 2),
+    **{f"s2moe-{name}": _routed("s2moe", router, 2) for name, router in BASELINE_ROUTERS.items() if router != MoEConfig.router},
     # S2MoE with top-1 per path: 2 paths x 1 expert, the expert compute per token of SMoE top-2.
-    "s2moe-top1": {"block": "s2moe", "k": 1},
-    "smoe-top1": {"block": "moe", "k": 1},
+    "s2moe-top1": _routed("s2moe", "topk", 1),
+    "smoe-top1": _routed("moe", "topk", 1),
     "dense": {"block": "dense"},
 }
-
 
 
 @dataclass(frozen=True)
@@ -158,16 +168,24 @@ def eval_value(result: Dict, split: str, eval_k: Optional[int], metric: str) -> 
     return None
 
 
+def _means(runs: Sequence[Dict], key: str, digits: int) -> str:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return f"{statistics.fmean(values):.{digits}f}" if values else "-"
+
+
 def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], metric: str,
                   reference: Optional[str] = "smoe", splits: Sequence[str] = ("valid", "test")) -> str:
     """Markdown: per variant and split, mean ± sample std over seeds of the metric with 1 and with
-    2 experts per token, and how the one-expert mean compares with the reference's two-expert mean."""
+    2 experts per token, how the one-expert mean compares with the reference's two-expert mean,
+    and S2MoE's mixing gate at the end of training (mean over layers and seeds). Deterministic:
+    the same command and seeds give the same table."""
     ref = results.get(reference) if reference else None
     head = ["variant", "seeds"]
     for split in splits:
         head += [f"{split} {metric} (1 expert)", f"{split} {metric} (2 experts)"]
     if ref:
         head.append(f"valid: 1 expert - {reference} with 2")
+    head.append("mix gate (end)")
     rows = []
     for v in variants:
         runs = results.get(v.name, [])
@@ -179,8 +197,18 @@ def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], m
             ones = [x for x in (eval_value(r, "valid", 1, metric) for r in runs) if x is not None]
             twos = [x for x in (eval_value(r, "valid", 2, metric) for r in ref) if x is not None]
             row.append(f"{statistics.fmean(ones) - statistics.fmean(twos):+.4f}" if ones and twos else "-")
+        row.append(_means(runs, "final_mix_gate_mean", 3))
         rows.append(row)
     return markdown_table(head, rows)
+
+
+def cost_table(variants: Sequence[Variant], results: Dict[str, List[Dict]]) -> str:
+    """Markdown: the measured training cost per variant (mean over seeds of each run's median
+    step time and throughput). Timings, so not reproducible to the digit like the summary."""
+    rows = [[v.name, _means(results.get(v.name, []), "train_step_ms_median", 1),
+             _means(results.get(v.name, []), "train_tokens_per_s_median", 0),
+             _means(results.get(v.name, []), "train_wall_s", 0)] for v in variants]
+    return markdown_table(["variant", "train ms/step (median)", "train tokens/s (median)", "train wall s"], rows)
 
 
 def per_seed_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], metric: str) -> str:

@@ -17,9 +17,9 @@ from ..config import ConfigError
 from ..eval.evaluate import EvalConfig, evaluate_checkpoint
 from ..fileio import atomic_write_text
 from ..parallel import free_port
-from ..train.monitor import read_scalars
+from ..train.monitor import read_all_scalars
 from ..train.presets import model_preset
-from .compare import per_seed_table, plan_variants, summary_table
+from .compare import cost_table, per_seed_table, plan_variants, summary_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The repository the package runs from (launch/pretrain.py is started from it)."""
@@ -63,12 +63,18 @@ def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None])
             tail = f.read()[-3000:]
         raise RuntimeError(f"training failed with status {rc}; log {run_dir}/train.log ends:\n{tail}")
     report = evaluate_checkpoint(EvalConfig(checkpoint=run_dir, eval_k=(1, 2), splits=("valid", "test")), log=log)
-    tb = os.path.join(run_dir, "tensorboard")
+    scalars = read_all_scalars(os.path.join(run_dir, "tensorboard"))
     metric = report["metric"]
-    speed = [v for _, v in read_scalars(tb, "train/tokens_per_s")]
+    speed = [v for _, v in scalars.get("train/tokens_per_s", [])]
+    step_ms = [v for _, v in scalars.get("train/step_ms", [])]
+    # S2MoE's mixing gate at the end of training, averaged over the layers: a gate near 1 means
+    # the noisy path no longer contributes.
+    gates = [values[-1][1] for tag, values in scalars.items() if tag.endswith("/mix_gate_mean") and values]
     record = {"command": key, "train_wall_s": wall,
               "train_tokens_per_s_median": statistics.median(speed) if speed else None,
-              "valid_curve": read_scalars(tb, f"valid/{metric}"), "eval": report}
+              "train_step_ms_median": statistics.median(step_ms) if step_ms else None,
+              "final_mix_gate_mean": statistics.fmean(gates) if gates else None,
+              "valid_curve": scalars.get(f"valid/{metric}", []), "eval": report}
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     return record
 
@@ -111,6 +117,7 @@ def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
     reference = args.reference if args.reference in results else None
     table = summary_table(variants, results, metric, reference)
     seeds_table = per_seed_table(variants, results, metric)
+    costs = cost_table(variants, results)
     command = " ".join(["python", "launch/compare.py", *argv])
     code = code_version()
     from ..eval import plots
@@ -118,11 +125,12 @@ def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
                                           f"validation during training, {args.preset}, {args.max_steps} steps"),
                       os.path.join(args.out, f"{args.name}_curves.png"))
     md = (f"# Comparison\n\nCommand: `{command}`\n\nCode: {code}\n\n{table}\n\nPer seed:\n\n{seeds_table}\n\n"
+          f"Training cost (measured on this machine):\n\n{costs}\n\n"
           f"Curves: {args.name}_curves.png (mean over seeds, band = min..max).\n")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, f"{args.name}.md"), md)
     atomic_write_text(os.path.join(args.out, f"{args.name}.json"), json.dumps(
         {"command": command, "code": code, "variants": [{"name": v.name, "overrides": dict(v.overrides)}
                                                         for v in variants], "runs": results}, indent=2) + "\n")
-    print("\n" + table + f"\n\nwritten: {os.path.join(args.out, args.name)}.md, .json, _curves.png")
+    print("\n" + table + "\n\n" + costs + f"\n\nwritten: {os.path.join(args.out, args.name)}.md, .json, _curves.png")
     return 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe import FFN, build_block
+from ..moe.spec import ModelContext
 from .base import LMOutput
 from .config import ModelConfig
 
@@ -45,13 +46,14 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = build_block(cfg.moe, kind, cfg.d_model, FFN(cfg.d_model, cfg.d_inner, cfg.dropout), ep_size)
+        self.ffn = build_block(cfg.moe, kind, cfg.d_model, FFN(cfg.d_model, cfg.d_inner, cfg.dropout), ep_size,
+                               ModelContext(vocab_size=cfg.vocab_size))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: torch.Tensor, mask_BT: Optional[torch.Tensor]):
+    def forward(self, x_BTD: torch.Tensor, mask_BT: Optional[torch.Tensor], idx_BT: torch.Tensor):
         """(x, the feed-forward block's BlockOutput)."""
         x_BTD = x_BTD + self.drop(self.attn(self.ln1(x_BTD)))
-        parts = self.ffn.forward_parts(self.ln2(x_BTD), mask_BT)
+        parts = self.ffn.forward_parts(self.ln2(x_BTD), mask_BT, idx_BT)
         return x_BTD + self.drop(parts.output), parts
 
 
@@ -88,7 +90,7 @@ class GPT(nn.Module):
         x_BTD = self.drop(self.tok_emb(idx_BT) + self.pos_emb(pos_T))
         layer_losses, layer_metrics, reporting = {}, {}, 0
         for block in self.blocks:
-            x_BTD, parts = block(x_BTD, mask_BT)
+            x_BTD, parts = block(x_BTD, mask_BT, idx_BT)
             for name, value in parts.losses.items():
                 layer_losses.setdefault(name, []).append(value)
             if parts.metrics:

@@ -3,7 +3,7 @@
     config.py     MoEConfig: block kind, router, routing and loss settings
     registry.py   block kinds and routers by name (a new one: a file + a line)
     blocks/       dense, moe (DeepSpeed's MoE), s2moe; the BlockOutput contract (blocks/base.py)
-    routers/      topk
+    routers/      topk, xmoe, stablemoe, smoe_dropout (routers/base.py: what they share)
     method/       S2MoE's plain formulas (docs/method.md)
     fused/        the same formulas as autograd Functions
     losses.py     named losses and the total loss

@@ -81,7 +81,9 @@ class MoEConfig:
     the clean and a noise-augmented copy of each token, mixed by a learned gate)."""
     router: str = "topk"
     """The router of 'moe' and 's2moe' blocks: 'topk' (DeepSpeed's top-k gate, made deterministic
-    in eval mode and given eval_k)."""
+    in eval mode and given eval_k), 'xmoe' (X-MoE's cosine routing on a low-dimensional sphere),
+    'stablemoe' (StableMoE's two stages: learned then frozen routing by token), 'smoe_dropout'
+    (SMoE-Dropout's fixed random router with a growing k); docs/routers.md."""
     num_experts: int = 16
     """Experts per MoE layer, across all expert-parallel ranks."""
     k: int = 2
@@ -128,6 +130,7 @@ class MoEConfig:
         self.block_config = resolve_settings(self.block_config, BLOCKS[self.block].config, p + "block_config",
                                              f"block {self.block!r}")
         BLOCKS[self.block].check(self)
+        ROUTERS[self.router].check(self.router_config, self)
 
     @property
     def routed(self) -> bool:
@@ -139,8 +142,12 @@ class MoEConfig:
         return self.k if self.eval_k is None else self.eval_k
 
     def loss_terms(self) -> Dict[str, LossTerm]:
-        """The named losses this block kind reports, with their coefficients and layer reductions."""
-        return BLOCKS[self.block].loss_terms(self)
+        """The named losses this block kind (and its router) report, with their coefficients and
+        layer reductions."""
+        terms = dict(BLOCKS[self.block].loss_terms(self))
+        if self.routed:
+            terms.update(ROUTERS[self.router].loss_terms(self.router_config, self))
+        return terms
 
     def to_dict(self) -> dict:
         return asdict(self)

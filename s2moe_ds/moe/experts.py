@@ -21,5 +21,5 @@ class FFN(Block, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
 
-    def forward_parts(self, hidden_states: torch.Tensor, used_token=None) -> BlockOutput:
+    def forward_parts(self, hidden_states: torch.Tensor, used_token=None, token_ids=None) -> BlockOutput:
         return BlockOutput(self(hidden_states))

@@ -9,8 +9,8 @@ DeepSpeed's dispatch. Models, training, evaluation, FLOPs, analysis and comparis
 from typing import Dict
 
 from .blocks import dense, moe, s2moe
-from .routers import topk
-from .spec import BlockSpec, RouterSpec
+from .routers import smoe_dropout, stablemoe, topk, xmoe
+from .spec import BlockSpec, ModelContext, RouterSpec
 
 BLOCKS: Dict[str, BlockSpec] = {
     "dense": dense.SPEC,
@@ -20,15 +20,22 @@ BLOCKS: Dict[str, BlockSpec] = {
 
 ROUTERS: Dict[str, RouterSpec] = {
     "topk": topk.SPEC,
+    "xmoe": xmoe.SPEC,
+    "stablemoe": stablemoe.SPEC,
+    "smoe_dropout": smoe_dropout.SPEC,
 }
 
 
-def build_block(moe_cfg, kind: str, d_model: int, expert, ep_size: int = 1):
+def build_block(moe_cfg, kind: str, d_model: int, expert, ep_size: int = 1, context: ModelContext = ModelContext()):
     """A feed-forward block of `kind` ('dense' for the dense layers of a MoE model) with `expert`
     as its (per-expert) FFN and moe_cfg's router."""
-    return BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda gate: build_router(moe_cfg, gate))
+    return BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda gate: build_router(moe_cfg, gate, context))
 
 
-def build_router(moe_cfg, deepspeed_gate):
+def build_router(moe_cfg, deepspeed_gate, context: ModelContext = ModelContext()):
     """The configured router, in place of the gate DeepSpeed's MoE constructor made."""
-    return ROUTERS[moe_cfg.router].build(moe_cfg.router_config, moe_cfg, deepspeed_gate)
+    return ROUTERS[moe_cfg.router].build(moe_cfg.router_config, moe_cfg, deepspeed_gate, context)
+
+
+def router_flops(moe_cfg, d_model: int, training: bool) -> int:
+    return ROUTERS[moe_cfg.router].flops(moe_cfg.router_config, moe_cfg, d_model, training)

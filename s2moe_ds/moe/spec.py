@@ -5,6 +5,14 @@ from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
+class ModelContext:
+    """What a block's router may need from the model around it."""
+
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary (a router that routes by token id sizes its tables by it)."""
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     build: Callable
     """build(moe_cfg, d_model, expert, ep_size, router) -> the block module (see blocks/base.py);
@@ -16,15 +24,27 @@ class BlockSpec:
     loss_terms: Callable
     """loss_terms(moe_cfg) -> {name: LossTerm} of the losses its blocks report."""
     flops: Callable
-    """flops(moe_cfg, d_model, d_inner, experts_per_token, training) -> {component: forward FLOPs
-    per token of one layer}."""
+    """flops(moe_cfg, d_model, d_inner, experts_per_token, training, router_flops) -> {component:
+    forward FLOPs per token of one layer}; router_flops is one router call's (RouterSpec.flops)."""
     check: Callable = lambda moe_cfg: None
     """Checks across MoEConfig and the kind's settings, raising ConfigError."""
+
+
+def _linear_router_flops(router_cfg, moe_cfg, d_model: int, training: bool) -> int:
+    return 2 * d_model * moe_cfg.num_experts
 
 
 @dataclass(frozen=True)
 class RouterSpec:
     build: Callable
-    """build(router_cfg, moe_cfg, deepspeed_gate) -> the router DeepSpeed's dispatch calls as its gate."""
+    """build(router_cfg, moe_cfg, deepspeed_gate, context: ModelContext) -> the router DeepSpeed's
+    dispatch calls as its gate (routers/base.py)."""
     config: Optional[type]
     """The dataclass of the router's own settings (MoEConfig.router_config), or None."""
+    loss_terms: Callable = lambda router_cfg, moe_cfg: {}
+    """loss_terms(router_cfg, moe_cfg) -> {name: LossTerm} of the losses of its own it reports
+    (Router.last_losses), besides the balance loss."""
+    flops: Callable = _linear_router_flops
+    """flops(router_cfg, moe_cfg, d_model, training) -> forward FLOPs per token of one routing."""
+    check: Callable = lambda router_cfg, moe_cfg: None
+    """Checks across MoEConfig and the router's settings, raising ConfigError."""

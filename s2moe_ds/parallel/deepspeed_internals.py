@@ -9,13 +9,13 @@ from here: a DeepSpeed upgrade is checked and mended in this one file, and `chec
 a release it was not checked against before anything else runs.
 """
 
-import contextlib
 import importlib
 import re
-from typing import Dict, Iterator, List
+from typing import Dict, List, Optional
 
 import deepspeed
 import torch
+from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
 from deepspeed.utils import groups
@@ -79,10 +79,9 @@ def last_expert_counts(moe: MoE) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the top-k gate
 
-GATE_SETTINGS = ("k", "use_rts", "top2_2nd_expert_sampling", "drop_tokens", "capacity_factor",
-                 "eval_capacity_factor")
-"""TopKGate attributes its forward reads at call time."""
-
+GATE_LINEAR = "wg"
+"""The name of the top-k gate's linear layer: its weight's key in DeepSpeed's checkpoints, which our
+top-k router keeps so that checkpoints of either load into the other."""
 
 def gate_arguments(gate_: TopKGate) -> Dict[str, object]:
     """A TopKGate's constructor arguments, read back from the gate."""
@@ -102,21 +101,52 @@ def gate_ep_group(gate_: TopKGate):
     return gate_.ep_group
 
 
-@contextlib.contextmanager
-def gate_settings(gate_: TopKGate, **values) -> Iterator[None]:
-    """Run DeepSpeed's gating with other settings for one call (eval_k, no randomness, a
-    capacity), every line of its routing math in use instead of a copy of it."""
-    unknown = set(values) - set(GATE_SETTINGS)
-    if unknown:
-        raise ValueError(f"not a TopKGate setting: {sorted(unknown)}")
-    saved = {name: getattr(gate_, name) for name in GATE_SETTINGS}
-    for name, value in values.items():
-        setattr(gate_, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(gate_, name, value)
+def jitter(x: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's multiplicative jitter of router inputs (noisy_gate_policy 'Jitter')."""
+    return sharded_moe.multiplicative_jitter(x, device=x.device)
+
+
+def gate_on_logits(logits_TE: torch.Tensor, *, k: int, capacity_factor: float, min_capacity: int,
+                   used_token: Optional[torch.Tensor], noisy_gate_policy: Optional[str], drop_tokens: bool,
+                   use_rts: bool, ep_group, second_expert_sampling: bool, sparse_routes: bool, use_tutel: bool):
+    """DeepSpeed's gating of TopKGate.forward on given fp32 logits: its top-1, top-2 or top-k
+    function by k, so that every router keeps DeepSpeed's capacity, token dropping, balance loss
+    and dispatch. Returns what the gate returns to MOELayer (with sparse_routes: l_aux, capacity,
+    E, indices_KS, locations_KS, gates_KS, exp_counts)."""
+    if k == 1:
+        return sharded_moe.top1gating(logits_TE, capacity_factor, min_capacity, used_token, noisy_gate_policy,
+                                      drop_tokens, use_rts, ep_group, sparse_routes, use_tutel)
+    if k == 2:
+        return sharded_moe.top2gating(logits_TE, capacity_factor, min_capacity, drop_tokens, ep_group,
+                                      second_expert_sampling, sparse_routes)
+    return sharded_moe.topkgating(logits_TE, k, capacity_factor, min_capacity, drop_tokens, ep_group,
+                                  sparse_routes=sparse_routes)
+
+
+SPARSE_GATES = 5
+"""Index of gates_KS (each route's combine weight) in the sparse-route gating output."""
+
+
+def sparse_gates(sparse_gate_output) -> torch.Tensor:
+    """[K, S] combine weight of every route."""
+    return sparse_gate_output[SPARSE_GATES]
+
+
+def with_gates(sparse_gate_output, gates_KS: torch.Tensor):
+    """The sparse-route gating output with other combine weights for the same routes."""
+    out = list(sparse_gate_output)
+    out[SPARSE_GATES] = gates_KS
+    return tuple(out)
+
+
+def with_balance_loss(sparse_gate_output, l_aux: torch.Tensor):
+    """The gating output with another balance loss (its first entry)."""
+    return (l_aux, *sparse_gate_output[1:])
+
+
+def route_indices(sparse_gate_output) -> torch.Tensor:
+    """[K, S] expert of every route (-1 where capacity dropped it)."""
+    return sparse_gate_output[3]
 
 
 def dropped_fraction(sparse_gate_output) -> torch.Tensor:

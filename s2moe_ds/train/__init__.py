@@ -2,12 +2,12 @@
 rank 0's monitor. Imports eval (the task's evaluator), never the other way round."""
 
 from .config import ExperimentConfig, TrainConfig
-from .hooks import TrainerHook
+from .hooks import TrainerHook, TrainingStepSchedule
 from .presets import PRESETS, apply_overrides, model_preset, preset
 from .signals import EXIT_REQUEUE, REQUEUE_MARKER
 from .tasks import LanguageModelingTask
 from .trainer import NonFiniteLossError, Trainer, pretrain
 
 __all__ = ["EXIT_REQUEUE", "PRESETS", "REQUEUE_MARKER", "ExperimentConfig", "LanguageModelingTask",
-           "NonFiniteLossError", "TrainConfig", "Trainer", "TrainerHook", "apply_overrides", "model_preset",
+           "NonFiniteLossError", "TrainConfig", "Trainer", "TrainerHook", "TrainingStepSchedule", "apply_overrides", "model_preset",
            "preset", "pretrain"]

@@ -8,8 +8,10 @@
     after_checkpoint(trainer, step, path)              the checkpoint is complete and latest
     on_stop_signal(trainer, step, reason)              a stop signal was agreed and checkpointed
 
-Modules of the model that define set_training_step(step) (a router that schedules itself) are
-called by the trainer before the hooks' on_step_start.
+The trainer always runs TrainingStepSchedule first: it tells every module of the model that
+defines set_training_step(step, max_steps) (a router that schedules itself: SMoE-Dropout's k,
+StableMoE's stage switch) which step is about to run. A function of the step, so a resumed run
+picks the schedule up exactly.
 """
 
 
@@ -32,3 +34,15 @@ class TrainerHook:
 
     def on_stop_signal(self, trainer, step: int, reason: str) -> None:
         pass
+
+
+class TrainingStepSchedule(TrainerHook):
+    """Calls set_training_step(step, max_steps) on the model's modules that define it."""
+
+    def __init__(self, model, max_steps: int) -> None:
+        self.modules = [m for m in model.modules() if hasattr(m, "set_training_step")]
+        self.max_steps = max_steps
+
+    def on_step_start(self, trainer, step: int) -> None:
+        for module in self.modules:
+            module.set_training_step(step, self.max_steps)

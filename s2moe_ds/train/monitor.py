@@ -50,18 +50,20 @@ class Monitor:
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def train_step(self, step: int, engine, loss: float, losses: Dict[str, torch.Tensor],
-                   layer: Dict[str, torch.Tensor], tokens_per_s: float) -> None:
+                   layer: Dict[str, torch.Tensor], tokens: int, seconds: float) -> None:
         """The progress bar every step and, on logging steps, the scalars (rank 0 writes; the other
         ranks return at once). `losses`: the task's and each named loss, reduced over layers;
         `layer`: the per-layer values, averaged over the ranks where RANK_AVERAGED says."""
         if not self.is_writer:
             return
+        tokens_per_s = tokens / max(seconds, 1e-9)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         self.bar.update(1)
         if not self.log_now(step):
             return
         scalars = {"train/loss": loss, **{f"train/{name}_loss": v.item() for name, v in losses.items()},
-                   "train/lr": engine.get_lr()[0], "train/tokens_per_s": tokens_per_s}
+                   "train/lr": engine.get_lr()[0], "train/tokens_per_s": tokens_per_s,
+                   "train/step_ms": 1000 * seconds}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
@@ -103,11 +105,14 @@ class Monitor:
                   f"Evaluate:     python launch/evaluate.py --checkpoint {ckpt_dir} --analysis")
 
 
-def read_scalars(tb_dir: str, tag: str) -> List[Tuple[int, float]]:
-    """(step, value) of one scalar tag from a run's TensorBoard folder, in step order."""
+def read_all_scalars(tb_dir: str) -> Dict[str, List[Tuple[int, float]]]:
+    """Every scalar tag of a run's TensorBoard folder: tag -> (step, value) in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
     events.Reload()
-    if tag not in events.Tags().get("scalars", []):
-        return []
-    return sorted((e.step, e.value) for e in events.Scalars(tag))
+    return {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in events.Tags().get("scalars", [])}
+
+
+def read_scalars(tb_dir: str, tag: str) -> List[Tuple[int, float]]:
+    """(step, value) of one scalar tag from a run's TensorBoard folder, in step order."""
+    return read_all_scalars(tb_dir).get(tag, [])

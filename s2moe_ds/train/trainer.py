@@ -25,7 +25,7 @@ from ..parallel import ExpertLayout, check_ds_config, init_distributed, initiali
 from ..parallel import deepspeed_internals as ds
 from .collectives import all_finite, rank_average
 from .config import ExperimentConfig, TrainConfig
-from .hooks import TrainerHook
+from .hooks import TrainerHook, TrainingStepSchedule
 from .monitor import Monitor, layer_values, rank_averaged_keys
 from .signals import REQUEUE_MARKER, StopRequest
 from .tasks import LanguageModelingTask
@@ -109,7 +109,7 @@ class Trainer:
             atomic_write_text(os.path.join(train.out_dir, "run_config.json"), json.dumps(self.record, indent=2))
         self.monitor = Monitor(train, self.rank == 0, start_step=self.step)
         self.loss_terms = self.model_cfg.moe.loss_terms()
-        self.scheduled = [m for m in self.engine.module.modules() if hasattr(m, "set_training_step")]
+        self.hooks.insert(0, TrainingStepSchedule(self.engine.module, train.max_steps))
         self.last_saved = self.step if train.resume else -1
         if resume_tag is not None and self.rank == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, resume_tag)} at step {self.step}", flush=True)
@@ -162,8 +162,6 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step of gradient_accumulation_steps micro-batches, then its logging."""
         step = self.step + 1
-        for module in self.scheduled:
-            module.set_training_step(step)
         for hook in self.hooks:
             hook.on_step_start(self, step)
         start = time.perf_counter()
@@ -185,7 +183,7 @@ class Trainer:
             values = layer_values(out.layer_metrics)
             layer = rank_average(values, rank_averaged_keys(values))  # a collective: every rank
         tokens = self.gas * self.task.tokens_per_micro_batch() * self.world
-        self.monitor.train_step(step, self.engine, self.losses[-1], parts, layer, tokens / max(seconds, 1e-9))
+        self.monitor.train_step(step, self.engine, self.losses[-1], parts, layer, tokens, seconds)
         for hook in self.hooks:
             hook.on_step_end(self, step)
 

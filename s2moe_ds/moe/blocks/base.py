@@ -1,8 +1,9 @@
 """The contract of a feed-forward block, and what blocks that route over experts add to it.
 
 Every block kind (dense, moe, s2moe) offers
-    forward_parts(x_BTD, mask_BT) -> BlockOutput(output, losses, metrics)
-with its named auxiliary losses (fp32 scalars, still in the graph) and detached metrics. The
+    forward_parts(x_BTD, mask_BT, token_ids_BT=None) -> BlockOutput(output, losses, metrics)
+with its named auxiliary losses (fp32 scalars, still in the graph) and detached metrics; the
+token ids reach routers that route by token (StableMoE's distilled router). The
 blocks built on DeepSpeed's MoE (moe, s2moe) also keep its forward,
     forward(x, used_token) -> (output, l_aux, exp_counts)
 for code that uses them as a drop-in for deepspeed.moe.layer.MoE; the dense block is the FFN.
@@ -37,7 +38,7 @@ class Block:
     kind = ""
     """The registry name of the block kind."""
 
-    def forward_parts(self, hidden_states: torch.Tensor, used_token=None) -> BlockOutput:
+    def forward_parts(self, hidden_states: torch.Tensor, used_token=None, token_ids=None) -> BlockOutput:
         raise NotImplementedError
 
     def reset_block_parameters(self) -> None:
@@ -63,10 +64,13 @@ class ExpertBlock(Block):
         """Per-token values of the block's own, computed on router inputs, for the expert analysis."""
         return {}
 
-    def _dispatch(self, x_TD: torch.Tensor, used_token):
-        """DeepSpeed's dispatch: (output, balance loss, routes per expert, dropped share)."""
-        out = ds.dispatcher(self)(x_TD, used_token)
-        return out, ds.last_balance_loss(self), ds.last_expert_counts(self), self.router.last_dropped_fraction
+    def _dispatch(self, x_TD: torch.Tensor, used_token, token_ids_T=None):
+        """DeepSpeed's dispatch: (output, losses {'balance': ..., the router's own}, metrics)."""
+        with self.router.tokens(token_ids_T):
+            out = ds.dispatcher(self)(x_TD, used_token)
+        losses = {"balance": ds.last_balance_loss(self).float(), **self.router.last_losses}
+        metrics = {"expert_counts": ds.last_expert_counts(self), "dropped_fraction": self.router.last_dropped_fraction}
+        return out, losses, metrics
 
 
 def expert_blocks(model: nn.Module) -> List[ExpertBlock]:

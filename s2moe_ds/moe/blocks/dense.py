@@ -11,7 +11,7 @@ def build(moe_cfg, d_model: int, expert, ep_size: int, router):
     return expert
 
 
-def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool):
+def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool, router_flops: int = 0):
     return {"dense_ffn": 4 * d_model * d_inner}
 
 

@@ -16,11 +16,11 @@ class MoEBlock(ExpertBlock, ds.MoE):
 
     kind = "moe"
 
-    def forward_parts(self, hidden_states, used_token=None) -> BlockOutput:
+    def forward_parts(self, hidden_states, used_token=None, token_ids=None) -> BlockOutput:
         # DeepSpeed's top-1 gating reads used_token as one flag per token of the flattened batch.
         mask = None if used_token is None else used_token.reshape(-1)
-        out, balance, counts, dropped = self._dispatch(hidden_states, mask)
-        return BlockOutput(out, {"balance": balance.float()}, {"expert_counts": counts, "dropped_fraction": dropped})
+        ids = None if token_ids is None else token_ids.reshape(-1)
+        return BlockOutput(*self._dispatch(hidden_states, mask, ids))
 
 
 def deepspeed_moe_args(moe_cfg) -> dict:
@@ -41,9 +41,9 @@ def balance_term(moe_cfg) -> dict:
     return {"balance": LossTerm(moe_cfg.balance_coef, moe_cfg.balance_over_layers)}
 
 
-def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool):
-    """The router's logits and the active experts; the dispatch itself moves data, no FLOPs."""
-    return {"router": 2 * d_model * moe_cfg.num_experts, "experts": experts_per_token * 4 * d_model * d_inner}
+def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool, router_flops: int):
+    """The router and the active experts; the dispatch itself moves data, no FLOPs."""
+    return {"router": router_flops, "experts": experts_per_token * 4 * d_model * d_inner}
 
 
 SPEC = BlockSpec(build=build, config=None, routed=True, loss_terms=balance_term, flops=flops)

@@ -17,6 +17,7 @@ expert parameter groups for ZeRO 1/2, per-expert checkpoint files, process-group
 Shapes: T tokens of this rank, D = hidden size.
 """
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Tuple
 
@@ -64,6 +65,11 @@ class S2MoEConfig:
     """InfoNCE temperature tau."""
     uncertainty_tokens: int = 512
     """Tokens sampled per layer per step for L_u; bounds its memory at tokens^2 instead of T^2."""
+    uncertainty_similarity: str = "cosine"
+    """The similarity InfoNCE compares a token and the copies with: 'cosine' (the paper's), 'dot'
+    (the dot product) or 'neg_sq_distance' (minus the squared Euclidean distance); the last two
+    see the features' scale, so they want another uncertainty_tau. Only the cosine has a fused
+    implementation; the others always run the plain formula."""
     uncertainty_on: str = "input"
     """'input': InfoNCE between x and x_hat (the paper); 'output': between SMoE(x) and SMoE(x_hat)."""
     uncertainty_over_layers: str = "mean"
@@ -85,6 +91,7 @@ class S2MoEConfig:
         check_number(self.uncertainty_coef, p + "uncertainty_coef", 0.0, strict=False)
         check_number(self.uncertainty_tau, p + "uncertainty_tau", 0.0, strict=True)
         check_int(self.uncertainty_tokens, p + "uncertainty_tokens", 2)
+        check_choice(self.uncertainty_similarity, p + "uncertainty_similarity", method.SIMILARITIES)
         check_choice(self.uncertainty_on, p + "uncertainty_on", UNCERTAINTY_ON)
         check_choice(self.uncertainty_over_layers, p + "uncertainty_over_layers", LAYER_REDUCTIONS)
         check_bool(self.fused, p + "fused")
@@ -199,40 +206,46 @@ class S2MoE(ExpertBlock, ds.MoE):
         concat = fused.noisy_concat if self.config.fused and noise.detach_noise_stats else method.noisy_concat
         return concat(x_TD, mu_D, noise.noise_scale * sigma_D, *method.draw_eps(x_TD))
 
-    def forward_parts(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> BlockOutput:
+    def forward_parts(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None,
+                      token_ids: Optional[torch.Tensor] = None) -> BlockOutput:
         """hidden_states: [..., hidden_size]; used_token: optional [...] mask, 1 for real tokens and 0
         for padding (padding is left out of the noise statistics and of L_u; top-1 routing also
-        leaves it out, as in DeepSpeed). Losses: 'balance' and 'uncertainty' (0 in eval)."""
+        leaves it out, as in DeepSpeed); token_ids: optional [...] ids, for routers that route by
+        token (a noisy copy keeps its token's id). Losses: 'balance', 'uncertainty' (0 in eval)
+        and the router's own."""
         cfg = self.config
         ops = fused if cfg.fused else method
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         # fp32, never the activations' dtype: DeepSpeed's top-1 gate counts capacity slots in the
         # mask's dtype, and bf16 holds whole numbers exactly only up to 256.
         mask_T = None if used_token is None else used_token.reshape(-1).to(torch.float32)
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
         uncertainty = x_TD.new_zeros((), dtype=torch.float32)
-        metrics = {}
+        extra = {}
 
         if not self._uses_noise():
             # x_hat = x, so g * SMoE(x) + (1 - g) * SMoE(x) = SMoE(x): one dispatch, no gate.
-            out_TD, balance, counts, dropped = self._dispatch(x_TD, mask_T)
+            out_TD, losses, metrics = self._dispatch(x_TD, mask_T, ids_T)
         else:
             # Clean tokens first: DeepSpeed drops routes by position when an expert is full, so
             # the clean path (the one evaluation uses) keeps priority over the noisy copy.
             both_2TD, x_hat_TD = self.noisy_pair(x_TD, mask_T, sample=self.training or cfg.eval_noise == "sample")
             both_mask = None if mask_T is None else torch.cat([mask_T, mask_T], dim=0)
-            y_2TD, balance, counts, dropped = self._dispatch(both_2TD, both_mask)
+            both_ids = None if ids_T is None else torch.cat([ids_T, ids_T], dim=0)
+            y_2TD, losses, metrics = self._dispatch(both_2TD, both_mask, both_ids)
             y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
             g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias))
             out_TD = ops.mix_paths(g_T1, y_2TD)
             if self.training and cfg.uncertainty_coef > 0:
                 pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)
+                loss = (ops.info_nce if cfg.uncertainty_similarity == "cosine" else
+                        functools.partial(method.info_nce, kind=cfg.uncertainty_similarity))
                 uncertainty = method.sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
-                                                      loss=ops.info_nce)
-            metrics["mix_gate"] = g_T1.detach().reshape(-1)
+                                                      loss=loss)
+            extra["mix_gate"] = g_T1.detach().reshape(-1)
 
-        metrics.update(expert_counts=counts, dropped_fraction=dropped)
-        return BlockOutput(out_TD.reshape(hidden_states.shape), {"balance": balance.float(), "uncertainty": uncertainty},
-                           metrics)
+        return BlockOutput(out_TD.reshape(hidden_states.shape), {**losses, "uncertainty": uncertainty},
+                           {**extra, **metrics})
 
     def forward(self,
                 hidden_states: torch.Tensor,
@@ -265,11 +278,12 @@ def loss_terms(moe_cfg):
     return {**balance_term(moe_cfg), "uncertainty": LossTerm(cfg.uncertainty_coef, cfg.uncertainty_over_layers)}
 
 
-def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool):
+def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool, router_flops: int):
     """In training the router and the experts see the clean and the noisy copy, and the mixing gate
     runs; in eval only the clean tokens, as any MoE."""
     paths = 2 if training else 1
-    out = {name: paths * v for name, v in moe_flops(moe_cfg, d_model, d_inner, experts_per_token, training).items()}
+    out = {name: paths * v
+           for name, v in moe_flops(moe_cfg, d_model, d_inner, experts_per_token, training, router_flops).items()}
     out["mix_gate"] = 2 * d_model if training else 0
     return out
 

@@ -1,8 +1,9 @@
 """The uncertainty loss: InfoNCE between each token and its own noisy copy.
 
-    L_u = mean_i CE(softmax_j(cos(a_i, b_j) / tau), target = i)
+    L_u = mean_i CE(softmax_j(sim(a_i, b_j) / tau), target = i)
 
-b_i is a_i's positive and the other rows of b are its negatives. The loss is computed on a sample
+b_i is a_i's positive and the other rows of b are its negatives. sim is the cosine (the default),
+the dot product, or the negative squared distance -||a_i - b_j||^2 (S2MoEConfig.uncertainty_similarity). The loss is computed on a sample
 of at most `max_tokens` rows, so its memory is max_tokens^2, never T^2 for the full token count.
 Shapes: N sampled rows, D features, T tokens.
 """
@@ -13,13 +14,27 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(anchor_ND: torch.Tensor, positive_ND: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE over N paired rows, computed in fp32 or the inputs' wider dtype (bf16 logits over
-    hundreds of negatives would round the softmax away)."""
+SIMILARITIES = ("cosine", "dot", "neg_sq_distance")
+
+
+def similarity(a_ND: torch.Tensor, b_MD: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """[N, M] sim(a_n, b_m) of every pair of rows."""
+    if kind == "cosine":
+        return F.normalize(a_ND, dim=-1) @ F.normalize(b_MD, dim=-1).t()
+    if kind == "dot":
+        return a_ND @ b_MD.t()
+    if kind == "neg_sq_distance":
+        # Expanded, not torch.cdist: its gradient is NaN where two rows coincide.
+        return 2 * (a_ND @ b_MD.t()) - a_ND.square().sum(-1, keepdim=True) - b_MD.square().sum(-1).unsqueeze(0)
+    raise ValueError(f"similarity: must be one of {', '.join(map(repr, SIMILARITIES))}, got {kind!r}")
+
+
+def info_nce(anchor_ND: torch.Tensor, positive_ND: torch.Tensor, tau: float, kind: str = "cosine") -> torch.Tensor:
+    """InfoNCE over N paired rows with similarity `kind`, computed in fp32 or the inputs' wider
+    dtype (bf16 logits over hundreds of negatives would round the softmax away)."""
     dtype = torch.promote_types(anchor_ND.dtype, torch.float32)
-    a_ND = F.normalize(anchor_ND.to(dtype), dim=-1)
-    b_ND = F.normalize(positive_ND.to(dtype), dim=-1)
-    logits_NN = (a_ND @ b_ND.t()) / tau
+    a_ND = anchor_ND.to(dtype)
+    logits_NN = similarity(a_ND, positive_ND.to(dtype), kind) / tau
     target_N = torch.arange(a_ND.shape[0], device=a_ND.device)
     return F.cross_entropy(logits_NN, target_N)
 
