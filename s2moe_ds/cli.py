@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from typing import Any, Dict, Iterable, List, Optional
 
 
-NESTED = ("moe", "block_config", "router_config")
+NESTED = ("moe", "block_config", "router_config", "backbone_config")
 """Fields that hold another config, which gets flags of its own."""
 
 
@@ -106,18 +106,27 @@ def pretrain_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     import deepspeed
 
     from .data import DataConfig
-    from .models import ModelConfig
+    from .models import BACKBONES, ModelConfig
     from .moe import BLOCKS, ROUTERS, MoEConfig
     from .parallel import ParallelConfig
     from .train import PRESETS, TrainConfig
+    from .train.presets import PROTOCOLS
     parser = _parser("launch/pretrain.py", PRETRAIN, width,
                      usage="[deepspeed|torchrun|mpirun ...] launch/pretrain.py --deepspeed_config FILE [flags]")
     parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
                         help="the experiment the flags below change (s2moe_ds/train/presets.py) (default: tiny)")
+    parser.add_argument("--protocol", default="deepspeed", choices=tuple(PROTOCOLS),
+                        help="'sister' trains as the S2MoE authors' sister code does where it differs from "
+                             "DeepSpeed's MoE (ReLU experts, no token drops, deterministic top-k, the balance loss "
+                             "over all top-k assignments; s2moe_ds/train/presets.py), before the flags below "
+                             "(default: deepspeed)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     model = PRESETS["tiny"]().model
     note = "Defaults shown are the tiny preset's."
     add_config_args(parser, ModelConfig, "model", skip=("vocab_size", ), defaults=model, note=note)
+    for name, spec in BACKBONES.items():
+        if spec.settings is not None:
+            add_config_args(parser, spec.settings, f"backbone {name!r} (with --backbone {name})")
     add_config_args(parser, MoEConfig, "moe: the feed-forward blocks", defaults=model.moe, note=note)
     for name, spec in BLOCKS.items():
         if spec.config is not None:
@@ -133,13 +142,15 @@ def pretrain_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
 
 def experiment_from_args(ns: argparse.Namespace):
     """The ExperimentConfig launch/pretrain.py's flags describe: the preset with the given fields."""
+    from .config import ConfigError
     from .data import DataConfig
-    from .models import ModelConfig
+    from .models import BACKBONES, ModelConfig
     from .moe import MoEConfig
     from .moe.config import SETTINGS, nest_settings
     from .parallel import ParallelConfig
     from .train import PRESETS, TrainConfig, apply_overrides
-    experiment = PRESETS[ns.preset]()
+    from .train.presets import apply_protocol
+    experiment = apply_protocol(PRESETS[ns.preset](), ns.protocol)
     flat = given(ns, MoEConfig)
     for _, registry, _ in SETTINGS:
         for spec in registry.values():
@@ -148,7 +159,17 @@ def experiment_from_args(ns: argparse.Namespace):
     base = experiment.model.moe
     moe = nest_settings(flat, flat.get("block", base.block), flat.get("router", base.router),
                         label=lambda name: "--" + name.replace("_", "-"))
-    overrides = {"model": {**given(ns, ModelConfig, skip=("vocab_size", )), "moe": moe},
+    model = given(ns, ModelConfig, skip=("vocab_size", ))
+    backbone = model.get("backbone", experiment.model.backbone)
+    for name, spec in BACKBONES.items():
+        settings = given(ns, spec.settings) if spec.settings is not None else {}
+        if settings and name != backbone:
+            flag = "--" + next(iter(settings)).replace("_", "-")
+            raise ConfigError(f"{flag}: is a setting of backbone {name!r}, but this run's model.backbone is "
+                              f"{backbone!r}; drop it or pass --backbone {name}")
+        if settings:
+            model["backbone_config"] = settings
+    overrides = {"model": {**model, "moe": moe},
                  "parallel": given(ns, ParallelConfig), "data": given(ns, DataConfig), "train": given(ns, TrainConfig)}
     return apply_overrides(experiment, overrides)
 

@@ -71,7 +71,8 @@ def _extended_worker(rank, world_size, text, out_dir, cache):
     from s2moe_ds.train import model_preset, pretrain
     # The registry lines a new router and a new backbone add.
     ROUTERS["step-counting"] = RouterSpec(build=build_step_counting, config=None)
-    BACKBONES["counting-gpt"] = BackboneSpec(config=ModelConfig, build=CountingGPT)
+    BACKBONES["counting-gpt"] = BackboneSpec(build=CountingGPT, settings=None,
+                                             attention_flops=BACKBONES["gpt"].attention_flops)
     try:
         model = model_preset("tiny", backbone="counting-gpt", d_model=32, d_inner=64, max_seq_len=32,
                              moe=dict(num_experts=4, router="step-counting"))

@@ -3,6 +3,7 @@
 Layout under <out_dir>/checkpoints/:
     step00000100/           DeepSpeed's files (model states, per-expert files, ZeRO optimizer shards)
         rng_rank<r>.pt      each rank's RNG states (dropout, S2MoE noise, router sampling)
+        state_rank<r>.pt    each rank's own task state, where the task has one (a backbone's memory)
         meta.json           format, layout, model config and tokenizer a resume must match
         tokenizer.json      the run's tokenizer
         COMPLETE            written last, after every rank finished writing
@@ -68,10 +69,12 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int, tokenizer=None,
-         meta: Optional[Dict[str, Any]] = None, before_commit: Optional[Callable[[str], None]] = None) -> str:
+         meta: Optional[Dict[str, Any]] = None, before_commit: Optional[Callable[[str], None]] = None,
+         rank_state: Optional[Dict[str, Any]] = None) -> str:
     """Save a checkpoint on every rank (collective); returns its tag. The tokenizer, if given, is
     saved beside the weights, so the step folder alone can be sampled from; `meta` (JSON-able) is
-    what `check_resumable` compares against the next run. `before_commit(step_dir)` runs on every
+    what `check_resumable` compares against the next run; `rank_state`, this rank's own state (each
+    rank passes its own), is what `load_rank_state` returns. `before_commit(step_dir)` runs on every
     rank once every file but COMPLETE and latest is written: what it raises leaves the checkpoint
     incomplete, as a kill at that moment would."""
     tag = step_tag(step)
@@ -84,6 +87,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(step_dir, f"state_rank{rank}.pt"))
     if rank == 0:
         if tokenizer is not None:
             tokenizer.save(os.path.join(step_dir, TOKENIZER))
@@ -159,3 +164,12 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
         raise ConfigError(f"--resume: DeepSpeed could not load {os.path.join(ckpt_dir, tag)}")
     _set_rng_state(torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
     return client_state
+
+
+def load_rank_state(ckpt_dir: str, tag: str) -> Dict[str, Any]:
+    """This rank's own task state saved with checkpoint `tag` (see save's rank_state)."""
+    path = os.path.join(ckpt_dir, tag, f"state_rank{dist.get_rank()}.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: {path} is missing; this run's task keeps per-rank state (a backbone's "
+                          "memory) that the checkpoint lacks: resume it with the model that wrote it")
+    return torch.load(path, weights_only=False)

@@ -60,3 +60,19 @@ def check_number(value, name: str, minimum: float, strict: bool) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = is_number and (value > minimum if strict else value >= minimum) and value == value
     require(ok, name, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def resolve_settings(value, cls, name: str, owner: str):
+    """A component's own settings (a backbone's, a block kind's or a router's): None (its defaults),
+    a dict of its fields, or `cls`."""
+    if cls is None:
+        require(value in (None, {}), name, f"{owner} has no settings of its own, got {value!r}")
+        return None
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        check_known_fields(value, cls, name, owner)
+        return cls(**value)
+    require(isinstance(value, cls), name, f"must be a {cls.__name__} or a dict of its fields, "
+            f"got {type(value).__name__}")
+    return value

@@ -16,6 +16,23 @@ def _num_windows(num_tokens: int, seq_len: int) -> int:
     return max(num_tokens - 1, 0) // seq_len
 
 
+def _check_layout(seq_len: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    for name, value, minimum in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                 ("world_size", world_size, 1), ("rank", rank, 0), ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ConfigError(f"sampler.{name}: must be an integer >= {minimum}, got {value!r}")
+    if rank >= world_size:
+        raise ConfigError(f"sampler.rank: {rank} must be < world_size {world_size}")
+
+
+def _check_saved(sampler, state: Dict[str, int], checks, why: str) -> None:
+    """Refuse a saved position whose `checks` ((key, field named in the error), ...) differ."""
+    for key, what in checks:
+        if int(state[key]) != getattr(sampler, key):
+            raise ConfigError(f"{what}: the data position was saved with {key}={state[key]} but this run has "
+                              f"{key}={getattr(sampler, key)}; {why}")
+
+
 class ContiguousBatchSampler:
     """Windows of seq_len + 1 tokens at stride seq_len, shuffled per epoch, shared by the ranks.
 
@@ -34,12 +51,7 @@ class ContiguousBatchSampler:
 
     def __init__(self, tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int, world_size: int,
                  seed: int) -> None:
-        for name, value, minimum in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
-                                     ("world_size", world_size, 1), ("rank", rank, 0), ("seed", seed, 0)):
-            if not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ConfigError(f"sampler.{name}: must be an integer >= {minimum}, got {value!r}")
-        if rank >= world_size:
-            raise ConfigError(f"sampler.rank: {rank} must be < world_size {world_size}")
+        _check_layout(seq_len, batch_size, rank, world_size, seed)
         self.tokens_N = tokens_N
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
@@ -87,12 +99,7 @@ class ContiguousBatchSampler:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         checks = (("seq_len", "train.seq_len"), ("seed", "train.seed"), ("num_tokens", "data"),
                   ("global_batch", "train_micro_batch_size_per_gpu x world size"))
-        for key, what in checks:
-            if int(state[key]) != getattr(self, key):
-                raise ConfigError(
-                    f"{what}: the data position was saved with {key}={state[key]} but this run has "
-                    f"{key}={getattr(self, key)}; resume with the "
-                    "settings (and corpus) of the saved run, or start a new run")
+        _check_saved(self, state, checks, "resume with the settings (and corpus) of the saved run, or start a new run")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -126,3 +133,104 @@ def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int,
         window_BT1 = torch.from_numpy(window_BT1)
         mask_BT = torch.from_numpy(valid_BT1[:, 1:].astype(np.int64))
         yield window_BT1[:, :-1], window_BT1[:, 1:], mask_BT
+
+
+class StreamBatchSampler:
+    """Transformer-XL's ordered reading: the split cut into S = batch_size * world_size contiguous
+    streams of equal length (the remainder of fewer than S tokens is left out), each read segment
+    after segment, so that a model with memory sees every stream in order.
+
+    Rank r holds streams r*B .. r*B + B - 1 (B = batch_size), row b of its batches being stream
+    r*B + b. Segment p of every stream covers its tokens [p*seq_len, p*seq_len + seq_len]. After
+    the last full segment an epoch ends and the streams start again from their beginning, in the
+    same order (the original's protocol); `restarted` is then True for that batch, so the caller
+    drops the memory of the old epoch.
+
+    The position is counted in segments; `load_state_dict` refuses a state of another layout
+    (seq_len, number of tokens, streams, world size), because memory is per rank and row: the same
+    data cut otherwise would pair rows with another stream's memory.
+    """
+
+    def __init__(self, tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int, world_size: int,
+                 seed: int = 0) -> None:
+        _check_layout(seq_len, batch_size, rank, world_size, seed)
+        self.tokens_N = tokens_N
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.num_tokens = int(len(tokens_N))
+        self.streams = self.batch_size * self.world_size
+        self.stream_len = self.num_tokens // self.streams
+        self.batches_per_epoch = _num_windows(self.stream_len, self.seq_len)
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"train.seq_len: the training split has {self.num_tokens} tokens, {self.stream_len} per stream of "
+                f"{self.streams} streams (micro batch {self.batch_size} x {self.world_size} ranks), fewer than one "
+                f"segment of seq_len+1={self.seq_len + 1}; lower the sequence length or the batch size, or use a "
+                "larger corpus")
+        self.epoch = 0
+        self.position = 0
+        self.restarted = False
+
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_BT, y_BT), int64: the next segment of this rank's streams; y is x shifted by one."""
+        self.restarted = self.position == 0
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            self.restarted = True
+        streams_B = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        starts_B = streams_B * self.stream_len + self.position * self.seq_len
+        index_BT1 = starts_B[:, None] + np.arange(self.seq_len + 1)[None, :]
+        window_BT1 = torch.from_numpy(np.asarray(self.tokens_N[index_BT1], dtype=np.int64))
+        self.position += 1
+        return window_BT1[:, :-1], window_BT1[:, 1:]
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"order": "streams", "epoch": self.epoch, "position": self.position, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "world_size": self.world_size, "num_tokens": self.num_tokens}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state.get("order") != "streams":
+            raise ConfigError("model.backbone: the checkpoint's data position is of shuffled windows (a backbone "
+                              "without memory), this run reads ordered streams; resume with the saved model")
+        checks = (("seq_len", "train.seq_len"), ("num_tokens", "data"), ("batch_size", "train_micro_batch_size_per_gpu"),
+                  ("world_size", "the world size"))
+        _check_saved(self, state, checks, "each rank's memory belongs to its streams, so resume with the saved "
+                     "run's settings, corpus and process count, or start a new run")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def stream_eval_batches(tokens_N: np.ndarray, seq_len: int, streams: int, rank: int,
+                        world_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x_BT, y_BT, mask_BT) over the whole split as `streams` contiguous streams read in order, for
+    a model that keeps memory along each row.
+
+    Stream s holds tokens [s*L, (s+1)*L] (L = (n - 1) // streams; the last stream runs to the end of
+    the split, so every token after the first is a target exactly once). Rank r holds streams
+    r, r + W, ... in its rows, B = ceil(streams / W) rows on every rank (rows past the last stream
+    fully masked), and every rank yields the same number of segments of the same shape, since an
+    expert-parallel forward is a collective. Each stream's segments are those a single process
+    would read, so the result does not depend on W.
+    """
+    n = len(tokens_N)
+    length = max(n - 1, 0) // streams
+    if length == 0:
+        raise ConfigError(f"eval streams: the split has {n} tokens, fewer than 1 per stream of {streams}; "
+                          "lower model.backbone_config.eval_streams")
+    rows = -(-streams // world_size)
+    mine = np.arange(rank, streams, world_size)
+    ends_S = np.minimum(np.arange(1, streams + 1) * length, n - 1)
+    ends_S[-1] = n - 1
+    longest = int((ends_S - np.arange(streams) * length).max())
+    for pos in range(0, longest, seq_len):
+        x_BT = np.zeros((rows, seq_len), dtype=np.int64)
+        y_BT = np.zeros((rows, seq_len), dtype=np.int64)
+        mask_BT = np.zeros((rows, seq_len), dtype=np.int64)
+        for row, s in enumerate(mine):
+            start, end = s * length + pos, ends_S[s]  # targets start+1 .. end
+            count = max(min(seq_len, end - start), 0)
+            if count:
+                x_BT[row, :count] = tokens_N[start:start + count]
+                y_BT[row, :count] = tokens_N[start + 1:start + count + 1]
+                mask_BT[row, :count] = 1
+        yield torch.from_numpy(x_BT), torch.from_numpy(y_BT), torch.from_numpy(mask_BT)

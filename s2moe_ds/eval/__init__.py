@@ -1,5 +1,5 @@
 """Evaluation: full-split metrics, FLOPs accounting, what the experts learned, plots."""
 
-from .lm_eval import evaluate_split
+from .lm_eval import evaluate_lm, evaluate_split
 
-__all__ = ["evaluate_split"]
+__all__ = ["evaluate_lm", "evaluate_split"]

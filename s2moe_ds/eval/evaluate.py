@@ -15,12 +15,12 @@ import torch
 
 from ..checkpoint import consolidate, model_config_for_inference, model_from_state, resolve_checkpoint
 from ..config import ConfigError, check_int, check_optional_int, require
-from ..data import DataConfig, check_tokenizer_matches, eval_batches, prepare_corpus
+from ..data import DataConfig, check_tokenizer_matches, prepare_corpus
 from ..fileio import atomic_write_text
 from ..tables import markdown_table
 from .analysis import ExpertAnalyzer, public
 from .flops import flops_per_token
-from .lm_eval import evaluate_split
+from .lm_eval import evaluate_lm
 
 
 @dataclass
@@ -36,7 +36,8 @@ class EvalConfig:
     seq_len: Optional[int] = None
     """Window length; None uses the checkpoint's training seq_len."""
     batch_size: int = 16
-    """Windows per forward (affects speed only: eval never drops tokens)."""
+    """Windows per forward (affects speed only: eval never drops tokens); a backbone with memory
+    reads model.backbone_config.eval_streams streams instead."""
     max_batches: Optional[int] = None
     """Cap on batches per split (None: the full split). Capped results are not comparable to full ones."""
     analysis: bool = False
@@ -130,12 +131,12 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
 
 def _run_split(cfg: EvalConfig, corpus, split: str, seq_len: int, device, model,
                analyzer: Optional[ExpertAnalyzer] = None) -> Dict[str, float]:
-    def forward(x, y, m):
+    def forward(x, y, m, state):
         if analyzer is not None:
             analyzer.set_tokens(x, m)
-        return model(x, y, m)
-    return evaluate_split(forward, eval_batches(corpus.splits[split], seq_len, cfg.batch_size, 0, 1), device,
-                          corpus.units[split], len(corpus.splits[split]), corpus.metric, cfg.max_batches)
+        return model(x, y, m, state)
+    return evaluate_lm(forward, model.cfg, corpus.splits[split], seq_len, cfg.batch_size, 0, 1, device,
+                       corpus.units[split], corpus.metric, cfg.max_batches)
 
 
 def _write_analysis(analyzer: ExpertAnalyzer, tokenizer, out_dir: str, step: int, split: str, k) -> Dict:

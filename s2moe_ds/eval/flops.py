@@ -2,7 +2,9 @@
 of every matmul; norms, activations, softmax and the embedding lookup are left out).
 
 Per layer and token, with d = d_model, ctx = mean causal context:
-    attention   6 d^2 (q, k, v) + 2 d^2 (output) + 4 ctx d (scores and weighted sum)
+    attention   what the backbone says (models/registry.py): for 'gpt' 6 d^2 (q, k, v) + 2 d^2
+                (output) + 4 ctx d (scores and weighted sum); 'txl' adds its memory to the context
+                and counts keys, values and distance encodings recomputed over memory
     FFN block   what its kind says (moe/blocks/*.py, `flops`): a dense FFN 4 d f; a MoE layer
                 the router (2 d E for a linear one; moe/routers/*.py count theirs) + k_active * 4 d f;
                 S2MoE in training twice that (the clean and the noisy copy) plus 2 d for its mixing gate
@@ -12,7 +14,7 @@ positions on average. A backward pass costs twice its forward.
 
 from typing import Dict, Optional
 
-from ..models import ModelConfig
+from ..models import BACKBONES, ModelConfig
 from ..moe import BLOCKS
 from ..moe.registry import router_flops
 
@@ -28,8 +30,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, experts_per_token: Optional[
         raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
     d, moe = cfg.d_model, cfg.moe
     k = experts_per_token if experts_per_token is not None else (moe.k if training else moe.resolved_eval_k)
-    ctx = (min(seq_len, cfg.max_seq_len) + 1) / 2
-    out = {"attention": cfg.n_layer * (8 * d * d + 4 * ctx * d)}
+    out = {"attention": cfg.n_layer * BACKBONES[cfg.backbone].attention_flops(cfg, seq_len, training)}
     routing = router_flops(moe, d, training) if moe.routed else 0
     for i in range(cfg.n_layer):
         for name, value in BLOCKS[cfg.block_kind(i)].flops(moe, d, cfg.d_inner, k, training, routing).items():

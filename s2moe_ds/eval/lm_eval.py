@@ -6,6 +6,8 @@ from typing import Callable, Dict, Optional
 import deepspeed.comm as dist
 import torch
 
+from ..data import eval_batches, stream_eval_batches
+
 
 def evaluate_split(forward: Callable, batches, device, unit_count: int, split_tokens: int, metric: str,
                    max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -47,3 +49,29 @@ def evaluate_split(forward: Callable, batches, device, unit_count: int, split_to
     else:
         result["ppl"] = math.exp(nll_total / units)
     return result
+
+
+def evaluate_lm(model_forward: Callable, model_cfg, tokens_N, seq_len: int, batch_size: int, rank: int,
+                world_size: int, device, unit_count: int, metric: str,
+                max_batches: Optional[int] = None) -> Dict[str, float]:
+    """evaluate_split over a whole split in the protocol of the model's backbone.
+
+    model_forward(x, y, mask, state) -> LMOutput. A model without memory reads windows of seq_len,
+    batch_size per batch. A model with memory (Transformer-XL) reads the split as
+    backbone_config.eval_streams ordered streams in segments of backbone_config.eval_tgt_len
+    (default seq_len), carrying its state along them from None; batch_size does not apply."""
+    if not model_cfg.has_memory:
+        return evaluate_split(lambda x, y, m: model_forward(x, y, m, None),
+                              eval_batches(tokens_N, seq_len, batch_size, rank, world_size), device, unit_count,
+                              len(tokens_N), metric, max_batches)
+    s = model_cfg.backbone_config
+    state = None
+
+    def forward(x, y, m):
+        nonlocal state
+        out = model_forward(x, y, m, state)
+        state = out.state
+        return out
+    return evaluate_split(forward, stream_eval_batches(tokens_N, s.eval_tgt_len or seq_len, s.eval_streams, rank,
+                                                       world_size),
+                          device, unit_count, len(tokens_N), metric, max_batches)

@@ -1,8 +1,10 @@
 """Language-model backbones (no parallelism, data or training): registry.py names them."""
 
 from .base import LMOutput
-from .config import ModelConfig
+from .config import ModelConfig, model_config_from_dict
 from .gpt import GPT
-from .registry import BACKBONES, build_model, check_backbone, model_config_from_dict
+from .registry import BACKBONES, build_model, check_backbone
+from .txl import TransformerXL, TransformerXLConfig
 
-__all__ = ["BACKBONES", "GPT", "LMOutput", "ModelConfig", "build_model", "check_backbone", "model_config_from_dict"]
+__all__ = ["BACKBONES", "GPT", "LMOutput", "ModelConfig", "TransformerXL", "TransformerXLConfig", "build_model",
+           "check_backbone", "model_config_from_dict"]

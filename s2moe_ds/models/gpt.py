@@ -17,13 +17,12 @@ from torch import nn
 
 from ..moe import FFN, build_block
 from ..moe.spec import ModelContext
-from .base import LMOutput
-from .config import ModelConfig
+from .base import LayerOutputs, LMOutput, init_weights, next_token_loss, sample_next
 
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
@@ -41,12 +40,12 @@ class CausalSelfAttention(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, cfg: ModelConfig, kind: str, ep_size: int) -> None:
+    def __init__(self, cfg, kind: str, ep_size: int) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = build_block(cfg.moe, kind, cfg.d_model, FFN(cfg.d_model, cfg.d_inner, cfg.dropout), ep_size,
+        self.ffn = build_block(cfg.moe, kind, cfg.d_model, FFN(cfg.d_model, cfg.d_inner, cfg.dropout, cfg.activation), ep_size,
                                ModelContext(vocab_size=cfg.vocab_size))
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -59,7 +58,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
 
-    def __init__(self, cfg: ModelConfig, parallel=None) -> None:
+    def __init__(self, cfg, parallel=None) -> None:
         super().__init__()
         ep_size = 1 if parallel is None else parallel.ep_size
         self.cfg = cfg
@@ -68,16 +67,9 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.block_kind(i), ep_size) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         for block in self.blocks:
             block.ffn.reset_block_parameters()  # e.g. S2MoE's mixing gate starts at sigmoid(b)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
                 mask_BT: Optional[torch.Tensor] = None, state=None) -> LMOutput:
@@ -88,24 +80,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         pos_T = torch.arange(T, device=idx_BT.device)
         x_BTD = self.drop(self.tok_emb(idx_BT) + self.pos_emb(pos_T))
-        layer_losses, layer_metrics, reporting = {}, {}, 0
+        collected = LayerOutputs()
         for block in self.blocks:
             x_BTD, parts = block(x_BTD, mask_BT, idx_BT)
-            for name, value in parts.losses.items():
-                layer_losses.setdefault(name, []).append(value)
-            if parts.metrics:
-                layer_metrics.update({f"layer{reporting}/{name}": value for name, value in parts.metrics.items()})
-                reporting += 1
+            collected.add(parts)
         logits_BTV = F.linear(self.ln_f(x_BTD), self.tok_emb.weight)
-        task = None
-        if targets_BT is not None:
-            nll_BT = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")
-            if mask_BT is None:
-                task = nll_BT.mean()
-            else:
-                m = mask_BT.flatten().float()
-                task = (nll_BT * m).sum() / m.sum().clamp_min(1.0)
-        return LMOutput(logits_BTV, task, layer_losses, layer_metrics)
+        return collected.output(logits_BTV, next_token_loss(logits_BTV, targets_BT, mask_BT))
 
     @torch.no_grad()
     def generate(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -113,11 +93,6 @@ class GPT(nn.Module):
         """Sample continuations; call in eval mode (blocks then route with eval_k experts, no noise)."""
         for _ in range(max_new_tokens):
             context_BT = idx_BT[:, -self.cfg.max_seq_len:]
-            logits_BV = self(context_BT).logits[:, -1, :].float() / max(temperature, 1e-6)
-            if top_k is not None:
-                kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1])).values[:, -1:]
-                logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-            probs_BV = F.softmax(logits_BV, dim=-1)
-            next_B1 = torch.multinomial(probs_BV, 1, generator=generator)
+            next_B1 = sample_next(self(context_BT).logits[:, -1, :], temperature, top_k, generator)
             idx_BT = torch.cat([idx_BT, next_B1], dim=1)
         return idx_BT

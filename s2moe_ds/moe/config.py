@@ -6,7 +6,7 @@ router_config)."""
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import ConfigError, check_choice, check_known_fields, require
+from ..config import ConfigError, check_choice, resolve_settings
 from .losses import LAYER_REDUCTIONS, LossTerm
 from .registry import BLOCKS, ROUTERS
 from .routing import BALANCE_COEF, check_routing
@@ -16,21 +16,6 @@ BLOCK_OF_OLD_ROUTER = {"s2moe": "s2moe", "smoe": "moe", "dense": "dense"}
 
 SETTINGS = (("block", BLOCKS, "block_config"), ("router", ROUTERS, "router_config"))
 """The two choices whose registry entries bring settings of their own, and where MoEConfig keeps them."""
-
-
-def resolve_settings(value, cls, name: str, owner: str):
-    """A block's or router's own settings: None (its defaults), a dict of its fields, or `cls`."""
-    if cls is None:
-        require(value in (None, {}), name, f"{owner} has no settings of its own, got {value!r}")
-        return None
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        check_known_fields(value, cls, name, owner)
-        return cls(**value)
-    require(isinstance(value, cls), name, f"must be a {cls.__name__} or a dict of its fields, "
-            f"got {type(value).__name__}")
-    return value
 
 
 def settings_dict(value) -> Dict[str, Any]:

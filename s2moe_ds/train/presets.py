@@ -3,17 +3,23 @@
     tiny         2 layers, d_model 64, 4 heads, d_inner 128, 4 experts top-2: about 0.1 s per
                  step on 2 CPU cores, for tests and the README's demo
     paper-small  the paper's 4 layers, d_model 256, 8 heads, d_inner 512, 16 experts top-2
-                 (docs/method.md, from the authors' sister code)
+                 (docs/method.md, from the authors' sister code), on the GPT backbone
+    txl-tiny     tiny's sizes on Transformer-XL, segments of 64 with a memory of 64: for CPUs
+    txl-base     the paper's own setup (the sister code's enwik8/text8 base): Transformer-XL, 4
+                 layers, d_model 256, 8 heads of 64, d_inner 512, dropout 0.1, 16 experts top-2,
+                 tgt_len 512, mem_len 512, lr 3.5e-4, 100k steps on enwik8; for GPU clusters,
+                 with ds_configs/txl_base.json (Adam, global batch 44)
 """
 
 import copy
 from typing import Any, Callable, Dict
 
 from ..config import check_choice
-from ..models import ModelConfig, model_config_from_dict
+from ..data import DataConfig
+from ..models import ModelConfig, TransformerXLConfig, model_config_from_dict
 from ..moe import MoEConfig
 from ..moe.config import settings_dict
-from .config import ExperimentConfig
+from .config import ExperimentConfig, TrainConfig
 
 
 def tiny() -> ExperimentConfig:
@@ -26,7 +32,25 @@ def paper_small() -> ExperimentConfig:
                                               dropout=0.1, moe=MoEConfig(num_experts=16, k=2)))
 
 
-PRESETS: Dict[str, Callable[[], ExperimentConfig]] = {"tiny": tiny, "paper-small": paper_small}
+def txl_tiny() -> ExperimentConfig:
+    return ExperimentConfig(model=ModelConfig(backbone="txl", n_layer=2, d_model=64, n_head=4, d_inner=128,
+                                              max_seq_len=64, dropout=0.0, moe=MoEConfig(num_experts=4, k=2),
+                                              backbone_config=TransformerXLConfig(mem_len=64)))
+
+
+def txl_base() -> ExperimentConfig:
+    # Transformer-XL's enwik8 scripts decay the cosine schedule to zero without warmup.
+    return ExperimentConfig(
+        model=ModelConfig(backbone="txl", n_layer=4, d_model=256, n_head=8, d_inner=512, max_seq_len=512,
+                          dropout=0.1, moe=MoEConfig(num_experts=16, k=2),
+                          backbone_config=TransformerXLConfig(d_head=64, mem_len=512)),
+        data=DataConfig(dataset="enwik8"),
+        train=TrainConfig(out_dir="runs/txl-base", max_steps=100_000, seq_len=512, lr=3.5e-4, warmup_steps=0,
+                          min_lr_ratio=0.0, eval_interval=4000, save_interval=4000))
+
+
+PRESETS: Dict[str, Callable[[], ExperimentConfig]] = {"tiny": tiny, "paper-small": paper_small, "txl-tiny": txl_tiny,
+                                                      "txl-base": txl_base}
 
 
 def _merge_moe(base: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
@@ -40,10 +64,14 @@ def _merge_moe(base: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _merge_model(base: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
+    """The same for the model: a backbone that changes starts from its own settings' defaults."""
     given = copy.deepcopy(given)
     if "moe" in given:
         given["moe"] = _merge_moe(base["moe"], given["moe"])
-    return {**base, **given}
+    out = {**base, **given}
+    own = base.get("backbone_config") if out.get("backbone", "gpt") == base.get("backbone", "gpt") else None
+    out["backbone_config"] = {**settings_dict(own), **settings_dict(given.get("backbone_config"))} or None
+    return out
 
 
 def apply_overrides(experiment: ExperimentConfig, overrides: Dict[str, Dict[str, Any]]) -> ExperimentConfig:
@@ -54,6 +82,31 @@ def apply_overrides(experiment: ExperimentConfig, overrides: Dict[str, Dict[str,
         check_choice(section, "overrides", tuple(d))
         d[section] = _merge_model(d[section], values) if section == "model" else {**d[section], **values}
     return ExperimentConfig(**d)
+
+
+PROTOCOLS: Dict[str, Dict[str, Any]] = {
+    "deepspeed": {"overrides": {}, "router_config": {}},
+    # Where the authors' sister code (FastMoE on Transformer-XL) trains otherwise than DeepSpeed's
+    # MoE, each part also a field of its own: ReLU experts, no capacity (no token is dropped),
+    # deterministic top-k (no Gumbel second expert, no random token selection) and the balance
+    # loss over every top-k assignment. Its InfoNCE negatives over the whole data-parallel batch
+    # are not built yet (docs/backbones.md).
+    "sister": {"overrides": {"model": {"activation": "relu", "moe": {"drop_tokens": False}}},
+               # By router: the baselines' routers have sister variants of their own (docs/routers.md).
+               "router_config": {"topk": {"use_rts": False, "top2_2nd_expert_sampling": False,
+                                          "balance_loss": "all_assignments"}}},
+}
+"""Training protocols by name: overrides of any experiment, and settings of the router it uses."""
+
+
+def apply_protocol(experiment: ExperimentConfig, name: str) -> ExperimentConfig:
+    """`experiment` trained as protocol `name` trains (PROTOCOLS); flags given after still win."""
+    check_choice(name, "protocol", tuple(PROTOCOLS))
+    overrides = copy.deepcopy(PROTOCOLS[name]["overrides"])
+    router_settings = PROTOCOLS[name]["router_config"].get(experiment.model.moe.router)
+    if router_settings:
+        overrides.setdefault("model", {}).setdefault("moe", {})["router_config"] = dict(router_settings)
+    return apply_overrides(experiment, overrides)
 
 
 def preset(name: str, overrides: Dict[str, Dict[str, Any]] = None) -> ExperimentConfig:

@@ -4,13 +4,13 @@ loss, the evaluator and its own state for the checkpoint; the trainer supplies e
 """
 
 from dataclasses import asdict, replace
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import deepspeed.comm as dist
 import torch
 
-from ..data import ContiguousBatchSampler, DataConfig, eval_batches, prepare_corpus
-from ..eval import evaluate_split
+from ..data import ContiguousBatchSampler, DataConfig, StreamBatchSampler, prepare_corpus
+from ..eval import evaluate_lm
 from ..models import LMOutput, ModelConfig
 from ..moe import total_loss
 
@@ -19,7 +19,9 @@ class LanguageModelingTask:
     """Next-token prediction on a corpus: contiguous windows in a seeded order, validation as BPC
     (character and byte corpora) or word perplexity over full splits.
 
-    The model's `state` (a backbone's memory) is carried from one training forward to the next."""
+    A backbone with memory (ModelConfig.has_memory) reads the training split as ordered streams,
+    one per row (data/sampler.py StreamBatchSampler); its `state` is carried from one training
+    forward to the next, dropped where the streams restart, and saved per rank in checkpoints."""
 
     def __init__(self, data: DataConfig, seq_len: int) -> None:
         self.data = data
@@ -27,6 +29,7 @@ class LanguageModelingTask:
         self.corpus = None
         self.sampler = None
         self.state = None
+        self.model_cfg = None
 
     def prepare(self) -> None:
         """Collective: rank 0 tokenizes and fills the cache; the others then only read it."""
@@ -41,7 +44,8 @@ class LanguageModelingTask:
         return self.corpus.tokenizer
 
     def configure_model(self, model: ModelConfig) -> ModelConfig:
-        return replace(model, vocab_size=self.corpus.tokenizer.vocab_size)
+        self.model_cfg = replace(model, vocab_size=self.corpus.tokenizer.vocab_size)
+        return self.model_cfg
 
     def identity(self) -> Dict[str, Any]:
         """What a checkpoint of this task must match to be resumed: the tokenizer."""
@@ -56,8 +60,8 @@ class LanguageModelingTask:
 
     def start(self, rank: int, world_size: int, micro_batch: int, seed: int) -> None:
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
-        self.sampler = ContiguousBatchSampler(self.corpus.splits["train"], self.seq_len, micro_batch, rank,
-                                              world_size, seed)
+        sampler = StreamBatchSampler if self.model_cfg.has_memory else ContiguousBatchSampler
+        self.sampler = sampler(self.corpus.splits["train"], self.seq_len, micro_batch, rank, world_size, seed)
 
     def tokens_per_micro_batch(self) -> int:
         return self.micro_batch * self.seq_len
@@ -67,6 +71,8 @@ class LanguageModelingTask:
 
     def forward(self, engine, batch) -> LMOutput:
         x, y = batch
+        if self.model_cfg.has_memory and self.sampler.restarted:
+            self.state = None  # a new epoch of the streams: the memory belongs to the old one
         out = engine(x.to(engine.device), y.to(engine.device), None, self.state)
         self.state = out.state
         return out
@@ -79,9 +85,9 @@ class LanguageModelingTask:
     def evaluate(self, engine, split: str, max_batches=None) -> Dict[str, float]:
         """Full pass over `split`, shared by every rank (a collective)."""
         c = self.corpus
-        return evaluate_split(lambda x, y, m: engine(x, y, m),
-                              eval_batches(c.splits[split], self.seq_len, self.micro_batch, self.rank, self.world_size),
-                              engine.device, c.units[split], len(c.splits[split]), c.metric, max_batches)
+        # Its own memory from None: the training memory (self.state) is left for the next step.
+        return evaluate_lm(engine, self.model_cfg, c.splits[split], self.seq_len, self.micro_batch, self.rank,
+                           self.world_size, engine.device, c.units[split], c.metric, max_batches)
 
     def state_dict(self) -> Dict[str, Any]:
         """The data position (the same on every rank), for the checkpoint's client state."""
@@ -89,3 +95,13 @@ class LanguageModelingTask:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+    def rank_state_dict(self) -> Optional[Dict[str, Any]]:
+        """This rank's own state for the checkpoint: the memory of its streams (None without memory)."""
+        if not self.model_cfg.has_memory:
+            return None
+        return {"memory": None if self.state is None else [m.detach().cpu() for m in self.state]}
+
+    def load_rank_state_dict(self, state: Optional[Dict[str, Any]], device) -> None:
+        if state is not None and state.get("memory") is not None:
+            self.state = tuple(m.to(device) for m in state["memory"])

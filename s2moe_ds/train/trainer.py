@@ -16,7 +16,7 @@ from typing import Any, Dict, Sequence
 import deepspeed.comm as dist
 import torch
 
-from ..checkpoint import FORMAT_VERSION, check_resumable, latest_tag, load, save
+from ..checkpoint import FORMAT_VERSION, check_resumable, latest_tag, load, load_rank_state, save
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..models import build_model
@@ -101,6 +101,8 @@ class Trainer:
         if resume_tag is not None:
             state = load(self.engine, self.ckpt_dir, resume_tag)
             self.task.load_state_dict(state)
+            if self.task.rank_state_dict() is not None:
+                self.task.load_rank_state_dict(load_rank_state(self.ckpt_dir, resume_tag), self.engine.device)
             self.step = state["step"]
         self.record = {"format_version": FORMAT_VERSION, "model": self.model_cfg.to_dict(),
                        "parallel": exp.parallel.to_dict(), **self.task.run_record(), "train": train.to_dict(),
@@ -206,7 +208,8 @@ class Trainer:
                 hook.before_checkpoint_commit(self, step, path)
 
         tag = save(self.engine, self.ckpt_dir, step, client_state, self.train_cfg.keep_checkpoints,
-                   self.task.tokenizer, meta=self.meta, before_commit=before_commit)
+                   self.task.tokenizer, meta=self.meta, before_commit=before_commit,
+                   rank_state=self.task.rank_state_dict())
         self.last_saved = step
         for hook in self.hooks:
             hook.after_checkpoint(self, step, os.path.join(self.ckpt_dir, tag))

@@ -36,6 +36,15 @@ def gshard_balance(probs_TE: torch.Tensor, logits_TE: torch.Tensor, k: int) -> t
     return (probs_TE.mean(0) * mask_TE.float().mean(0)).sum() * E / (1 if k <= 2 else k)
 
 
+def assignment_balance(probs_TE: torch.Tensor, logits_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The balance loss over every top-k assignment: E * sum_e f_e * P_e, with f_e the share of
+    the T * k assignments that go to e and P_e its probability mass over T * k. At balance it is
+    1 / k (DeepSpeed's is 1): the form of the authors' sister code, which routes without capacity."""
+    T, E = probs_TE.shape
+    assigned_TE = torch.zeros_like(probs_TE).scatter_(1, logits_TE.topk(k, dim=1).indices, 1.0)
+    return E * (assigned_TE.sum(0) * probs_TE.sum(0)).sum() / (T * k) ** 2
+
+
 class Router(nn.Module):
 
     kind = ""
@@ -138,7 +147,10 @@ class Router(nn.Module):
         if balance is not None:
             # DeepSpeed's top-2 adds its Gumbel noise to the logits in place; the loss read them.
             logits_TE = logits_TE.clone()
-        out = ds.gate_on_logits(logits_TE, k=k, capacity_factor=factor, min_capacity=self.min_capacity,
+        # DeepSpeed's top-1 refuses fewer tokens than min_capacity (sampling feeds one at a time);
+        # below it every expert's capacity holds all tokens either way, so nothing else changes.
+        out = ds.gate_on_logits(logits_TE, k=k, capacity_factor=factor,
+                                min_capacity=min(self.min_capacity, logits_TE.shape[0]),
                                 used_token=used_token, noisy_gate_policy=self.noisy_gate_policy if training else None,
                                 drop_tokens=drop, use_rts=self.use_rts and training, ep_group=self.ep_group,
                                 second_expert_sampling=self.top2_2nd_expert_sampling and training,
