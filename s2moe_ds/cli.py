@@ -118,7 +118,8 @@ def pretrain_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     parser.add_argument("--protocol", default="deepspeed", choices=tuple(PROTOCOLS),
                         help="'sister' trains as the S2MoE authors' sister code does where it differs from "
                              "DeepSpeed's MoE (ReLU experts, no token drops, deterministic top-k, the balance loss "
-                             "over all top-k assignments; s2moe_ds/train/presets.py), before the flags below "
+                             "over all top-k assignments, InfoNCE negatives over the data-parallel batch; "
+                             "s2moe_ds/train/presets.py), before the flags below "
                              "(default: deepspeed)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     model = PRESETS["tiny"]().model

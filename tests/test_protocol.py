@@ -83,7 +83,8 @@ def test_the_sister_protocol_sets_each_part_and_later_flags_still_win():
     exp = apply_protocol(PRESETS["txl-tiny"](), "sister")
     m = exp.model
     assert (m.activation, m.moe.drop_tokens, m.moe.router_config.use_rts, m.moe.router_config.top2_2nd_expert_sampling,
-            m.moe.router_config.balance_loss) == ("relu", False, False, False, "all_assignments")
+            m.moe.router_config.balance_loss, m.moe.block_config.uncertainty_negatives) == \
+        ("relu", False, False, False, "all_assignments", "global")
     assert apply_protocol(PRESETS["tiny"](), "deepspeed").model == PRESETS["tiny"]().model
     from s2moe_ds.cli import experiment_from_args, pretrain_parser
     parser = pretrain_parser()
@@ -93,3 +94,49 @@ def test_the_sister_protocol_sets_each_part_and_later_flags_still_win():
     assert experiment_from_args(ns).model.moe.router == "xmoe"  # the top-k part stays with the top-k router
     with pytest.raises(ConfigError, match="protocol: must be one of 'deepspeed', 'sister'"):
         apply_protocol(PRESETS["tiny"](), "fastmoe")
+
+
+def _reference_global(anchors, positives, tau):
+    """Every anchor of every rank against every positive, one process, no chunks."""
+    a, p = torch.cat(anchors), torch.cat(positives)
+    logits = F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).t() / tau
+    return F.cross_entropy(logits, torch.arange(a.shape[0]), reduction="none")
+
+
+def _gathered_worker(rank, world_size):
+    from s2moe_ds.moe import S2MoE
+    from s2moe_ds.moe.method import gathered_info_nce
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(9, D, generator=g), torch.randn(9, D, generator=g)) for _ in range(world_size)]
+    masks = [torch.tensor([1] * 9), torch.tensor([1] * 6 + [0] * 3)]  # 9 and 6 tokens: padding in the gather
+    a, p = (t.clone().requires_grad_() for t in data[rank])
+    loss = gathered_info_nce(a, p, 0.1, chunk=4, mask_T=masks[rank])
+    loss.backward()
+    # The S2MoE layer with global negatives trains on 2 ranks.
+    torch.manual_seed(0)
+    layer = S2MoE(D, FFN(D, 16), num_experts=E, ep_size=world_size, k=2, uncertainty_negatives="global").train()
+    layer.set_deepspeed_parallelism()
+    parts = layer.forward_parts(torch.randn(1, 12, D, generator=torch.Generator().manual_seed(rank)))
+    (parts.output.square().mean() + parts.losses["uncertainty"]).backward()
+    return loss.detach(), a.grad, p.grad, parts.losses["uncertainty"].detach()
+
+
+def test_global_negatives_equal_one_process_over_the_whole_batch_with_gradients():
+    from .harness import run_distributed
+    results = run_distributed(_gathered_worker, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(9, D, generator=g), torch.randn(9, D, generator=g)) for _ in range(2)]
+    kept = [9, 6]
+    anchors = [data[r][0][:kept[r]].clone().requires_grad_() for r in range(2)]
+    positives = [data[r][1][:kept[r]].clone().requires_grad_() for r in range(2)]
+    per_anchor = _reference_global(anchors, positives, 0.1)
+    losses = [per_anchor[:9].mean(), per_anchor[9:].mean()]
+    (losses[0] + losses[1]).backward()  # each rank's loss, summed: what data parallelism averages
+    for r in range(2):
+        loss, a_grad, p_grad, layer_loss = results[r]
+        torch.testing.assert_close(loss, losses[r].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a_grad[:kept[r]], anchors[r].grad, rtol=1e-4, atol=1e-6)
+        # A positive's gradient comes from both ranks' anchors, through the gather's backward.
+        torch.testing.assert_close(p_grad[:kept[r]], positives[r].grad, rtol=1e-4, atol=1e-6)
+        assert a_grad[kept[r]:].abs().sum() == 0
+        assert layer_loss > 0

@@ -85,27 +85,30 @@ def apply_overrides(experiment: ExperimentConfig, overrides: Dict[str, Dict[str,
 
 
 PROTOCOLS: Dict[str, Dict[str, Any]] = {
-    "deepspeed": {"overrides": {}, "router_config": {}},
+    "deepspeed": {"overrides": {}, "router_config": {}, "block_config": {}},
     # Where the authors' sister code (FastMoE on Transformer-XL) trains otherwise than DeepSpeed's
     # MoE, each part also a field of its own: ReLU experts, no capacity (no token is dropped),
-    # deterministic top-k (no Gumbel second expert, no random token selection) and the balance
-    # loss over every top-k assignment. Its InfoNCE negatives over the whole data-parallel batch
-    # are not built yet (docs/backbones.md).
+    # deterministic top-k (no Gumbel second expert, no random token selection), the balance loss
+    # over every top-k assignment, and InfoNCE negatives over the whole data-parallel batch.
     "sister": {"overrides": {"model": {"activation": "relu", "moe": {"drop_tokens": False}}},
                # By router: the baselines' routers have sister variants of their own (docs/routers.md).
                "router_config": {"topk": {"use_rts": False, "top2_2nd_expert_sampling": False,
-                                          "balance_loss": "all_assignments"}}},
+                                          "balance_loss": "all_assignments"}},
+               "block_config": {"s2moe": {"uncertainty_negatives": "global"}}},
 }
-"""Training protocols by name: overrides of any experiment, and settings of the router it uses."""
+"""Training protocols by name: overrides of any experiment, and settings of the router and block
+kind it uses."""
 
 
 def apply_protocol(experiment: ExperimentConfig, name: str) -> ExperimentConfig:
     """`experiment` trained as protocol `name` trains (PROTOCOLS); flags given after still win."""
     check_choice(name, "protocol", tuple(PROTOCOLS))
     overrides = copy.deepcopy(PROTOCOLS[name]["overrides"])
-    router_settings = PROTOCOLS[name]["router_config"].get(experiment.model.moe.router)
-    if router_settings:
-        overrides.setdefault("model", {}).setdefault("moe", {})["router_config"] = dict(router_settings)
+    moe = experiment.model.moe
+    for settings, chosen in (("router_config", moe.router), ("block_config", moe.block)):
+        own = PROTOCOLS[name][settings].get(chosen)
+        if own:
+            overrides.setdefault("model", {}).setdefault("moe", {})[settings] = dict(own)
     return apply_overrides(experiment, overrides)
 
 

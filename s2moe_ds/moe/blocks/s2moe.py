@@ -38,6 +38,7 @@ from .moe import balance_term, deepspeed_moe_args
 from .moe import flops as moe_flops
 
 NOISE_STATS = ("local", "global")
+UNCERTAINTY_NEGATIVES = ("sampled", "global")
 EVAL_NOISE = ("none", "mean", "sample")
 UNCERTAINTY_ON = ("input", "output")
 
@@ -70,6 +71,12 @@ class S2MoEConfig:
     (the dot product) or 'neg_sq_distance' (minus the squared Euclidean distance); the last two
     see the features' scale, so they want another uncertainty_tau. Only the cosine has a fused
     implementation; the others always run the plain formula."""
+    uncertainty_negatives: str = "sampled"
+    """InfoNCE's negatives: 'sampled' (a sample of uncertainty_tokens tokens of this rank, each the
+    others' negatives) or 'global' (every token against the copies of every token of the
+    data-parallel group, gathered across ranks; the authors' sister code), computed in chunks of
+    uncertainty_tokens anchors so that its memory stays uncertainty_tokens x the group's tokens.
+    'global' runs the plain formula (no fused version)."""
     uncertainty_on: str = "input"
     """'input': InfoNCE between x and x_hat (the paper); 'output': between SMoE(x) and SMoE(x_hat)."""
     uncertainty_over_layers: str = "mean"
@@ -92,6 +99,7 @@ class S2MoEConfig:
         check_number(self.uncertainty_tau, p + "uncertainty_tau", 0.0, strict=True)
         check_int(self.uncertainty_tokens, p + "uncertainty_tokens", 2)
         check_choice(self.uncertainty_similarity, p + "uncertainty_similarity", method.SIMILARITIES)
+        check_choice(self.uncertainty_negatives, p + "uncertainty_negatives", UNCERTAINTY_NEGATIVES)
         check_choice(self.uncertainty_on, p + "uncertainty_on", UNCERTAINTY_ON)
         check_choice(self.uncertainty_over_layers, p + "uncertainty_over_layers", LAYER_REDUCTIONS)
         check_bool(self.fused, p + "fused")
@@ -170,6 +178,7 @@ class S2MoE(ExpertBlock, ds.MoE):
                     TopKRouter.from_deepspeed_gate(gate, k if eval_k is None else eval_k, eval_drop_tokens))
         cfg = self.config
         self.noise = method.GaussianNoise(cfg.noise_scale, cfg.noise_stats, cfg.detach_noise_stats)
+        self.negatives_group = None  # the data-parallel group, once DeepSpeed sets the layout
         # Named without "expert": DeepSpeed moves every state-dict key containing that word into
         # the per-expert checkpoint files.
         self.mix_gate = nn.Linear(hidden_size, 1)
@@ -190,6 +199,8 @@ class S2MoE(ExpertBlock, ds.MoE):
             # Statistics are shared by the ranks that share the non-expert weights, as SyncBatchNorm
             # shares them across its data-parallel group.
             self.noise.stats_group = ds.data_parallel_group()
+        if self.config.uncertainty_negatives == "global":
+            self.negatives_group = ds.data_parallel_group()
 
     def _uses_noise(self) -> bool:
         return self.training or self.config.eval_noise != "none"
@@ -238,10 +249,14 @@ class S2MoE(ExpertBlock, ds.MoE):
             out_TD = ops.mix_paths(g_T1, y_2TD)
             if self.training and cfg.uncertainty_coef > 0:
                 pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)
-                loss = (ops.info_nce if cfg.uncertainty_similarity == "cosine" else
-                        functools.partial(method.info_nce, kind=cfg.uncertainty_similarity))
-                uncertainty = method.sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
-                                                      loss=loss)
+                if cfg.uncertainty_negatives == "global":
+                    uncertainty = method.gathered_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
+                                                           cfg.uncertainty_similarity, self.negatives_group)
+                else:
+                    loss = (ops.info_nce if cfg.uncertainty_similarity == "cosine" else
+                            functools.partial(method.info_nce, kind=cfg.uncertainty_similarity))
+                    uncertainty = method.sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
+                                                          loss=loss)
             extra["mix_gate"] = g_T1.detach().reshape(-1)
 
         return BlockOutput(out_TD.reshape(hidden_states.shape), {**losses, "uncertainty": uncertainty},

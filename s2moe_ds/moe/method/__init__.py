@@ -8,9 +8,9 @@
 one of the two by `S2MoEConfig.fused`, and tests hold them equal.
 """
 
-from .infonce import SIMILARITIES, info_nce, sample_rows, sampled_info_nce, similarity
+from .infonce import SIMILARITIES, gathered_info_nce, info_nce, sample_rows, sampled_info_nce, similarity
 from .mixing import mix_gate_logit, mix_paths
 from .noise import GaussianNoise, draw_eps, expected_copy, noisy_concat, noisy_copy
 
-__all__ = ["SIMILARITIES", "GaussianNoise", "draw_eps", "expected_copy", "info_nce", "mix_gate_logit", "mix_paths", "noisy_concat", "noisy_copy",
+__all__ = ["SIMILARITIES", "GaussianNoise", "draw_eps", "expected_copy", "gathered_info_nce", "info_nce", "mix_gate_logit", "mix_paths", "noisy_concat", "noisy_copy",
            "sample_rows", "sampled_info_nce", "similarity"]
