@@ -44,7 +44,9 @@ def test_format_1_model_configs_read_as_this_version_writes_them():
     assert new["format_version"] == 2 and new["ep_size"] == 2
     assert (moe["block"], moe["router"], moe["block_config"]["noise_scale"]) == ("s2moe", "topk", 1.0)
     assert "ep_size" not in moe and "s2moe" not in moe
-    assert moe["router_config"] == {"noisy_gate_policy": None, "use_rts": True, "top2_2nd_expert_sampling": True}
+    assert moe["router_config"] == {"noisy_gate_policy": None, "use_rts": True, "top2_2nd_expert_sampling": True,
+                                    "balance_loss": "deepspeed"}
+    assert (new["model_config"]["activation"], new["model_config"]["backbone_config"]) == ("gelu", None)
     # smoe becomes the 'moe' block kind, without the S2MoE settings it used to carry.
     smoe = json.loads(open(os.path.join(OLD, "smoe-moe-every-2", "checkpoints", "step00000002", "meta.json")).read())
     moe = upgrade_model_config(smoe["model_config"], "here")["moe"]
