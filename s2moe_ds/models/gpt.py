@@ -20,6 +20,13 @@ from ..moe.spec import ModelContext
 from .base import LayerOutputs, LMOutput, init_weights, next_token_loss, sample_next
 
 
+def attention_flops(cfg, seq_len: int, training: bool) -> float:
+    """Per token and layer: q, k, v and output projections, then scores and the weighted sum over
+    the mean causal context."""
+    ctx = (min(seq_len, cfg.max_seq_len) + 1) / 2
+    return 8 * cfg.d_model ** 2 + 4 * ctx * cfg.d_model
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg) -> None:

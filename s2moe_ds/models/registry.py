@@ -27,30 +27,10 @@ class BackboneSpec:
     """Checks across ModelConfig and the backbone's settings, raising ConfigError."""
 
 
-def _gpt_attention_flops(cfg, seq_len: int, training: bool) -> float:
-    # q, k, v and output projections, then scores and the weighted sum over the mean causal context.
-    ctx = (min(seq_len, cfg.max_seq_len) + 1) / 2
-    return 8 * cfg.d_model ** 2 + 4 * ctx * cfg.d_model
-
-
-def _txl_attention_flops(cfg, seq_len: int, training: bool) -> float:
-    # Per segment of T tokens over M memory positions (K = M + T keys): queries and output on the
-    # segment, keys and values recomputed over all K, the distance projection of K encodings (per
-    # sequence), content scores and the weighted sum over the mean causal context M + (T + 1) / 2,
-    # and the distance scores over all K.
-    d, s = cfg.d_model, cfg.backbone_config
-    inner = cfg.n_head * txl.head_size(cfg)
-    T = min(seq_len, cfg.max_seq_len)
-    M = s.memory(training)
-    K = M + T
-    return 4 * d * inner + 6 * d * inner * K / T + 4 * (M + (T + 1) / 2) * inner + 2 * K * inner
-
-
 BACKBONES: Dict[str, BackboneSpec] = {
-    "gpt": BackboneSpec(build=gpt.GPT, settings=None, attention_flops=_gpt_attention_flops),
-    "txl": BackboneSpec(build=txl.TransformerXL, settings=txl.TransformerXLConfig, attention_flops=_txl_attention_flops,
-                        memory=lambda cfg: cfg.backbone_config.mem_len > 0 or bool(cfg.backbone_config.eval_mem_len),
-                        check=txl.check),
+    "gpt": BackboneSpec(build=gpt.GPT, settings=None, attention_flops=gpt.attention_flops),
+    "txl": BackboneSpec(build=txl.TransformerXL, settings=txl.TransformerXLConfig, attention_flops=txl.attention_flops,
+                        memory=txl.has_memory, check=txl.check),
 }
 
 

@@ -92,6 +92,23 @@ def head_size(cfg) -> int:
     return cfg.backbone_config.d_head or cfg.d_model // cfg.n_head
 
 
+def has_memory(cfg) -> bool:
+    s = cfg.backbone_config
+    return s.mem_len > 0 or bool(s.eval_mem_len)
+
+
+def attention_flops(cfg, seq_len: int, training: bool) -> float:
+    """Per token and layer, for segments of T tokens over M memory positions (K = M + T keys):
+    queries and output on the segment, keys and values recomputed over all K, the distance
+    projection of K encodings (per sequence), content scores and the weighted sum over the mean
+    causal context M + (T + 1) / 2, and the distance scores over all K."""
+    d, inner = cfg.d_model, cfg.n_head * head_size(cfg)
+    T = min(seq_len, cfg.max_seq_len)
+    M = cfg.backbone_config.memory(training)
+    K = M + T
+    return 4 * d * inner + 6 * d * inner * K / T + 4 * (M + (T + 1) / 2) * inner + 2 * K * inner
+
+
 def sinusoid_KD(distances_K: torch.Tensor, d_model: int) -> torch.Tensor:
     """[K, D]: sin of distance * frequency in the first half, cos in the second (Vaswani et al.)."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d_model, 2, dtype=torch.float32, device=distances_K.device) / d_model))
