@@ -175,6 +175,64 @@ def experiment_from_args(ns: argparse.Namespace):
     return apply_overrides(experiment, overrides)
 
 
+# ----------------------------------------------------------------------------- launch/finetune.py
+
+FINETUNE = """
+Fine-tune a pretrained checkpoint as a text classifier with DeepSpeed, then evaluate it with one
+and with two experts per token.
+
+    deepspeed --num_gpus 2 launch/finetune.py --deepspeed_config ds_configs/finetune.json \\
+        --pretrained runs/tiny --dataset files --path my_data --ep-size 2 --out-dir runs/ft
+
+Any checkpoint of launch/pretrain.py (any block kind, router, backbone, ZeRO stage, process count
+and ep_size) on any layout; the same launchers, signals, checkpoints and --resume as pretraining.
+Data: SST-2, SST-5, IMDB, BANKING77 by name (the hub, or --path with a save_to_disk copy), a folder
+of train/valid/test .csv or .jsonl files, or tinyshakespeare's speeches by speaker. Writes
+OUT_DIR/finetune_eval.json: accuracy and macro-F1 on valid and test with each --eval-k.
+"""
+
+
+def finetune_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    import deepspeed
+
+    from .data import ClassificationDataConfig
+    from .parallel import ParallelConfig
+    from .train import TrainConfig
+    from .train.finetune import FinetuneConfig
+    parser = _parser("launch/finetune.py", FINETUNE, width,
+                     usage="[deepspeed|torchrun|mpirun ...] launch/finetune.py --deepspeed_config FILE "
+                           "--pretrained CKPT [flags]")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a moe field of the pretrained model for fine-tuning, e.g. "
+                             "uncertainty_coef=0 or balance_coef=0 (repeatable)")
+    add_config_args(parser, FinetuneConfig, "fine-tuning", skip=("data", "moe_overrides"))
+    add_config_args(parser, ClassificationDataConfig, "classification data")
+    add_config_args(parser, ParallelConfig, "parallel layout")
+    add_config_args(parser, TrainConfig, "training", skip=("seq_len", ),
+                    note="out_dir defaults to runs/finetune; texts are at most the model's max_seq_len.")
+    return deepspeed.add_config_arguments(parser)
+
+
+def finetune_from_args(ns: argparse.Namespace):
+    """(FinetuneConfig, ExperimentConfig) of launch/finetune.py's flags."""
+    from .config import ConfigError
+    from .data import ClassificationDataConfig
+    from .experiments.compare import parse_assignment
+    from .parallel import ParallelConfig
+    from .train import TrainConfig
+    from .train.finetune import FinetuneConfig, finetune_experiment
+    overrides = {}
+    for spec in ns.set:
+        key, values = parse_assignment(spec, "--set")
+        if len(values) != 1:
+            raise ConfigError(f"--set: {spec!r} must give exactly one value")
+        overrides[key] = values[0]
+    cfg = FinetuneConfig(**given(ns, FinetuneConfig, skip=("data", "moe_overrides")),
+                         data=ClassificationDataConfig(**given(ns, ClassificationDataConfig)), moe_overrides=overrides)
+    return cfg, finetune_experiment(cfg, given(ns, ParallelConfig), given(ns, TrainConfig, skip=("seq_len", )))
+
+
 # ----------------------------------------------------------------------------- launch/evaluate.py
 
 EVALUATE = """
@@ -288,7 +346,8 @@ def compare_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     return parser
 
 
-SCRIPTS = {"launch/pretrain.py": pretrain_parser, "launch/evaluate.py": evaluate_parser,
+SCRIPTS = {"launch/pretrain.py": pretrain_parser, "launch/finetune.py": finetune_parser,
+           "launch/evaluate.py": evaluate_parser,
            "launch/compare.py": compare_parser, "launch/generate.py": generate_parser,
            "launch/consolidate.py": consolidate_parser}
 

@@ -5,7 +5,11 @@
 #   sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 slurm/pretrain.sh --max-steps 100000
 #   DATASET=enwik8 OUT_DIR=/scratch/runs/e8 sbatch --gpus-per-node 8 slurm/pretrain.sh --max-steps 100000
 #
-# Arguments after the script name go to launch/pretrain.py unchanged (they win over the variables).
+#   SCRIPT=launch/finetune.py PRETRAINED=runs/tiny DATASET=sst2 sbatch --gpus-per-node 8 slurm/pretrain.sh
+#
+# Arguments after the script name go to the launch script unchanged (they win over the variables).
+# SCRIPT (launch/pretrain.py) may be launch/finetune.py: the same requeue, signals and resume,
+# with PRETRAINED (the checkpoint to fine-tune) and DS_CONFIG defaulting to ds_configs/finetune.json.
 # Environment overrides: PRESET (paper-small: 16 experts, so EP_SIZE 8 divides them), DS_CONFIG (ds_configs/zero2.json), DATASET (embedded),
 # DATA_PATH, EP_SIZE (tasks per node: keeps the all-to-all inside a node), OUT_DIR
 # (runs/<job name>-<job id>), PYTHON (.venv/bin/python when present), MAX_REQUEUES (10),
@@ -26,7 +30,7 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
-EXIT_REQUEUE=75  # launch/pretrain.py's status after checkpointing on a stop signal
+EXIT_REQUEUE=75  # the launch scripts' status after checkpointing on a stop signal
 REPO=${S2MOE_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$REPO"
 if [ -z "${PYTHON:-}" ]; then
@@ -43,9 +47,15 @@ RESTART=${SLURM_RESTART_COUNT:-0}
 LOG_DIR=$OUT_DIR/logs
 mkdir -p "$LOG_DIR"
 
-ARGS=(--deepspeed_config "${DS_CONFIG:-ds_configs/zero2.json}" --preset "${PRESET:-paper-small}"
-      --dataset "${DATASET:-embedded}" --ep-size "${EP_SIZE:-$TASKS_PER_NODE}" --out-dir "$OUT_DIR"
-      --expect-world-size "$NTASKS" --resume)
+SCRIPT=${SCRIPT:-launch/pretrain.py}
+ARGS=(--ep-size "${EP_SIZE:-$TASKS_PER_NODE}" --out-dir "$OUT_DIR" --expect-world-size "$NTASKS" --resume)
+if [ "$SCRIPT" = launch/finetune.py ]; then
+    ARGS+=(--deepspeed_config "${DS_CONFIG:-ds_configs/finetune.json}" --pretrained "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}")
+    if [ -n "${DATASET:-}" ]; then ARGS+=(--dataset "$DATASET"); fi
+else
+    ARGS+=(--deepspeed_config "${DS_CONFIG:-ds_configs/zero2.json}" --preset "${PRESET:-paper-small}"
+           --dataset "${DATASET:-embedded}")
+fi
 if [ -n "${DATA_PATH:-}" ]; then ARGS+=(--path "$DATA_PATH"); fi
 
 echo "job $SLURM_JOB_ID restart $RESTART: $NTASKS tasks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST), rendezvous $MASTER_ADDR:$MASTER_PORT"
@@ -58,11 +68,11 @@ set +e
 srun --kill-on-bad-exit=1 --output "$LOG_DIR/job${SLURM_JOB_ID}-restart${RESTART}-rank%t.log" \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
              export LOCAL_WORLD_SIZE=$(( SLURM_NTASKS / SLURM_JOB_NUM_NODES )); exec "$@"' \
-    s2moe "$PYTHON" launch/pretrain.py "${ARGS[@]}" "$@"
+    s2moe "$PYTHON" "$SCRIPT" "${ARGS[@]}" "$@"
 rc=$?
 set -e
 
-# launch/pretrain.py leaves OUT_DIR/REQUEUE after checkpointing on a stop signal (and exits with
+# The launch script leaves OUT_DIR/REQUEUE after checkpointing on a stop signal (and exits with
 # 75); the marker is what counts, since srun's status can change when it kills the last tasks.
 if [ -f "$OUT_DIR/REQUEUE" ]; then
     reason=$(cat "$OUT_DIR/REQUEUE")

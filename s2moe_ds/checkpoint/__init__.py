@@ -3,9 +3,9 @@ reading of earlier formats. Used by training, evaluation and the launch scripts;
 and parallel, never train or eval."""
 
 from .compat import FORMAT_VERSION, upgrade_meta, upgrade_model_config
-from .consolidate import consolidate, load_model, model_config_for_inference, model_from_state, resolve_checkpoint
+from .consolidate import consolidate, load_global_state, load_model, model_config_for_inference, model_from_state, resolve_checkpoint
 from .store import COMPLETE, LATEST, check_resumable, latest_tag, load, load_rank_state, save, step_tag
 
 __all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "check_resumable", "consolidate", "latest_tag", "load",
-           "load_model", "load_rank_state", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "step_tag",
+           "load_global_state", "load_model", "load_rank_state", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "step_tag",
            "upgrade_meta", "upgrade_model_config"]

@@ -69,3 +69,26 @@ def load_model(path: str, eval_k: Optional[int] = None, tag: Optional[str] = Non
     """(the model in eval mode with the checkpoint's weights on one process, its client state)."""
     state, client = consolidate(path, tag)
     return model_from_state(state, client, eval_k), client
+
+
+def load_global_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], layout, where: str) -> None:
+    """Copy an ep_size-1 state dict (consolidate's) into `module`, built for this rank's expert
+    layout (parallel.ExpertLayout): each local expert takes its global expert's weights, so a
+    checkpoint of any layout starts a run of any other. Every weight of `module` must be there with
+    its shape, and every non-expert weight of `state` must be used; else ConfigError naming `where`."""
+    own = module.state_dict()
+    wanted = {name: layout.global_param_name(name) for name in own}
+    missing = [g for g in wanted.values() if g not in state]
+    used = set(wanted.values())
+    unused = [k for k in state if k not in used and ds.EXPERT_PARAM_PREFIX not in k]
+    wrong = [f"{g}: {tuple(state[g].shape)} vs {tuple(own[n].shape)}" for n, g in wanted.items()
+             if g in state and state[g].shape != own[n].shape]
+    if missing or unused or wrong:
+        details = "; ".join(part for part in (
+            f"missing {missing[:4]}" if missing else "", f"not in this model {unused[:4]}" if unused else "",
+            f"other shapes {wrong[:4]}" if wrong else "") if part)
+        raise ConfigError(f"{where}: its weights do not fit this model ({details}); start from a checkpoint of "
+                          "the same architecture")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state[wanted[name]].to(tensor.dtype))

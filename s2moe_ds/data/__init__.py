@@ -6,13 +6,14 @@
 """
 
 from .cache import PreparedCorpus, prepare_corpus
+from .classification import ClassificationData, ClassificationDataConfig, ExampleBatchSampler, load_classification
 from .config import DataConfig
 from .corpora import embedded_text
 from .sampler import ContiguousBatchSampler, StreamBatchSampler, eval_batches, stream_eval_batches
 from .tokenization import (ByteTokenizer, CharTokenizer, SubwordTokenizer, Tokenizer, check_tokenizer_matches,
                            load_tokenizer)
 
-__all__ = ["DataConfig", "PreparedCorpus", "prepare_corpus", "ContiguousBatchSampler", "StreamBatchSampler", "eval_batches",
+__all__ = ["ClassificationData", "ClassificationDataConfig", "ExampleBatchSampler", "load_classification", "DataConfig", "PreparedCorpus", "prepare_corpus", "ContiguousBatchSampler", "StreamBatchSampler", "eval_batches",
            "stream_eval_batches",
            "Tokenizer", "ByteTokenizer", "CharTokenizer", "SubwordTokenizer", "load_tokenizer",
            "check_tokenizer_matches", "embedded_text"]

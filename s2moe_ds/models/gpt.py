@@ -78,10 +78,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.ffn.reset_block_parameters()  # e.g. S2MoE's mixing gate starts at sigmoid(b)
 
-    def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
-                mask_BT: Optional[torch.Tensor] = None, state=None) -> LMOutput:
-        """idx/targets: [B, T] token ids; mask: [B, T], 0 on padding (left out of every loss).
-        The backbone has no memory: `state` is ignored and None comes back."""
+    def features(self, idx_BT: torch.Tensor, mask_BT: Optional[torch.Tensor] = None, state=None):
+        """(the last layer's normed hidden states [B, T, D], the blocks' LayerOutputs, None): what
+        the LM head and a classification head (models/classifier.py) read."""
         B, T = idx_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
@@ -91,7 +90,14 @@ class GPT(nn.Module):
         for block in self.blocks:
             x_BTD, parts = block(x_BTD, mask_BT, idx_BT)
             collected.add(parts)
-        logits_BTV = F.linear(self.ln_f(x_BTD), self.tok_emb.weight)
+        return self.ln_f(x_BTD), collected, None
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
+                mask_BT: Optional[torch.Tensor] = None, state=None) -> LMOutput:
+        """idx/targets: [B, T] token ids; mask: [B, T], 0 on padding (left out of every loss).
+        The backbone has no memory: `state` is ignored and None comes back."""
+        h_BTD, collected, _ = self.features(idx_BT, mask_BT)
+        logits_BTV = F.linear(h_BTD, self.tok_emb.weight)
         return collected.output(logits_BTV, next_token_loss(logits_BTV, targets_BT, mask_BT))
 
     @torch.no_grad()

@@ -202,10 +202,12 @@ class TransformerXL(nn.Module):
         for layer in self.layers:
             layer.ffn.reset_block_parameters()
 
-    def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
-                mask_BT: Optional[torch.Tensor] = None, state: Optional[Tuple[torch.Tensor, ...]] = None) -> LMOutput:
-        """idx/targets: [B, T]; mask: [B, T], 0 on padding; state: the memory the previous segment of
-        the same streams returned (None: no memory). Returns the new memory in LMOutput.state."""
+    def features(self, idx_BT: torch.Tensor, mask_BT: Optional[torch.Tensor] = None,
+                 state: Optional[Tuple[torch.Tensor, ...]] = None):
+        """(the last layer's hidden states [B, T, D] after the final norm, the blocks'
+        LayerOutputs, the new memory or None): what the LM head and a classification head read.
+        idx: [B, T]; mask: [B, T], 0 on padding; state: the memory the previous segment of the
+        same streams returned (None: no memory)."""
         B, T = idx_BT.shape
         cfg, s = self.cfg, self.settings
         if T > cfg.max_seq_len:
@@ -231,9 +233,15 @@ class TransformerXL(nn.Module):
             b = i if s.untie_r else 0
             h_BTD, parts = layer(h_BTD, mems[i], r_KD, self.u_LHd[b], self.v_LHd[b], mask_BT, idx_BT)
             collected.add(parts)
-        logits_BTV = F.linear(self.drop(self.ln_f(h_BTD)), self.tok_emb.weight, self.out_bias)
-        return collected.output(logits_BTV, next_token_loss(logits_BTV, targets_BT, mask_BT),
-                                tuple(new_mems) if mem_len else None)
+        return self.ln_f(h_BTD), collected, tuple(new_mems) if mem_len else None
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: Optional[torch.Tensor] = None,
+                mask_BT: Optional[torch.Tensor] = None, state: Optional[Tuple[torch.Tensor, ...]] = None) -> LMOutput:
+        """idx/targets: [B, T]; mask: [B, T], 0 on padding; state: as in `features`. Returns the
+        new memory in LMOutput.state."""
+        h_BTD, collected, new_state = self.features(idx_BT, mask_BT, state)
+        logits_BTV = F.linear(self.drop(h_BTD), self.tok_emb.weight, self.out_bias)
+        return collected.output(logits_BTV, next_token_loss(logits_BTV, targets_BT, mask_BT), new_state)
 
     @torch.no_grad()
     def generate(self, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -13,7 +13,7 @@ Imports torch, DeepSpeed's internals only through s2moe_ds.parallel (and deepspe
 public collectives, directly).
 """
 
-from .blocks.base import BlockOutput, ExpertBlock, expert_blocks, init_expert_weights
+from .blocks.base import BlockOutput, ExpertBlock, expert_blocks, experts_per_token, init_expert_weights
 from .blocks.moe import MoEBlock
 from .blocks.s2moe import S2MoE, S2MoEConfig
 from .config import MoEConfig
@@ -24,5 +24,5 @@ from . import fused, method
 from .routers.topk import TopKRouter, TopKRouterConfig
 
 __all__ = ["BLOCKS", "ROUTERS", "BlockOutput", "ExpertBlock", "FFN", "LossTerm", "MoEBlock", "MoEConfig", "S2MoE",
-           "S2MoEConfig", "TopKRouter", "TopKRouterConfig", "build_block", "build_router", "expert_blocks",
+           "S2MoEConfig", "TopKRouter", "TopKRouterConfig", "build_block", "build_router", "expert_blocks", "experts_per_token",
            "fused", "init_expert_weights", "method", "total_loss"]

@@ -8,7 +8,7 @@ over every rank (each routes as many tokens), the mixing gate is rank 0's tokens
 """
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,6 +16,8 @@ from .config import TrainConfig
 
 RANK_AVERAGED = ("expert_load", "dropped_fraction")
 """Per-layer values the trainer averages over the ranks before logging."""
+EVAL_SCALARS = ("bpc", "ppl", "nll_per_token", "accuracy", "macro_f1", "loss")
+"""What an evaluation result may hold that is logged: the language model's and the classifier's."""
 
 
 def layer_values(layer_metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -86,14 +88,15 @@ class Monitor:
     def eval(self, step: int, split: str, result: Dict[str, float]) -> None:
         if not self.is_writer:
             return
-        for key in ("bpc", "ppl", "nll_per_token"):
+        for key in EVAL_SCALARS:
             if key in result:
                 self.writer.add_scalar(f"{split}/{key}", result[key], step)
-        shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("bpc", "ppl", "nll_per_token") if k in result)
+        shown = ", ".join(f"{k} {result[k]:.4f}" for k in EVAL_SCALARS if k in result)
         self.bar.write(f"step {step}: {split} {shown}")
         self.writer.flush()
 
-    def close(self, step: int, ckpt_dir: Optional[str]) -> None:
+    def close(self, step: int, ckpt_dir: Optional[str], next_commands: Sequence[str] = ()) -> None:
+        """Ends the progress bar and TensorBoard; prints where the run is and `next_commands`."""
         if not self.is_writer:
             return
         self.bar.close()
@@ -101,8 +104,7 @@ class Monitor:
         self.writer.close()
         print(f"\nTrained {step} steps. TensorBoard:  tensorboard --logdir {self.tb_dir}")
         if ckpt_dir:
-            print(f"Checkpoints: {ckpt_dir}\nSample:       python launch/generate.py --checkpoint {ckpt_dir}\n"
-                  f"Evaluate:     python launch/evaluate.py --checkpoint {ckpt_dir} --analysis")
+            print("\n".join([f"Checkpoints: {ckpt_dir}", *next_commands]))
 
 
 def read_all_scalars(tb_dir: str) -> Dict[str, List[Tuple[int, float]]]:

@@ -11,7 +11,7 @@ import torch
 
 from ..data import ContiguousBatchSampler, DataConfig, StreamBatchSampler, prepare_corpus
 from ..eval import evaluate_lm
-from ..models import LMOutput, ModelConfig
+from ..models import LMOutput, ModelConfig, build_model
 from ..moe import total_loss
 
 
@@ -50,6 +50,22 @@ class LanguageModelingTask:
     def identity(self) -> Dict[str, Any]:
         """What a checkpoint of this task must match to be resumed: the tokenizer."""
         return self.corpus.tokenizer.identity()
+
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        """What else, besides the model config and tokenizer, a resume must match."""
+        return {}
+
+    def build_model(self, model_cfg: ModelConfig, parallel):
+        return build_model(model_cfg, parallel)
+
+    def load_initial_weights(self, model, layout) -> None:
+        """Weights a fresh run starts from, after the initialisation (a pretrained model's, for
+        fine-tuning); a language model starts from its initialisation."""
+
+    def next_commands(self, ckpt_dir: str):
+        """What to run on the checkpoints next, printed at the end of training."""
+        return [f"Sample:       python launch/generate.py --checkpoint {ckpt_dir}",
+                f"Evaluate:     python launch/evaluate.py --checkpoint {ckpt_dir} --analysis"]
 
     def run_record(self) -> Dict[str, Any]:
         return {"data": asdict(self.data), "tokenizer": self.identity(), "corpus": self.corpus.identity}

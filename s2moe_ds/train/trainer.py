@@ -19,7 +19,6 @@ import torch
 from ..checkpoint import FORMAT_VERSION, check_resumable, latest_tag, load, load_rank_state, save
 from ..config import ConfigError
 from ..fileio import atomic_write_text
-from ..models import build_model
 from ..moe import expert_blocks, init_expert_weights
 from ..parallel import ExpertLayout, check_ds_config, init_distributed, initialize, load_ds_config
 from ..parallel import deepspeed_internals as ds
@@ -85,13 +84,14 @@ class Trainer:
         self.ds_config = lr_schedule(ds_config, train)
         self.ckpt_dir = os.path.join(train.out_dir, "checkpoints")
         self.meta = {"format_version": FORMAT_VERSION, "world_size": self.world, "ep_size": exp.parallel.ep_size,
-                     "model_config": self.model_cfg.to_dict(), "tokenizer": self.task.identity()}
+                     "model_config": self.model_cfg.to_dict(), "tokenizer": self.task.identity(),
+                     **self.task.checkpoint_meta()}
         # Every rank checks (the files are small), so every rank stops together, before any compute.
         resume_tag = check_resumable(self.ckpt_dir, self.meta) if train.resume else None
         if not train.resume and latest_tag(self.ckpt_dir) is not None:
             raise ConfigError(f"train.out_dir: {train.out_dir} already holds checkpoints; pass --resume to "
                               "continue that run, or choose another --out-dir")
-        self.engine = self._build_engine()
+        self.engine = self._build_engine(resuming=resume_tag is not None)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()
         if self.rank == 0:
@@ -116,13 +116,17 @@ class Trainer:
         if resume_tag is not None and self.rank == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, resume_tag)} at step {self.step}", flush=True)
 
-    def _build_engine(self):
+    def _build_engine(self, resuming: bool):
         exp, seed = self.experiment, self.train_cfg.seed
         torch.manual_seed(seed)
-        model = build_model(self.model_cfg, exp.parallel)
+        model = self.task.build_model(self.model_cfg, exp.parallel)
+        layout = ExpertLayout(1)
         if expert_blocks(model):
-            init_expert_weights(model, seed, ExpertLayout.from_process_groups(
-                self.model_cfg.moe.num_experts, exp.parallel.ep_size, self.ds_config))
+            layout = ExpertLayout.from_process_groups(self.model_cfg.moe.num_experts, exp.parallel.ep_size,
+                                                      self.ds_config)
+            init_expert_weights(model, seed, layout)
+        if not resuming:
+            self.task.load_initial_weights(model, layout)  # a resume loads its own weights instead
         engine, _, _, _ = initialize(model, self.ds_config)
         return engine
 
@@ -158,7 +162,8 @@ class Trainer:
                     break
         finally:
             self.stop.restore()
-        self.monitor.close(self.step, self.ckpt_dir if self.last_saved >= 0 else None)
+        self.monitor.close(self.step, self.ckpt_dir if self.last_saved >= 0 else None,
+                           self.task.next_commands(self.ckpt_dir))
         return {**self.final, "step": self.step, "losses": self.losses}
 
     def train_step(self) -> None:

@@ -12,12 +12,14 @@ Metric names: 'expert_counts' (routes per expert on this rank before capacity dr
 'dropped_fraction' (share of routes dropped by capacity), 'mix_gate' (S2MoE's g per token).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
 from torch import nn
 
+from ...config import ConfigError
 from ...parallel import ExpertLayout
 from ...parallel import deepspeed_internals as ds
 
@@ -77,6 +79,22 @@ def expert_blocks(model: nn.Module) -> List[ExpertBlock]:
     """The model's blocks that route over experts, in order (DeepSpeed numbers its per-expert
     checkpoint files in this order too)."""
     return [m for m in model.modules() if isinstance(m, ExpertBlock)]
+
+
+@contextmanager
+def experts_per_token(model: nn.Module, eval_k: int):
+    """Within the block, the model's routed blocks evaluate with `eval_k` experts per token."""
+    routers = [block.router for block in expert_blocks(model)]
+    saved = [r.eval_k for r in routers]
+    for r in routers:
+        if not 1 <= eval_k <= r.num_experts:
+            raise ConfigError(f"eval_k: {eval_k} must be in [1, {r.num_experts}] (the layer's experts)")
+        r.eval_k = eval_k
+    try:
+        yield
+    finally:
+        for r, k in zip(routers, saved):
+            r.eval_k = k
 
 
 def init_expert_weights(model: nn.Module, seed: int, layout: ExpertLayout) -> None:

@@ -143,7 +143,13 @@ class Router(nn.Module):
         if k == 1 and not drop:
             factor, drop = self._capacity_for_all(logits_TE), True
         self.last_losses = {}
-        balance = self.balance_loss(logits_TE, k)
+        real_T = None if used_token is None else used_token.reshape(-1) > 0
+        # Padding (used_token 0) stays out of the balance loss: DeepSpeed's top-2 and top-k gates
+        # take no mask, and its top-1 averages the gate probabilities over the padding too.
+        balance = self.balance_loss(logits_TE if real_T is None else logits_TE[real_T], k)
+        if balance is None and real_T is not None and training:
+            real_TE = logits_TE[real_T].float()
+            balance = gshard_balance(F.softmax(real_TE, dim=1), real_TE, k) if len(real_TE) else real_TE.sum()
         if balance is not None:
             # DeepSpeed's top-2 adds its Gumbel noise to the logits in place; the loss read them.
             logits_TE = logits_TE.clone()
