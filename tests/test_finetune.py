@@ -308,6 +308,13 @@ def test_resume_is_exact(pretrained, tmp_path, splits):
     assert first["losses"] + rest["losses"] == pytest.approx(straight["losses"], abs=1e-6)
     for key, (acc, loss) in _scores(straight["report"]).items():
         assert _scores(rest["report"])[key] == pytest.approx((acc, loss), abs=1e-6)
+    # A classifier is neither a language model to evaluate nor a checkpoint to fine-tune again.
+    from s2moe_ds.checkpoint import load_model
+    from s2moe_ds.train.finetune import pretrained_meta
+    with pytest.raises(ConfigError, match="fine-tuned classifier"):
+        load_model(str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="fine-tuned classifier"):
+        pretrained_meta(str(tmp_path / "a"))
 
 
 def test_checkpoint_of_two_processes_finetunes_on_one_and_on_two(pretrained, tmp_path, splits):

@@ -109,3 +109,29 @@ def test_job_failing_for_another_reason_is_not_requeued(cluster, tmp_path):
     assert re.search(r"training exited with status (2|143)\n", log), log
     rank_logs = [(out / "logs" / f"job{job}-restart0-rank{r}.log").read_text() for r in range(2)]
     assert any("moe.num_experts" in text for text in rank_logs), rank_logs
+
+
+def test_finetune_job_fine_tunes_a_pretrained_checkpoint(cluster, tmp_path):
+    """SCRIPT=launch/finetune.py: the same script, layout and resume flags for fine-tuning."""
+    job, pretrained = _submit(cluster, tmp_path, "lm", ["--max-steps", "2", "--eval-interval", "0"])
+    state = cluster.wait(job, _done, timeout=300)
+    assert state["JobState"] == "COMPLETED", _slurm_output(tmp_path, "lm", job)
+    data = tmp_path / "labelled"
+    data.mkdir()
+    for split, n in (("train", 40), ("valid", 8), ("test", 8)):
+        rows = [{"text": "mercy" if i % 2 else "rain", "label": i % 2} for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    env = {"S2MOE_REPO": ROOT, "PYTHON": sys.executable, "OUT_DIR": str(out), "SCRIPT": "launch/finetune.py",
+           "PRETRAINED": str(pretrained), "DATASET": "files", "DATA_PATH": str(data), "OMP_NUM_THREADS": "1"}
+    args = ["--job-name", "ft", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--nodes", "1",
+            "--output", str(tmp_path / "ft-%j.out"), SCRIPT, "--max-steps", "4", "--eval-interval", "2"]
+    job = cluster.sbatch(args, env=env, cwd=str(tmp_path))
+    state = cluster.wait(job, _done, timeout=300)
+    log = _slurm_output(tmp_path, "ft", job)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log + cluster.logs()
+    report = json.loads((out / "finetune_eval.json").read_text())
+    assert {(r["split"], r["eval_k"]) for r in report["results"]} == {(s, k) for s in ("valid", "test") for k in (1, 2)}
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["world_size"] == 2 and record["parallel"]["ep_size"] == 2
+    assert (out / "checkpoints" / "step00000004" / "COMPLETE").exists()

@@ -4,8 +4,10 @@ and parallel, never train or eval."""
 
 from .compat import FORMAT_VERSION, upgrade_meta, upgrade_model_config
 from .consolidate import consolidate, load_global_state, load_model, model_config_for_inference, model_from_state, resolve_checkpoint
-from .store import COMPLETE, LATEST, check_resumable, latest_tag, load, load_rank_state, save, step_tag
+from .safe_load import UnsafeCheckpointError, check_step_folder, load_file
+from . import reshard
+from .store import COMPLETE, LATEST, check_resumable, read_meta, latest_tag, load, load_rank_state, save, step_tag
 
-__all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "check_resumable", "consolidate", "latest_tag", "load",
+__all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "check_resumable", "read_meta", "reshard", "consolidate", "latest_tag", "load",
            "load_global_state", "load_model", "load_rank_state", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "step_tag",
-           "upgrade_meta", "upgrade_model_config"]
+           "upgrade_meta", "upgrade_model_config", "UnsafeCheckpointError", "check_step_folder", "load_file"]

@@ -21,6 +21,7 @@ from ..config import ConfigError
 from ..models import ModelConfig, build_model, model_config_from_dict
 from ..parallel import deepspeed_internals as ds
 from .compat import upgrade_meta
+from .safe_load import load_file
 from .store import LATEST, latest_tag
 
 
@@ -38,10 +39,10 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> str:
 def consolidate(path: str, tag: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(fp32 state dict for ep_size 1, the checkpoint's client state in the current format)."""
     step_dir = resolve_checkpoint(path, tag)
-    states = torch.load(os.path.join(step_dir, ds.MODEL_STATES), map_location="cpu", weights_only=False)
+    states = load_file(os.path.join(step_dir, ds.MODEL_STATES))
     merged = dict(states["module"])
     for f in sorted(glob.glob(os.path.join(step_dir, ds.EXPERT_STATES_GLOB))):
-        merged.update(torch.load(f, map_location="cpu", weights_only=False))
+        merged.update(load_file(f))
     fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in merged.items()}
     client = {k: v for k, v in states.items() if k not in ds.CLIENT_STATE_SKIP}
     if "model_config" not in client:
@@ -52,6 +53,9 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple[Dict[str, torch.T
 
 def model_config_for_inference(client: Dict[str, Any], eval_k: Optional[int] = None) -> ModelConfig:
     """The checkpoint's model config, optionally with another eval_k."""
+    if "classifier" in client:
+        raise ConfigError("--checkpoint: this is a fine-tuned classifier (launch/finetune.py), not a language "
+                          "model; launch/finetune.py wrote its evaluation to the run's finetune_eval.json")
     cfg = model_config_from_dict(client["model_config"])
     if eval_k is not None:
         cfg = replace(cfg, moe=replace(cfg.moe, eval_k=eval_k))

@@ -28,7 +28,9 @@ from deepspeed.accelerator import get_accelerator
 from ..config import ConfigError, without_implementation_fields
 from ..fileio import atomic_write_text
 from ..models import model_config_from_dict
+from ..parallel import deepspeed_internals as ds
 from .compat import upgrade_meta
+from .safe_load import check_step_folder, load_file
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -43,15 +45,22 @@ def step_tag(step: int) -> str:
 def _rng_state() -> Dict[str, Any]:
     # "accel": the device's generator (CUDA's on a GPU), which draws the noise, dropout and
     # DeepSpeed's routing randomness there; on the CPU accelerator it is the CPU generator again.
+    # numpy's state as tensors and numbers, so that the file loads weights-only.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "accel": get_accelerator().get_rng_state(),
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "accel" in state:  # checkpoints written before it was saved lack it
         get_accelerator().set_rng_state(state["accel"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # earlier checkpoints: numpy's own tuple
     random.setstate(state["python"])
 
 
@@ -96,6 +105,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     dist.barrier()
     if before_commit is not None:
         before_commit(step_dir)
+        # Rank 0 commits only once every rank's hook has run: a hook that raises on another rank
+        # must leave the checkpoint incomplete there too.
+        dist.barrier()
     if rank == 0:
         atomic_write_text(os.path.join(step_dir, COMPLETE), f"{step}\n")
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
@@ -127,19 +139,31 @@ def _resume_view(meta: Dict[str, Any]) -> Dict[str, Any]:
     return {**meta, "model_config": without_implementation_fields(model_config_from_dict(meta["model_config"]))}
 
 
-def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
+LAYOUT_KEYS = ("world_size", "ep_size", "expert_ranks")
+"""meta.json's record of the layout: a resume on another layout may change them."""
+
+
+def read_meta(step_dir: str) -> Dict[str, Any]:
+    """A step folder's meta.json in the current format."""
+    with open(os.path.join(step_dir, META)) as f:
+        return upgrade_meta(json.load(f), f"--resume: checkpoint {step_dir}")
+
+
+def check_resumable(ckpt_dir: str, expect: Dict[str, Any], relayout_refusal: Optional[str] = None) -> Optional[str]:
     """The tag to resume from, after checking that the checkpoint's meta.json matches `expect`
-    (world_size, ep_size, model config, tokenizer, ...). Reads only small files, so every rank can
-    call it before any compute; a mismatch is refused with the reason. None: no checkpoint yet.
-    Checkpoints of an earlier format are compared as this version would have written them."""
+    (model config, tokenizer, ...; world_size and ep_size too unless the run may change layout:
+    `relayout_refusal` None). Reads only small files, so every rank can call it before any compute;
+    a mismatch is refused with the reason. None: no checkpoint yet. Checkpoints of an earlier
+    format are compared as this version would have written them."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     where = os.path.join(ckpt_dir, tag)
-    with open(os.path.join(where, META)) as f:
-        saved = _resume_view(json.loads(json.dumps(upgrade_meta(json.load(f), f"--resume: checkpoint {where}"))))
+    saved = _resume_view(json.loads(json.dumps(read_meta(where))))
     expect = json.loads(json.dumps(_resume_view(expect)))  # tuples and lists compare as JSON would store them
     for key, value in expect.items():
+        if key in LAYOUT_KEYS and (relayout_refusal is None or key not in ("world_size", "ep_size")):
+            continue
         if saved.get(key) != value:
             if key == "tokenizer":
                 raise ConfigError(f"--resume: checkpoint {where} was trained with tokenizer {saved.get(key)}, "
@@ -149,8 +173,7 @@ def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
                 why = (f"another model config ({'; '.join(_differences(saved.get(key), value))}); a resume "
                        "continues the same model")
             else:
-                why = (f"{key}={saved.get(key)!r}, this run has {key}={value!r}. DeepSpeed cannot re-shard "
-                       "native-MoE optimizer states across expert-parallel layouts")
+                why = f"{key}={saved.get(key)!r}, this run has {key}={value!r}, and {relayout_refusal}"
             raise ConfigError(f"--resume: checkpoint {where} was written with {why}; resume with the same world size, "
                               "ep_size and model, or evaluate and sample the checkpoint (launch/evaluate.py, "
                               "launch/generate.py), which take any layout")
@@ -159,10 +182,14 @@ def check_resumable(ckpt_dir: str, expect: Dict[str, Any]) -> Optional[str]:
 
 def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     """Load checkpoint `tag` into `engine` (collective) and restore this rank's RNG states."""
+    # Every rank checks every file's pickle first, so that an unsafe file stops all ranks alike,
+    # before any of them waits in a collective; DeepSpeed's own reads then load weights-only too.
+    check_step_folder(os.path.join(ckpt_dir, tag))
+    ds.set_checkpoint_loader(engine, lambda path, map_location=None: load_file(path, map_location))
     load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if load_path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load {os.path.join(ckpt_dir, tag)}")
-    _set_rng_state(torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
+    _set_rng_state(load_file(os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")))
     return client_state
 
 
@@ -172,4 +199,4 @@ def load_rank_state(ckpt_dir: str, tag: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: {path} is missing; this run's task keeps per-rank state (a backbone's "
                           "memory) that the checkpoint lacks: resume it with the model that wrote it")
-    return torch.load(path, weights_only=False)
+    return load_file(path)

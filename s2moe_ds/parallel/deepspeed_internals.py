@@ -176,6 +176,11 @@ def expert_parallel_rank(group_name: str) -> int:
     return groups._get_expert_parallel_rank(group_name)
 
 
+def expert_data_parallel_rank(group_name: str) -> int:
+    """This rank's place among the ranks that hold the same experts (its ZeRO partition id of them)."""
+    return groups._get_expert_data_parallel_rank(group_name)
+
+
 def expert_parallel_world_size(group_name: str) -> int:
     return groups._get_expert_parallel_world_size(group_name)
 
@@ -215,3 +220,71 @@ EXPERT_STATES_GLOB = "layer_*_expert_*_model_states.pt"
 CLIENT_STATE_SKIP = ("module", "optimizer", "lr_scheduler")
 """Keys of MODEL_STATES that are the engine's, not the client state we passed to save_checkpoint."""
 
+
+
+def checkpoint_globals() -> List[type]:
+    """The classes DeepSpeed pickles into its checkpoint files (ZeRO 1/2 optimizer states, loss
+    scaler), which a weights-only load must be allowed to rebuild; nothing else of DeepSpeed's."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def set_checkpoint_loader(engine, load) -> None:
+    """Make every file DeepSpeed reads for `engine.load_checkpoint` (model states, per-expert
+    files, ZeRO optimizer shards) go through load(path, map_location=None)."""
+    engine.checkpoint_engine.load = load
+
+
+def full_fp32_param(param) -> torch.Tensor:
+    """The whole fp32 master weight of a ZeRO 1/2 parameter (a collective over its partition group)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    return safe_get_full_fp32_param(param)
+
+
+def full_optimizer_state(param, key: str):
+    """The whole optimizer state `key` of a parameter (a collective), or None before any state exists."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    try:
+        return safe_get_full_optimizer_state(param, key)
+    except ValueError:  # DeepSpeed links its views of the states only after the first step
+        return None
+
+
+def set_full_fp32_param(param, value: torch.Tensor) -> None:
+    """This rank's fragment of `value` into the parameter's fp32 master partition (no collective)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    safe_set_full_fp32_param(param, value)
+
+
+def set_full_optimizer_state(param, value: torch.Tensor, key: str) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+    safe_set_full_optimizer_state(param, value, key)
+
+
+def create_optimizer_states(engine, step, keys) -> None:
+    """Give each flat fp32 partition of the ZeRO 1/2 optimizer its Adam states (zeros, `step`),
+    which DeepSpeed otherwise creates at the first step, and link DeepSpeed's per-parameter views
+    of them, so that set_full_optimizer_state can fill them."""
+    zero = engine.optimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        raise RuntimeError("resharding needs DeepSpeed's ZeRO stage 1 or 2 optimizer")
+    for flat in zero.single_partition_of_fp32_groups:
+        state = {key: torch.zeros_like(flat) for key in keys}
+        state["step"] = step.clone() if torch.is_tensor(step) else step
+        zero.optimizer.state[flat] = state
+    link_optimizer_states(engine)
+
+
+def link_optimizer_states(engine) -> None:
+    """(Re)link DeepSpeed's per-parameter views of the optimizer states. DeepSpeed links them once,
+    right after the first group's first step, when the expert groups' states do not exist yet:
+    without this, an expert's moments cannot be read through safe_get_full_optimizer_state."""
+    zero = engine.optimizer
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def set_engine_counters(engine, global_steps: int, global_samples: int, skipped_steps: int) -> None:
+    engine.global_steps, engine.global_samples, engine.skipped_steps = global_steps, global_samples, skipped_steps

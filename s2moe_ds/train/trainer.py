@@ -16,7 +16,8 @@ from typing import Any, Dict, Sequence
 import deepspeed.comm as dist
 import torch
 
-from ..checkpoint import FORMAT_VERSION, check_resumable, latest_tag, load, load_rank_state, save
+from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, consolidate, latest_tag, load,
+                          load_global_state, load_rank_state, read_meta, reshard, save)
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
@@ -87,7 +88,9 @@ class Trainer:
                      "model_config": self.model_cfg.to_dict(), "tokenizer": self.task.identity(),
                      **self.task.checkpoint_meta()}
         # Every rank checks (the files are small), so every rank stops together, before any compute.
-        resume_tag = check_resumable(self.ckpt_dir, self.meta) if train.resume else None
+        resume_tag = check_resumable(self.ckpt_dir, self.meta, self._relayout_refusal()) if train.resume else None
+        saved = read_meta(os.path.join(self.ckpt_dir, resume_tag)) if resume_tag is not None else {}
+        self.relayout = bool(saved) and (saved.get("world_size"), saved.get("ep_size")) != (self.world, exp.parallel.ep_size)
         if not train.resume and latest_tag(self.ckpt_dir) is not None:
             raise ConfigError(f"train.out_dir: {train.out_dir} already holds checkpoints; pass --resume to "
                               "continue that run, or choose another --out-dir")
@@ -98,7 +101,11 @@ class Trainer:
             print(self._describe(), flush=True)
         self.task.start(self.rank, self.world, self.micro_batch, train.seed)
         torch.manual_seed(train.seed + 1 + self.rank)  # noise and dropout differ across ranks
-        if resume_tag is not None:
+        if resume_tag is not None and self.relayout:
+            state = self._load_on_new_layout(resume_tag, saved)
+            self.task.load_state_dict(state)
+            self.step = state["step"]
+        elif resume_tag is not None:
             state = load(self.engine, self.ckpt_dir, resume_tag)
             self.task.load_state_dict(state)
             if self.task.rank_state_dict() is not None:
@@ -116,6 +123,35 @@ class Trainer:
         if resume_tag is not None and self.rank == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, resume_tag)} at step {self.step}", flush=True)
 
+    def _relayout_refusal(self):
+        """Why this run could not resume a checkpoint of another world size or ep_size (None: it can)."""
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2):
+            return (f"the DeepSpeed config's ZeRO stage is {stage}: a change of layout reads and writes ZeRO 1/2 "
+                    "optimizer shards; resume with ZeRO 1 or 2 (ds_configs/zero2.json)")
+        if self.model_cfg.has_memory:
+            return ("a backbone with memory keeps one memory per rank along streams laid out per rank, so it "
+                    "resumes on its own layout only")
+        return None
+
+    def _load_on_new_layout(self, tag: str, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """Resume a checkpoint of another world size or ep_size (checkpoint/reshard.py): weights,
+        master weights, Adam moments and step counts by global parameter name, the LR schedule and
+        counters, the data position; randomness from (seed, step, rank)."""
+        step_dir = os.path.join(self.ckpt_dir, tag)
+        check_step_folder(step_dir)
+        state, _ = consolidate(step_dir)  # the module's buffers (and its weights, overwritten below)
+        load_global_state(self.engine.module, state, self.layout, f"--resume: {step_dir}")
+        full, info = reshard.global_optimizer_state(step_dir, saved, self.model_cfg.moe.num_experts)
+        reshard.load_global_optimizer_state(self.engine, self.layout, full, info, step_dir)
+        client = reshard.saved_client_state(step_dir)
+        reshard.restore_engine_counters(self.engine, client)
+        reshard.reseed(self.train_cfg.seed, client["step"], self.rank)
+        if self.rank == 0:
+            print(f"resharded {step_dir} (world {saved['world_size']}, ep_size {saved['ep_size']}) onto world "
+                  f"{self.world}, ep_size {self.experiment.parallel.ep_size}", flush=True)
+        return client
+
     def _build_engine(self, resuming: bool):
         exp, seed = self.experiment, self.train_cfg.seed
         torch.manual_seed(seed)
@@ -128,6 +164,13 @@ class Trainer:
         if not resuming:
             self.task.load_initial_weights(model, layout)  # a resume loads its own weights instead
         engine, _, _, _ = initialize(model, self.ds_config)
+        self.layout = layout
+        # Which experts and which ZeRO partition of them each rank held: what a later resume on
+        # another layout reads the optimizer shards by.
+        ranks = [None] * self.world
+        dist.all_gather_object(ranks, [layout.ep_rank, ds.expert_data_parallel_rank(f"ep_size_{layout.ep_size}")
+                                       if expert_blocks(model) else self.rank])
+        self.meta["expert_ranks"] = ranks
         return engine
 
     def _describe(self) -> str:

@@ -1,0 +1,69 @@
+"""Reading checkpoint files without running their code: every read is a weights-only unpickling
+that may rebuild tensors, plain containers and an explicit allowlist of classes (DeepSpeed's
+optimizer-state records, numpy's arrays for RNG files of earlier versions), nothing else.
+
+A file that asks for anything more (a pickled function call, another class) is refused with an
+UnsafeCheckpointError naming the file and what it asked for, before the rest of the file is read.
+"""
+
+import os
+import pickle
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..parallel import deepspeed_internals as ds
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file would need more than weights-only unpickling: it is not read."""
+
+
+def allowed_globals() -> List[type]:
+    """Everything besides tensors and plain containers that our checkpoint files may hold."""
+    numpy_globals = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        numpy_globals.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # numpy < 2
+        numpy_globals.append(np.core.multiarray._reconstruct)
+    return [*ds.checkpoint_globals(), *numpy_globals]
+
+
+def _refuse(path: str, why: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"checkpoint file {path}: refused to unpickle it, it needs {why}, which a checkpoint of ours never "
+        "holds (weights, optimizer states, RNG states, configs); opening it could run its code. Use a checkpoint "
+        "written by s2moe_ds, or one whose origin you trust re-saved as plain tensors")
+
+
+def check_file(path: str) -> None:
+    """Refuse `path` if its pickle names a global outside the allowlist (reads only the pickle,
+    not the tensor data), so that every rank can check every file before any rank loads one."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
+    try:
+        asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, pickle.UnpicklingError, ValueError) as e:
+        raise UnsafeCheckpointError(f"checkpoint file {path}: not a readable torch file ({e})") from e
+    unknown = sorted(set(asked) - allowed)
+    if unknown:
+        raise _refuse(path, ", ".join(unknown))
+
+
+def load_file(path: str, map_location: Optional[object] = "cpu"):
+    """torch.load with weights_only=True and our allowlist; UnsafeCheckpointError otherwise."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint file {path}: missing; the checkpoint is incomplete or was moved")
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refuse(path, str(e).split("\n")[0][:300]) from None
+
+
+def check_step_folder(step_dir: str) -> None:
+    """check_file on every torch file of a step folder."""
+    for name in sorted(os.listdir(step_dir)):
+        if name.endswith(".pt"):
+            check_file(os.path.join(step_dir, name))
