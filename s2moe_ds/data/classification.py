@@ -30,13 +30,14 @@ import torch
 from ..config import ConfigError, check_choice, check_int, check_number, fail, require
 
 HUB = {
-    # name: (hub id, {our split: the hub's split}, text column, label column). SST-2's test labels
-    # are hidden (GLUE), so it reports on its validation split; IMDB and BANKING77 have no
-    # validation split, so one is cut from train (valid_fraction).
-    "sst2": ("stanfordnlp/sst2", {"train": "train", "valid": "validation"}, "sentence", "label"),
-    "sst5": ("SetFit/sst5", {"train": "train", "valid": "validation", "test": "test"}, "text", "label"),
-    "imdb": ("stanfordnlp/imdb", {"train": "train", "test": "test"}, "text", "label"),
-    "banking77": ("PolyAI/banking77", {"train": "train", "test": "test"}, "text", "label"),
+    # name: (hub id, {our split: the hub's split}, text column, label column, revision). SST-2's
+    # test labels are hidden (GLUE), so it reports on its validation split; IMDB and BANKING77
+    # have no validation split, so one is cut from train (valid_fraction). BANKING77 is a loading
+    # script, which datasets 4 no longer runs: the hub's own parquet conversion of it is read.
+    "sst2": ("stanfordnlp/sst2", {"train": "train", "valid": "validation"}, "sentence", "label", None),
+    "sst5": ("SetFit/sst5", {"train": "train", "valid": "validation", "test": "test"}, "text", "label", None),
+    "imdb": ("stanfordnlp/imdb", {"train": "train", "test": "test"}, "text", "label", None),
+    "banking77": ("PolyAI/banking77", {"train": "train", "test": "test"}, "text", "label", "refs/convert/parquet"),
 }
 DATASETS = tuple(HUB) + ("files", "shakespeare-speakers")
 TRUNCATION = ("head", "tail", "head_tail")
@@ -278,9 +279,9 @@ def _raw_splits(cfg: ClassificationDataConfig):
             raise ConfigError(f"finetune.data.path: {cfg.path} is no save_to_disk folder; for {cfg.dataset!r} "
                               "pass one (datasets' save_to_disk), or drop --path to download it")
         import datasets
-        hub_id = HUB[cfg.dataset][0]
+        hub_id, revision = HUB[cfg.dataset][0], HUB[cfg.dataset][4]
         try:
-            obj = datasets.load_dataset(hub_id, cache_dir=cfg.cache_dir)
+            obj = datasets.load_dataset(hub_id, cache_dir=cfg.cache_dir, revision=revision)
         except Exception as e:  # offline, unknown id, ...: datasets' own exception kinds vary
             raise ConfigError(f"finetune.data.dataset: cannot load {hub_id!r} from the Hugging Face hub ({e}); "
                               f"offline, pass --path with a save_to_disk copy of it") from e
