@@ -175,6 +175,27 @@ def experiment_from_args(ns: argparse.Namespace):
     return apply_overrides(experiment, overrides)
 
 
+def run_training(args: argparse.Namespace, build, example_config: str) -> int:
+    """The main of launch/pretrain.py and launch/finetune.py: build(args) returns run(ds_config) ->
+    the trainer's final metrics; every ConfigError (flags, DeepSpeed config, data, checkpoint) is
+    printed and exits with status 2 before any compute, a stop signal with EXIT_REQUEUE."""
+    import sys
+
+    from .config import ConfigError
+    from .parallel import check_ds_config, load_ds_config
+    from .train import EXIT_REQUEUE
+    try:
+        run = build(args)
+        if not args.deepspeed_config:
+            raise ConfigError(f"--deepspeed_config: required, e.g. {example_config}")
+        ds_config = load_ds_config(args.deepspeed_config)
+        check_ds_config(ds_config)
+        final = run(ds_config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return EXIT_REQUEUE if final["stopped_by"] else 0
+
 # ----------------------------------------------------------------------------- launch/finetune.py
 
 FINETUNE = """

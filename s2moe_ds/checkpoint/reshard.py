@@ -15,7 +15,7 @@ its own fragment of every full tensor through DeepSpeed's public `safe_set_full_
 """
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -31,7 +31,7 @@ def optim_file(step_dir: str, rank: int) -> str:
     return os.path.join(step_dir, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
 
 
-def expert_layout_of(meta: Dict, rank: int, num_experts: int) -> Tuple[int, int]:
+def expert_layout_of(meta: Dict, rank: int) -> Tuple[int, int]:
     """(ep_rank, rank within its expert-data-parallel group) of a saved rank: from meta.json's
     'expert_ranks' when recorded, else DeepSpeed's default grouping (expert-parallel groups of
     consecutive ranks)."""
@@ -45,7 +45,7 @@ def expert_layout_of(meta: Dict, rank: int, num_experts: int) -> Tuple[int, int]
 
 def global_optimizer_state(step_dir: str, meta: Dict, num_experts: int) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict]:
     """({global parameter name: {'fp32', 'exp_avg', 'exp_avg_sq'}: flat fp32 tensors},
-    {'step': the optimizer's step count, 'zero_stage': ...}) from a step folder of any layout."""
+    {'step': the optimizer's step count}) from a step folder of any layout."""
     world, ep = int(meta["world_size"]), int(meta["ep_size"])
     pieces: Dict[str, List[Tuple[int, Dict[str, torch.Tensor]]]] = {}
     info = {}
@@ -58,7 +58,7 @@ def global_optimizer_state(step_dir: str, meta: Dict, num_experts: int) -> Tuple
         if "param_slice_mappings" not in osd:
             raise ConfigError(f"--resume: {path} is not a ZeRO 1/2 optimizer shard (no param_slice_mappings); "
                               "resuming on another layout needs a run saved with ZeRO stage 1 or 2")
-        ep_rank, expert_dp_rank = expert_layout_of(meta, rank, num_experts)
+        ep_rank, expert_dp_rank = expert_layout_of(meta, rank)
         layout = ExpertLayout(num_experts, ep, ep_rank)
         groups = osd["base_optimizer_state"]["param_groups"]
         for i, mapping in enumerate(osd["param_slice_mappings"]):
@@ -67,7 +67,6 @@ def global_optimizer_state(step_dir: str, meta: Dict, num_experts: int) -> Tuple
             flat = osd["single_partition_of_fp32_groups"][i]
             state = osd["base_optimizer_state"]["state"][i]
             info.setdefault("step", state.get("step"))
-            info["zero_stage"] = int(osd["zero_stage"])
             for name, address in mapping.items():
                 start, numel = int(address.start), int(address.numel)
                 tensors = {"fp32": flat.narrow(0, start, numel)}
@@ -131,15 +130,6 @@ def restore_engine_counters(engine, client: Dict) -> None:
                            client.get("skipped_steps", 0))
 
 
-def check_reshardable(meta: Dict, expect: Dict, has_rank_state: bool, where: str) -> None:
-    """Refuse, before compute, what cannot carry over to another layout."""
-    if has_rank_state:
-        raise ConfigError(f"--resume: {where} was written with world_size={meta.get('world_size')}, "
-                          f"ep_size={meta.get('ep_size')}, this run has world_size={expect['world_size']}, "
-                          f"ep_size={expect['ep_size']}; a backbone with memory keeps one memory per rank and its "
-                          "streams are laid out per rank, so it resumes on its own layout only")
-
-
 def reseed(seed: int, step: int, rank: int) -> None:
     """The randomness after a reshard, from (seed, step, global rank) alone."""
     import random
@@ -156,6 +146,3 @@ def saved_client_state(step_dir: str) -> Dict:
     return {k: v for k, v in load_file(os.path.join(step_dir, ds.MODEL_STATES)).items()
             if k not in ("module", "optimizer")}
 
-
-def expert_ranks_record(layout: ExpertLayout, expert_dp_rank: int) -> Sequence[int]:
-    return [layout.ep_rank, expert_dp_rank]

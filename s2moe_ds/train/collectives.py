@@ -8,6 +8,17 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 
+def rank_zero_first(load):
+    """load() on rank 0, then on the others once it is done: rank 0 fills a cache (tokenized
+    splits, a hub download) that the others then only read. Collective."""
+    if dist.get_rank() == 0:
+        value = load()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        value = load()
+    return value
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any: ranks that decide to stop must stop together,
     never one of them left waiting inside a collective."""

@@ -10,12 +10,12 @@ loss, and every block its balance loss, each weighted by the pretrained model's 
 unless `moe_overrides` changes them (e.g. uncertainty_coef 0).
 """
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
-import deepspeed.comm as dist
 
 from ..checkpoint import consolidate, load_global_state, resolve_checkpoint
 from ..checkpoint.compat import upgrade_meta
@@ -30,6 +30,7 @@ from ..models.classifier import POOLINGS
 from ..moe import experts_per_token, total_loss
 from ..moe.config import nest_settings
 from ..tables import markdown_table
+from .collectives import rank_zero_first
 from .config import ExperimentConfig, TrainConfig
 from .presets import _merge_moe
 from .trainer import Trainer
@@ -141,11 +142,7 @@ class ClassificationTask:
         self._tokenizer = load_tokenizer(os.path.join(self.step_dir, TOKENIZER))
         max_seq_len = model_config_from_dict(meta["model_config"]).max_seq_len
         # Rank 0 first: a hub download happens once, the others read datasets' cache.
-        if dist.get_rank() == 0:
-            self.data = load_classification(self.cfg.data, self._tokenizer, max_seq_len)
-        dist.barrier()
-        if dist.get_rank() != 0:
-            self.data = load_classification(self.cfg.data, self._tokenizer, max_seq_len)
+        self.data = rank_zero_first(lambda: load_classification(self.cfg.data, self._tokenizer, max_seq_len))
         self.head = ClassifierConfig(num_labels=len(self.data.label_names), pooling=self.cfg.pooling)
 
     @property
@@ -209,11 +206,13 @@ class ClassificationTask:
         total, reduced = total_loss(out.task_loss, out.layer_losses, terms)
         return total, {"task": out.task_loss, **reduced}
 
+    def _evaluate(self, engine, split: str, max_batches=None) -> Dict[str, Any]:
+        return evaluate_classifier(engine, self.data.splits[split], len(self.data.label_names),
+                                   self.cfg.eval_batch_size, self.rank, self.world_size, engine.device, max_batches)
+
     def evaluate(self, engine, split: str, max_batches=None) -> Dict[str, float]:
-        """Full pass over `split` (a collective); 'valid' falls back to nothing if absent."""
-        result = evaluate_classifier(engine, self.data.splits[split], len(self.data.label_names),
-                                     self.cfg.eval_batch_size, self.rank, self.world_size, engine.device, max_batches)
-        return {k: v for k, v in result.items() if k != "confusion"}
+        """Full pass over `split` (a collective), without the confusion matrix."""
+        return {k: v for k, v in self._evaluate(engine, split, max_batches).items() if k != "confusion"}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}
@@ -244,13 +243,8 @@ class ClassificationTask:
             for split in ("valid", "test"):
                 if split not in self.data.splits:
                     continue
-                if k is None:
-                    result = evaluate_classifier(engine, self.data.splits[split], len(self.data.label_names),
-                                                 cfg.eval_batch_size, self.rank, self.world_size, engine.device)
-                else:
-                    with experts_per_token(engine.module, k):
-                        result = evaluate_classifier(engine, self.data.splits[split], len(self.data.label_names),
-                                                     cfg.eval_batch_size, self.rank, self.world_size, engine.device)
+                with contextlib.nullcontext() if k is None else experts_per_token(engine.module, k):
+                    result = self._evaluate(engine, split)
                 rows.append({"split": split, "eval_k": k, **result, "flops_per_token": cost(k),
                              "flops_vs_largest_k": cost(k) / largest})
         engine.train()

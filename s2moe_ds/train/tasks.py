@@ -6,13 +6,13 @@ loss, the evaluator and its own state for the checkpoint; the trainer supplies e
 from dataclasses import asdict, replace
 from typing import Any, Dict, Optional, Tuple
 
-import deepspeed.comm as dist
 import torch
 
 from ..data import ContiguousBatchSampler, DataConfig, StreamBatchSampler, prepare_corpus
 from ..eval import evaluate_lm
 from ..models import LMOutput, ModelConfig, build_model
 from ..moe import total_loss
+from .collectives import rank_zero_first
 
 
 class LanguageModelingTask:
@@ -33,11 +33,7 @@ class LanguageModelingTask:
 
     def prepare(self) -> None:
         """Collective: rank 0 tokenizes and fills the cache; the others then only read it."""
-        if dist.get_rank() == 0:
-            self.corpus = prepare_corpus(self.data)
-        dist.barrier()
-        if dist.get_rank() != 0:
-            self.corpus = prepare_corpus(self.data)
+        self.corpus = rank_zero_first(lambda: prepare_corpus(self.data))
 
     @property
     def tokenizer(self):
