@@ -20,7 +20,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]" $(MPI_PIP)
 	touch $@
 
-test: venv
+# The tests also cover the optional extras (the Hugging Face export, lm-evaluation-harness on it);
+# training itself never imports them.
+$(VENV)/.installed-extras: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test,hf,lm-eval]"
+	touch $@
+
+test: venv $(VENV)/.installed-extras
 	$(PY) -m pytest tests
 
 # The main job: the tiny preset on the embedded corpus (CPython's own documentation text, no

@@ -1,23 +1,48 @@
-"""Turn a checkpoint into one fp32 file that loads without DeepSpeed (flags: --help, or docs/cli.md)."""
+"""Turn a checkpoint into one fp32 model that loads without DeepSpeed's engine: our file or a
+Hugging Face export (flags: --help, or docs/cli.md)."""
 
 import os
 import sys
 
 import torch
 
-from s2moe_ds.checkpoint import consolidate, model_config_for_inference
+from s2moe_ds.checkpoint import consolidate, model_config_for_inference, resolve_checkpoint
 from s2moe_ds.cli import consolidate_parser
 from s2moe_ds.config import ConfigError
+
+
+def _export_hf(args, state, client) -> None:
+    try:
+        from s2moe_ds.hf import LM_EVAL_TASK, export_hf, write_lm_eval_task
+    except ImportError as e:
+        raise ConfigError(f"--format hf: {e}; install the optional extra: pip install -e '.[hf]'") from e
+    if args.lm_eval_text is not None and not os.path.isfile(args.lm_eval_text):
+        raise ConfigError(f"--lm-eval-text: file not found: {args.lm_eval_text}")
+    config = model_config_for_inference(client).to_dict()
+    tokenizer = os.path.join(resolve_checkpoint(args.checkpoint, args.tag), "tokenizer.json")
+    export_hf(state, config, tokenizer, args.out, meta={"step": client.get("step")})
+    print(f"wrote {args.out}: model.safetensors ({sum(t.numel() for t in state.values()):,} parameters, fp32), "
+          "config.json, tokenizer; load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    if args.lm_eval_text is not None:
+        tasks = write_lm_eval_task(args.lm_eval_text, args.out)
+        print(f"lm-evaluation-harness task {LM_EVAL_TASK} in {tasks}; run:\n"
+              f"  lm_eval --model hf --model_args pretrained={args.out},trust_remote_code=True,dtype=float32 "
+              f"--include_path {tasks} --tasks {LM_EVAL_TASK} --device cpu --batch_size 8")
 
 
 def main(argv=None) -> int:
     args = consolidate_parser().parse_args(argv)
     try:
+        if args.lm_eval_text is not None and args.format != "hf":
+            raise ConfigError("--lm-eval-text: needs --format hf (lm-evaluation-harness loads the Hugging Face export)")
         state, client = consolidate(args.checkpoint, args.tag)
+        if args.format == "hf":
+            _export_hf(args, state, client)
+            return 0
+        config = model_config_for_inference(client).to_dict()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = model_config_for_inference(client).to_dict()
     tmp = args.out + ".tmp"
     torch.save({"state_dict": state, "model_config": config, "tokenizer": client.get("tokenizer")}, tmp)
     os.replace(tmp, args.out)

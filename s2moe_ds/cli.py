@@ -307,12 +307,18 @@ def generate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
 
 
 CONSOLIDATE = """
-Turn a checkpoint (ZeRO 0/1/2, any ep_size) into one fp32 file that loads without DeepSpeed.
+Turn a checkpoint (ZeRO 0/1/2, any ep_size) into one fp32 model on one process: our own file, or
+a Hugging Face export that Transformers and lm-evaluation-harness load.
 
     python launch/consolidate.py runs/tiny --out runs/tiny/model_fp32.pt
+    python launch/consolidate.py runs/tiny --format hf --out runs/tiny/hf --lm-eval-text ../shared/data/tinyshakespeare.txt
 
-The file holds {"state_dict", "model_config", "tokenizer"}; load it with
+--format pt: one file {"state_dict", "model_config", "tokenizer"}; load it with
 s2moe_ds.models.build_model(model_config_from_dict(model_config)).load_state_dict(state_dict).
+--format hf (needs pip install -e '.[hf]'): a folder with model.safetensors, config.json and the
+tokenizer; AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) gives our logits
+(from_pretrained(..., eval_k=2) for two experts per token). --lm-eval-text adds an
+lm-evaluation-harness perplexity task on that file and prints the command that runs it.
 """
 
 
@@ -320,7 +326,12 @@ def consolidate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     parser = _parser("launch/consolidate.py", CONSOLIDATE, width)
     parser.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a step folder")
     parser.add_argument("--tag", default=None, help="step folder name (default: latest)")
-    parser.add_argument("--out", required=True, help="output file (.pt)")
+    parser.add_argument("--out", required=True, help="output file (.pt) or, with --format hf, folder")
+    parser.add_argument("--format", choices=("pt", "hf"), default="pt",
+                        help="pt: one torch file of ours; hf: a Hugging Face Transformers folder (default: pt)")
+    parser.add_argument("--lm-eval-text", default=None,
+                        help="with --format hf: a text file to score with lm-evaluation-harness "
+                             "(writes <out>/lm_eval_tasks/s2moe_text.yaml)")
     return parser
 
 

@@ -277,6 +277,29 @@ def test_sampler_load_state_checks():
         ContiguousBatchSampler(tokens_N, 8, 4, 0, 4, seed=1).load_state_dict(a.state_dict())
     with pytest.raises(ConfigError, match=r"train\.seq_len"):
         ContiguousBatchSampler(np.arange(20), 8, 4, 0, 2, seed=1)
+    # A state written before the window offset existed still resumes.
+    old = {k: v for k, v in a.state_dict().items() if k not in ("windows", "step_windows")}
+    c = ContiguousBatchSampler(tokens_N, 8, 8, 0, 1, seed=1)
+    c.load_state_dict(old)
+    assert c.position == 1
+
+
+def test_sampler_position_does_not_depend_on_the_world_size():
+    """2 ranks x 4 windows x 1 accumulation step, resumed as 1 rank x 4 x 2 steps: every optimizer
+    step reads the same windows, the epoch ends at the same step, and the position carries over."""
+    tokens_N = np.arange(8 * 60 + 1)  # 60 windows of 8: 7 optimizer steps of 8 per epoch, 4 left over
+    two = [ContiguousBatchSampler(tokens_N, 8, 4, r, 2, seed=5) for r in range(2)]
+    one = ContiguousBatchSampler(tokens_N, 8, 4, 0, 1, seed=5, grad_accum=2)
+    for s in two:
+        s.next_batch()
+    one.load_state_dict(two[0].state_dict())
+    for step in range(1, 20):  # across the end of the epoch at step 7
+        a = sorted(np.concatenate([s.next_batch()[0][:, 0].numpy() for s in two]).tolist())
+        b = sorted(np.concatenate([one.next_batch()[0][:, 0].numpy() for _ in range(2)]).tolist())
+        assert a == b, step
+    assert one.epoch == two[0].epoch == 2
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps x world size"):
+        ContiguousBatchSampler(tokens_N, 8, 4, 0, 1, seed=5).load_state_dict(two[0].state_dict())
 
 
 @pytest.mark.parametrize("n,seq_len,batch,world", [(1001, 10, 3, 2), (1000, 10, 4, 3), (37, 8, 2, 1), (5, 8, 2, 3)])

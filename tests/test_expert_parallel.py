@@ -30,11 +30,12 @@ def _run(layer, x, seed, train):
     return out.detach(), l_aux.detach(), x.grad, grads
 
 
-def _parity_worker(rank, world_size, train, kw):
+def _parity_worker(rank, world_size, train, kw, impl="loop"):
     import deepspeed.comm as dist
     torch.manual_seed(0)  # identical global weights on every rank
     ref = _make(1, **kw)
     ep = _make(world_size, **kw)
+    ep.use_expert_impl(impl)  # the reference keeps DeepSpeed's loop
     # This rank's experts, read from DeepSpeed's expert-parallel groups (the same ones the layer joins).
     layout = ExpertLayout.from_process_groups(E, world_size)
     assert layout.global_ids() == [2 * rank, 2 * rank + 1]
@@ -61,9 +62,10 @@ def _parity_worker(rank, world_size, train, kw):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("kw", [{}, dict(noise_stats="global", eval_k=1)], ids=["default", "global-stats"])
-def test_ep2_matches_ep1_outputs_and_gradients(train, kw):
-    sums = run_distributed(_parity_worker, world_size=2, args=(train, kw))
+@pytest.mark.parametrize("kw,impl", [({}, "loop"), (dict(noise_stats="global", eval_k=1), "loop"), ({}, "batched")],
+                         ids=["default", "global-stats", "batched-experts"])
+def test_ep2_matches_ep1_outputs_and_gradients(train, kw, impl):
+    sums = run_distributed(_parity_worker, world_size=2, args=(train, kw, impl))
     assert sums[0] != sums[1]  # the ranks really saw different tokens
 
 

@@ -126,6 +126,11 @@ def restore_engine_counters(engine, client: Dict) -> None:
     """The LR schedule and the engine's step counters, from the model-states file's client state."""
     if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
+        # Loading restores the schedule's position only; the optimizer's learning rate is set when
+        # the schedule steps, so the first step would run at the rate the new engine started with
+        # (0 in warmup). Re-apply the rate of the restored position (DeepSpeed's own resume gets it
+        # from the optimizer's saved param groups, which a reshard rebuilds).
+        engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
     ds.set_engine_counters(engine, client.get("global_steps", 0), client.get("global_samples", 0),
                            client.get("skipped_steps", 0))
 

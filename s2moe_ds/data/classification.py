@@ -370,21 +370,23 @@ def load_classification(cfg: ClassificationDataConfig, tokenizer, max_seq_len: i
 
 
 class ExampleBatchSampler:
-    """Examples in a seeded permutation per epoch, each global batch shared by the ranks.
+    """Examples in a seeded permutation per epoch, each micro step's batch shared by the ranks.
 
-    Global batch g of epoch e is the slice [g*B*W, (g+1)*B*W) of the permutation drawn from
-    (seed, e); rank r takes positions r, r+W, ...; an incomplete last global batch is dropped.
-    The position is counted in global batches, so a resume continues exactly; a saved state with
-    another global batch, seed or example count is refused."""
+    Micro step g of epoch e is the slice [g*B*W, (g+1)*B*W) of the permutation drawn from
+    (seed, e); rank r takes positions r, r+W, ...; an incomplete last optimizer step (A =
+    grad_accum micro steps) is dropped. The position is counted in micro steps, so a resume
+    continues exactly; a saved state with another global batch, seed or example count is refused."""
 
-    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 grad_accum: int = 1) -> None:
         self.num_examples, self.batch_size = int(num_examples), int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.global_batch = self.batch_size * self.world_size
-        self.batches_per_epoch = self.num_examples // self.global_batch
+        self.batches_per_epoch = (self.num_examples // (self.global_batch * int(grad_accum))) * int(grad_accum)
         if self.batches_per_epoch == 0:
             raise ConfigError(f"train_micro_batch_size_per_gpu: the train split has {num_examples} examples, fewer "
-                              f"than one global batch of {self.global_batch}; lower the batch size")
+                              f"than one optimizer step of {self.global_batch * grad_accum} (micro batch x ranks x "
+                              "accumulation steps); lower the batch size")
         self.epoch, self.position = 0, 0
 
     def next_indices(self) -> np.ndarray:

@@ -37,34 +37,39 @@ class ContiguousBatchSampler:
     """Windows of seq_len + 1 tokens at stride seq_len, shuffled per epoch, shared by the ranks.
 
     Epoch e visits the windows in a permutation drawn from (seed, e) alone, so any rank can compute
-    any batch. Global batch g is the slice [g*B*W, (g+1)*B*W) of that order (B = batch_size,
-    W = world_size); rank r takes its positions r, r+W, r+2W, ...: disjoint across ranks. The last
-    global batch of an epoch is dropped when incomplete (every rank gets the same number of
+    any batch. Micro step g is the slice [g*B*W, (g+1)*B*W) of that order (B = batch_size,
+    W = world_size); rank r takes its positions r, r+W, r+2W, ...: disjoint across ranks. An
+    optimizer step of A = grad_accum micro steps reads the B*W*A windows that follow; the last
+    optimizer step of an epoch is dropped when incomplete (every rank gets the same number of
     batches); the next epoch starts on its own.
 
-    The position is counted in global batches, so `load_state_dict` continues exactly. It accepts a
-    state saved with another world_size or batch_size only if the global batch (batch_size *
-    world_size) is the same: the order of windows is then unchanged and just shared differently.
-    Any other difference (seq_len, seed, number of tokens, global batch) raises ConfigError,
-    because the saved position would mean other data.
+    The position is saved as a window offset, which no world size enters, so `load_state_dict`
+    continues exactly on any layout that reads as many windows per optimizer step (B*W*A): 2 ranks
+    x 16 x 1 step as 1 rank x 16 x 2 (the same windows in each optimizer step) or 1 rank x 32 x 1.
+    Any other difference (seq_len, seed, number of tokens, windows per optimizer step) raises
+    ConfigError, because the saved position would mean other data.
     """
 
     def __init__(self, tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int, world_size: int,
-                 seed: int) -> None:
+                 seed: int, grad_accum: int = 1) -> None:
         _check_layout(seq_len, batch_size, rank, world_size, seed)
+        if not isinstance(grad_accum, (int, np.integer)) or grad_accum < 1:
+            raise ConfigError(f"gradient_accumulation_steps: must be an integer >= 1, got {grad_accum!r}")
         self.tokens_N = tokens_N
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.num_tokens = int(len(tokens_N))
         self.num_windows = _num_windows(len(tokens_N), self.seq_len)
         self.global_batch = self.batch_size * self.world_size
-        self.batches_per_epoch = self.num_windows // self.global_batch
+        self.grad_accum = int(grad_accum)
+        self.step_windows = self.global_batch * self.grad_accum
+        self.batches_per_epoch = (self.num_windows // self.step_windows) * int(grad_accum)
         if self.batches_per_epoch == 0:
             raise ConfigError(
                 f"train.seq_len: the training split has {len(tokens_N)} tokens, {self.num_windows} windows of "
-                f"seq_len+1={self.seq_len + 1}, fewer than one global batch of {self.global_batch} "
-                f"(micro batch {self.batch_size} x {self.world_size} ranks); lower the sequence length or the "
-                "batch size, or use a larger corpus")
+                f"seq_len+1={self.seq_len + 1}, fewer than one optimizer step of {self.step_windows} "
+                f"(micro batch {self.batch_size} x {self.world_size} ranks x {grad_accum} accumulation steps); lower "
+                "the sequence length or the batch size, or use a larger corpus")
         self.epoch = 0
         self.position = 0
         self._order_epoch = -1
@@ -94,13 +99,23 @@ class ContiguousBatchSampler:
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "world_size": self.world_size,
-                "global_batch": self.global_batch, "num_tokens": self.num_tokens}
+                "global_batch": self.global_batch, "num_tokens": self.num_tokens,
+                "windows": self.position * self.global_batch, "step_windows": self.step_windows}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        # Positions saved before the offset existed were counted in micro steps, and their
+        # accumulation was not recorded: it is taken to be this run's, as it was then.
+        state = {"windows": int(state["position"]) * int(state["global_batch"]),
+                 "step_windows": int(state["global_batch"]) * self.grad_accum, **state}
         checks = (("seq_len", "train.seq_len"), ("seed", "train.seed"), ("num_tokens", "data"),
-                  ("global_batch", "train_micro_batch_size_per_gpu x world size"))
+                  ("step_windows", "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size"))
         _check_saved(self, state, checks, "resume with the settings (and corpus) of the saved run, or start a new run")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        windows = int(state["windows"])
+        if windows % self.global_batch:
+            raise ConfigError(f"train_micro_batch_size_per_gpu: the data position ({windows} windows into epoch "
+                              f"{state['epoch']}) is not a whole number of this run's micro steps of "
+                              f"{self.global_batch} windows; resume with the saved run's micro batch")
+        self.epoch, self.position = int(state["epoch"]), windows // self.global_batch
 
 
 def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int,

@@ -48,6 +48,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def token_strings(self) -> List[str]:
+        """One distinct string per id, in id order: how other tools (the Hugging Face export) name
+        the vocabulary. Decoding goes through `decode`, never through these names."""
+        raise NotImplementedError
+
     def _payload(self) -> dict:
         """What defines the ids; hashed into the identity and stored in the JSON file."""
         raise NotImplementedError
@@ -84,6 +89,9 @@ class ByteTokenizer(Tokenizer):
         if ids_N.size and (ids_N.min() < 0 or ids_N.max() > 255):
             raise ValueError("byte tokenizer ids must lie in [0, 255]")
         return ids_N.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def token_strings(self) -> List[str]:
+        return [f"<0x{b:02X}>" for b in range(256)]
 
     def _payload(self) -> dict:
         return {"encoding": "utf-8"}
@@ -125,6 +133,9 @@ class CharTokenizer(Tokenizer):
         if ids_N.size and (ids_N.min() < 0 or ids_N.max() > self.unk_id):
             raise ValueError(f"char tokenizer ids must lie in [0, {self.unk_id}]")
         return "".join(self._symbols[ids_N].tolist())
+
+    def token_strings(self) -> List[str]:
+        return self.chars + ["<unk>"]  # every other name is one character, so "<unk>" is distinct
 
     def _payload(self) -> dict:
         return {"chars": self.chars, "unk_id": self.unk_id}
@@ -170,6 +181,10 @@ class SubwordTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         ids = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
         return self._hf.decode(ids, skip_special_tokens=False)
+
+    def token_strings(self) -> List[str]:
+        by_id = {i: t for t, i in self._hf.get_vocab(with_added_tokens=True).items()}
+        return [by_id[i] for i in range(self.vocab_size)]
 
     def _payload(self) -> dict:
         return {"tokenizer": self.hf_json}

@@ -3,10 +3,11 @@ the routers' losses count. The block kind and the router are separate choices, e
 through moe/registry.py, whose entries also bring the settings of their own (block_config,
 router_config)."""
 
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import ConfigError, check_choice, resolve_settings
+from ..config import IMPLEMENTATION, ConfigError, check_choice, resolve_settings
+from .experts import EXPERT_IMPLEMENTATIONS
 from .losses import LAYER_REDUCTIONS, LossTerm
 from .registry import BLOCKS, ROUTERS
 from .routing import BALANCE_COEF, check_routing
@@ -98,6 +99,11 @@ class MoEConfig:
     block_config: Any = None
     """The block kind's own settings (S2MoEConfig for 's2moe'; 'dense' and 'moe' have none): the
     class or a dict of its fields; None gives its defaults."""
+    expert_impl: str = field(default="loop", metadata=IMPLEMENTATION)
+    """Implementation, not method (a run may resume with the other value): how a routed block
+    computes its local experts. 'loop': DeepSpeed's, one FFN call per expert; 'batched': all of
+    them in one batched matmul per linear layer (moe/experts.py BatchedExperts; the same weights,
+    names and checkpoint files). Both the SMoE baseline and S2MoE take it."""
 
     def __post_init__(self) -> None:
         p = "moe."
@@ -110,6 +116,7 @@ class MoEConfig:
         check_routing(p, self.num_experts, self.k, self.eval_k, self.capacity_factor, self.eval_capacity_factor,
                       self.min_capacity, self.drop_tokens, self.eval_drop_tokens, self.balance_coef)
         check_choice(self.balance_over_layers, p + "balance_over_layers", LAYER_REDUCTIONS)
+        check_choice(self.expert_impl, p + "expert_impl", EXPERT_IMPLEMENTATIONS)
         self.router_config = resolve_settings(self.router_config, ROUTERS[self.router].config, p + "router_config",
                                               f"router {self.router!r}")
         self.block_config = resolve_settings(self.block_config, BLOCKS[self.block].config, p + "block_config",

@@ -1,4 +1,9 @@
-"""The feed-forward network used as an expert, and on every token as the 'dense' block."""
+"""The feed-forward network used as an expert, and on every token as the 'dense' block; and the
+local experts of a MoE layer computed in one batched matmul instead of DeepSpeed's loop.
+
+Shapes: G expert-parallel ranks the tokens came from, L local experts, C capacity per expert,
+D = d_model, H = d_inner, N = G * C tokens per expert.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -27,3 +32,39 @@ class FFN(Block, nn.Module):
 
     def forward_parts(self, hidden_states: torch.Tensor, used_token=None, token_ids=None) -> BlockOutput:
         return BlockOutput(self(hidden_states))
+
+
+EXPERT_IMPLEMENTATIONS = ("loop", "batched")
+
+
+class BatchedExperts(nn.Module):
+    """DeepSpeed's local experts, the same FFN modules, in one batched matmul per linear layer.
+
+    DeepSpeed pads every expert to the same capacity, so the dispatched [G, L, C, D] input is a
+    stack of L equal-sized problems: the experts' weights are stacked at each call (the autograd
+    graph hands each expert its own gradient) and two baddbmm calls replace the loop's 2 * L
+    matmuls, which on a GPU are launch-bound for small experts. The modules stay where DeepSpeed put
+    them (`deepspeed_experts`), so parameter names, the expert parameter groups, expert parallelism
+    and the per-expert checkpoint files are unchanged: a checkpoint of either implementation loads
+    in the other. Dropout draws one mask over the stack instead of one per expert (the same
+    distribution, other random numbers)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.deepspeed_experts = experts.deepspeed_experts
+        self.num_local_experts = experts.num_local_experts
+        if not all(isinstance(e, FFN) for e in self.deepspeed_experts):
+            raise TypeError("BatchedExperts computes FFN experts (moe/experts.py) only")
+
+    def forward(self, x_GLCD: torch.Tensor) -> torch.Tensor:
+        G, L, C, D = x_GLCD.shape
+        experts = self.deepspeed_experts
+        first = experts[0]
+        x_LND = x_GLCD.transpose(0, 1).reshape(L, G * C, D)
+        w1_LDH = torch.stack([e.fc1.weight for e in experts]).transpose(1, 2)
+        b1_L1H = torch.stack([e.fc1.bias for e in experts]).unsqueeze(1)
+        h_LNH = first.dropout(first.activation(torch.baddbmm(b1_L1H, x_LND, w1_LDH)))
+        w2_LHD = torch.stack([e.fc2.weight for e in experts]).transpose(1, 2)
+        b2_L1D = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)
+        y_LND = first.dropout(torch.baddbmm(b2_L1D, h_LNH, w2_LHD))
+        return y_LND.reshape(L, G, C, D).transpose(0, 1)

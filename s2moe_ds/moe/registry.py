@@ -28,8 +28,11 @@ ROUTERS: Dict[str, RouterSpec] = {
 
 def build_block(moe_cfg, kind: str, d_model: int, expert, ep_size: int = 1, context: ModelContext = ModelContext()):
     """A feed-forward block of `kind` ('dense' for the dense layers of a MoE model) with `expert`
-    as its (per-expert) FFN and moe_cfg's router."""
-    return BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda gate: build_router(moe_cfg, gate, context))
+    as its (per-expert) FFN, moe_cfg's router and its implementation of the experts."""
+    block = BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda gate: build_router(moe_cfg, gate, context))
+    if BLOCKS[kind].routed:
+        block.use_expert_impl(moe_cfg.expert_impl)
+    return block
 
 
 def build_router(moe_cfg, deepspeed_gate, context: ModelContext = ModelContext()):

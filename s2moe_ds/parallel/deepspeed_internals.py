@@ -60,6 +60,18 @@ def local_experts(moe: MoE) -> List[nn.Module]:
     return list(moe.deepspeed_moe.experts.deepspeed_experts)
 
 
+def experts_module(moe: MoE) -> nn.Module:
+    """What the dispatch calls on its [ep_size, local experts, capacity, D] input (DeepSpeed's
+    Experts: a loop over `deepspeed_experts`)."""
+    return moe.deepspeed_moe.experts
+
+
+def set_experts_module(moe: MoE, experts: nn.Module) -> None:
+    """Replace it; the new module must keep `deepspeed_experts` (the per-expert state-dict keys and
+    files DeepSpeed writes) and `num_local_experts`."""
+    moe.deepspeed_moe.experts = experts
+
+
 def gate(moe: MoE) -> nn.Module:
     return moe.deepspeed_moe.gate
 

@@ -118,6 +118,35 @@ def check_ds_config(cfg: Dict[str, Any]) -> None:
                           "support bf16; disable it or use fp16 on a GPU")
 
 
+def keep_global_batch(cfg: Dict[str, Any], world_size: int, global_batch: int,
+                      where: str) -> Tuple[Dict[str, Any], Optional[str]]:
+    """(the DeepSpeed config with gradient_accumulation_steps set so that micro batch x steps x
+    world_size is `global_batch`, a line saying what changed or None). A run resumed on fewer
+    or more ranks keeps the optimization it had: the same samples per optimizer step. The micro
+    batch (a memory choice) is the config's; ConfigError when no whole number of steps fits."""
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    if micro is None:
+        total, steps = cfg.get("train_batch_size"), cfg.get("gradient_accumulation_steps", 1)
+        micro = None if total is None else total // (steps * world_size)
+    if not isinstance(micro, int) or micro < 1:
+        raise ConfigError("train_micro_batch_size_per_gpu: a resume on another world size keeps the global batch "
+                          "by changing gradient_accumulation_steps, so the DeepSpeed config must set the micro batch")
+    if global_batch % (micro * world_size):
+        fits = [m for m in range(1, global_batch // world_size + 1) if global_batch % (m * world_size) == 0]
+        raise ConfigError(f"train_micro_batch_size_per_gpu: {where} trained with a global batch of {global_batch}, "
+                          f"which {world_size} ranks with micro batch {micro} cannot make in whole accumulation "
+                          f"steps; set train_micro_batch_size_per_gpu to one of {fits[-4:] or '(none)'} or resume on "
+                          f"a world size that divides {global_batch // micro}")
+    steps = global_batch // (micro * world_size)
+    old = (cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1))
+    new = {**cfg, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": steps,
+           "train_batch_size": global_batch}
+    if old == (micro, steps):
+        return new, None
+    return new, (f"global batch {global_batch} kept on {world_size} ranks: micro batch {micro} x "
+                 f"gradient_accumulation_steps {steps} (the DeepSpeed config said {old[1]})")
+
+
 def initialize(model: torch.nn.Module,
                ds_config: Union[str, os.PathLike, Dict[str, Any]],
                **kwargs) -> Tuple[Any, Any, Any, Any]:

@@ -185,9 +185,10 @@ class ClassificationTask:
                 f"{', '.join(f'{n:,} {s}' for s, n in counts.items())} texts of at most "
                 f"{self.data.identity['max_len']} tokens, pooling {self.head.pooling}")
 
-    def start(self, rank: int, world_size: int, micro_batch: int, seed: int) -> None:
+    def start(self, rank: int, world_size: int, micro_batch: int, seed: int, grad_accum: int = 1) -> None:
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
-        self.sampler = ExampleBatchSampler(len(self.data.splits["train"]), micro_batch, rank, world_size, seed)
+        self.sampler = ExampleBatchSampler(len(self.data.splits["train"]), micro_batch, rank, world_size, seed,
+                                           grad_accum)
         self.last_tokens = 0
 
     def tokens_per_micro_batch(self) -> int:

@@ -70,10 +70,13 @@ class LanguageModelingTask:
         return (f"data {self.corpus.identity.get('dataset')}, {len(self.corpus.splits['train']):,} train tokens, "
                 f"tokenizer {self.identity()['kind']}")
 
-    def start(self, rank: int, world_size: int, micro_batch: int, seed: int) -> None:
+    def start(self, rank: int, world_size: int, micro_batch: int, seed: int, grad_accum: int = 1) -> None:
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
-        sampler = StreamBatchSampler if self.model_cfg.has_memory else ContiguousBatchSampler
-        self.sampler = sampler(self.corpus.splits["train"], self.seq_len, micro_batch, rank, world_size, seed)
+        train = self.corpus.splits["train"]
+        if self.model_cfg.has_memory:  # each micro step reads the next segment of every stream
+            self.sampler = StreamBatchSampler(train, self.seq_len, micro_batch, rank, world_size, seed)
+        else:
+            self.sampler = ContiguousBatchSampler(train, self.seq_len, micro_batch, rank, world_size, seed, grad_accum)
 
     def tokens_per_micro_batch(self) -> int:
         return self.micro_batch * self.seq_len

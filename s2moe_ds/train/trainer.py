@@ -21,7 +21,7 @@ from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, co
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
-from ..parallel import ExpertLayout, check_ds_config, init_distributed, initialize, load_ds_config
+from ..parallel import ExpertLayout, check_ds_config, init_distributed, initialize, keep_global_batch, load_ds_config
 from ..parallel import deepspeed_internals as ds
 from .collectives import all_finite, rank_average
 from .config import ExperimentConfig, TrainConfig
@@ -94,12 +94,19 @@ class Trainer:
         if not train.resume and latest_tag(self.ckpt_dir) is not None:
             raise ConfigError(f"train.out_dir: {train.out_dir} already holds checkpoints; pass --resume to "
                               "continue that run, or choose another --out-dir")
+        batch_note = None
+        if self.relayout and saved.get("global_batch") is not None and saved.get("world_size") != self.world:
+            self.ds_config, batch_note = keep_global_batch(self.ds_config, self.world, saved["global_batch"],
+                                                           f"--resume: {os.path.join(self.ckpt_dir, resume_tag)}")
         self.engine = self._build_engine(resuming=resume_tag is not None)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()
+        self.meta["global_batch"] = self.micro_batch * self.gas * self.world
         if self.rank == 0:
             print(self._describe(), flush=True)
-        self.task.start(self.rank, self.world, self.micro_batch, train.seed)
+            if batch_note:
+                print(batch_note, flush=True)
+        self.task.start(self.rank, self.world, self.micro_batch, train.seed, grad_accum=self.gas)
         torch.manual_seed(train.seed + 1 + self.rank)  # noise and dropout differ across ranks
         if resume_tag is not None and self.relayout:
             state = self._load_on_new_layout(resume_tag, saved)

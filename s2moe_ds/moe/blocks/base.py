@@ -58,6 +58,13 @@ class ExpertBlock(Block):
     def local_experts(self) -> List[nn.Module]:
         return ds.local_experts(self)
 
+    def use_expert_impl(self, impl: str) -> None:
+        """At build time: 'loop' keeps DeepSpeed's experts module, 'batched' wraps the same experts
+        in moe/experts.py's BatchedExperts."""
+        from ..experts import BatchedExperts  # experts.py imports this module
+        if impl == "batched" and not isinstance(ds.experts_module(self), BatchedExperts):
+            ds.set_experts_module(self, BatchedExperts(ds.experts_module(self)))
+
     def register_dispatch_pre_hook(self, hook):
         """hook(module, args) before every dispatch; args[0] is the [T, D] router input."""
         return ds.dispatcher(self).register_forward_pre_hook(hook)
