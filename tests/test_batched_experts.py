@@ -14,7 +14,7 @@ from s2moe_ds.moe.experts import BatchedExperts
 from s2moe_ds.train import model_preset
 
 from .harness import run_distributed
-from .test_pretrain import _ds_config, _experiment, text_file  # noqa: F401 (a fixture)
+from .test_pretrain import TEXT, _ds_config, _experiment
 
 
 def _model(block, router, impl, drop_tokens):
@@ -53,6 +53,13 @@ def test_batched_experts_equal_the_loop(block, router, train, drop_tokens):
 def test_batched_experts_keep_the_parameter_names():
     loop, batched = (build_model(_model("s2moe", "topk", impl, True)) for impl in ("loop", "batched"))
     assert list(loop.state_dict()) == list(batched.state_dict())
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
 
 
 def _train_worker(rank, world_size, text, out_dir, cache, impl, train_kw):
