@@ -81,9 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     common.add_common_args(parser, "bench_overhead.json", warmup=1, reps=7)
     args = parser.parse_args(argv)
-    common.check_positive(parser, args, ["d-model", "d-inner", "experts", "tokens", "k", "reps"])
-    if args.k > args.experts:
-        parser.error(f"--k: must be <= --experts ({args.experts}), got {args.k}")
+    common.check_layer_args(parser, args)
     device, dtype, info = common.start_single_process(args, "S2MoE overhead: noise, InfoNCE, concat and mixing gate")
 
     x_TD, grad_TD = make_inputs(args.tokens, args.d_model, device, dtype, args.seed)

@@ -15,6 +15,7 @@ torch.cuda.max_memory_allocated would show for the step.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -32,10 +33,12 @@ VARIANTS = {  # name -> MoE config overrides
 }
 
 
-def build_model(preset: str, moe: dict, device, dtype, seed: int):
+def build_model(preset: str, moe: dict, device, dtype, seed: int, overrides=None):
     from s2moe_ds.models import build_model as build
     from s2moe_ds.train import model_preset
-    cfg = model_preset(preset, moe=moe)
+    overrides = dict(overrides or {})
+    moe = {**overrides.pop("moe", {}), **moe}
+    cfg = model_preset(preset, **overrides, moe=moe)
     torch.manual_seed(seed)
     model = build(cfg).to(device=device, dtype=dtype)
     common.wire_moe_groups(model)
@@ -65,8 +68,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / seq-len)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the preset's max_seq_len, at most 512)")
+    parser.add_argument("--expert-impl", default="loop", choices=("loop", "batched"),
+                        help="moe.expert_impl of every MoE variant (default: loop, DeepSpeed's)")
+    parser.add_argument("--model-overrides", type=json.loads, default={},
+                        help='JSON of ModelConfig fields laid over every preset, e.g. \'{"d_model": 1024, '
+                             '"moe": {"num_experts": 16}}\' for a GPU-sized model')
     common.add_common_args(parser, "bench_step.json", warmup=2, reps=5)
     args = parser.parse_args(argv)
+    if not isinstance(args.model_overrides, dict):
+        parser.error("--model-overrides: must be a JSON object of ModelConfig fields")
     common.check_positive(parser, args, ["tokens", "seq-len", "reps"])
     if "smoe-k2" not in args.variants:
         parser.error("--variants: must include smoe-k2 (the reference of every ratio)")
@@ -75,47 +85,57 @@ def main(argv=None) -> int:
         if preset not in PRESETS:
             parser.error(f"--presets: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     device, dtype, info = common.start_single_process(args, "Training step (forward, backward, AdamW)")
+    from s2moe_ds.eval.flops import flops_per_token
+    peak = common.peak_tflops(device, args.dtype)
 
     rows, targets = [], []
     for preset in args.presets:
-        max_len = model_preset(preset).max_seq_len
+        base = model_preset(preset, **{k: v for k, v in args.model_overrides.items() if k != "moe"})
+        max_len = base.max_seq_len
         seq_len = min(args.seq_len or min(max_len, 512), max_len)
         batch = max(1, args.tokens // seq_len)
         tokens = batch * seq_len
         g = torch.Generator().manual_seed(args.seed)
-        vocab = model_preset(preset).vocab_size
+        vocab = base.vocab_size
         idx_BT = torch.randint(vocab, (batch, seq_len + 1), generator=g).to(device)
         inputs_BT, targets_BT = idx_BT[:, :-1].contiguous(), idx_BT[:, 1:].contiguous()
         steps, states = {}, {}
         for name in args.variants:
-            cfg, model = build_model(preset, VARIANTS[name], device, dtype, args.seed)
+            moe = VARIANTS[name] if name == "dense" else {**VARIANTS[name], "expert_impl": args.expert_impl}
+            cfg, model = build_model(preset, moe, device, dtype, args.seed, args.model_overrides)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             steps[name] = train_step(model, cfg, optimizer, inputs_BT, targets_BT)
-            states[name] = (model, optimizer)
+            states[name] = (model, optimizer, cfg)
         timings = common.time_interleaved(steps, device, max(args.warmup, 1), args.reps)
         peaks = {} if args.no_memory else {n: common.peak_bytes(s, device) for n, s in steps.items()}
         table = []
         for name in args.variants:
-            model, optimizer = states[name]
+            model, optimizer, cfg = states[name]
             state_bytes = common.tensor_bytes(model.parameters()) + common.optimizer_state_bytes(optimizer)
-            peak = peaks.get(name)
+            step_peak = peaks.get(name)
             ratio = common.paired_ratio(timings, name, "smoe-k2")
             row = {"preset": preset, "variant": name, "batch": batch, "seq_len": seq_len, "tokens": tokens,
                    **common.timing_record(timings[name], tokens), "time_vs_smoe_k2": ratio,
-                   "state_bytes": state_bytes, "step_peak_bytes": peak,
-                   "total_peak_bytes": None if peak is None else state_bytes + peak,
-                   "params": sum(p.numel() for p in model.parameters())}
+                   "state_bytes": state_bytes, "step_peak_bytes": step_peak,
+                   "total_peak_bytes": None if step_peak is None else state_bytes + step_peak,
+                   "params": sum(p.numel() for p in model.parameters()),
+                   **common.throughput(flops_per_token(cfg, seq_len, training=True)["total"], tokens,
+                                       timings[name].median, peak)}
             rows.append(row)
             table.append([preset, name, common.fmt_time(timings[name]), f"{row['tokens_per_s']:,.0f}",
                           f"{ratio['median']:.2f} [{ratio['q1']:.2f}, {ratio['q3']:.2f}]",
-                          common.fmt_mib(state_bytes), common.fmt_mib(peak), common.fmt_mib(row["total_peak_bytes"])])
+                          common.fmt_mib(state_bytes), common.fmt_mib(step_peak), common.fmt_mib(row["total_peak_bytes"]),
+                          f"{row['tflops']:.3f}", "-" if row["mfu"] is None else f"{row['mfu']:.1%}"])
         print(common.markdown_table(["preset", "variant", "ms/step median [IQR]", "tokens/s",
-                                     "time / smoe-k2 [IQR]", "state MiB", "step peak MiB", "total MiB"], table))
+                                     "time / smoe-k2 [IQR]", "state MiB", "step peak MiB", "total MiB",
+                                     "TFLOP/s", "MFU"], table))
         print(f"\n{preset}: batch {batch} x seq {seq_len} = {tokens} tokens/step, {args.dtype}\n", flush=True)
         by = {r["variant"]: r for r in rows if r["preset"] == preset}
         if "s2moe-k1" in by:
+            # Issue 6 asked 1.10 of every preset; issue 16 allows the tiny preset, where the
+            # extras weigh most next to its small experts, 1.15.
             targets.append(common.target(f"{preset}: S2MoE top-1 step time / DeepSpeed MoE top-2",
-                                         by["s2moe-k1"]["time_vs_smoe_k2"]["median"], 1.10,
+                                         by["s2moe-k1"]["time_vs_smoe_k2"]["median"], 1.15 if preset == "tiny" else 1.10,
                                          basis="paired median time ratio"))
             if peaks:
                 targets.append(common.target(

@@ -247,6 +247,29 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+# Dense (no sparsity) peak TFLOP/s by GPU name and dtype, from the vendors' data sheets: MFU's
+# denominator. fp32 matrix work on these GPUs runs as TF32 when torch allows it, else far lower.
+PEAK_TFLOPS = {"H200": {"bf16": 989.4, "fp32": 494.7}, "H100": {"bf16": 989.4, "fp32": 494.7},
+               "A100": {"bf16": 312.0, "fp32": 156.0}}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
+    """The device's dense peak for `dtype` ('bf16', 'fp32'), None where unknown (a CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks.get(dtype)
+    return None
+
+
+def throughput(flops_per_token: float, tokens: int, seconds: float, peak: Optional[float]) -> dict:
+    """Achieved TFLOP/s of `tokens` in `seconds` at `flops_per_token`, and MFU against `peak`."""
+    tflops = flops_per_token * tokens / seconds / 1e12
+    return {"flops_per_token": flops_per_token, "tflops": tflops, "mfu": None if peak is None else tflops / peak}
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, os.getcwd())
                                              if sys.executable.startswith(os.getcwd()) else sys.executable]
@@ -315,6 +338,14 @@ def add_layer_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-inner", type=int, default=2048, help="hidden size of each expert FFN")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per call (before S2MoE's copy)")
+
+
+def check_layer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The layer shape flags positive, and every --k at most --experts."""
+    check_positive(parser, args, ["d-model", "d-inner", "experts", "tokens", "k", "reps"])
+    ks = args.k if isinstance(args.k, list) else [args.k]
+    if max(ks) > args.experts:
+        parser.error(f"--k: every k must be <= --experts ({args.experts}), got {args.k}")
 
 
 def start_single_process(args: argparse.Namespace, title: str):

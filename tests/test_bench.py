@@ -51,8 +51,57 @@ def test_bench_layer(tmp_path, dtype):
         assert row["peak_bytes"] > 0 and row["saved_for_backward_bytes"] > 0
     # Each MoE variant is compared with the dense FFN of its active expert width.
     assert rows["s2moe-k2"]["dense_reference"] == "dense-4x" and rows["dsmoe-k2"]["dense_reference"] == "dense-2x"
-    _assert_targets(record, 5)
+    _assert_targets(record, 7)
     assert "PASS" in stdout or "MISS" in stdout
+
+
+def test_bench_experts(tmp_path):
+    record, stdout = _run("bench_experts", [*LAYER, *FAST], tmp_path)
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert set(rows) == {f"{kind}-{impl}-{mode}" for kind in ("dsmoe", "s2moe") for impl in ("loop", "batched")
+                         for mode in ("train", "eval")}
+    for row in rows.values():
+        _assert_timed(row)
+    assert rows["s2moe-batched-train"]["time_vs_loop"]["median"] > 0
+    _assert_targets(record, 2)
+
+
+def _write_wheel(path, module, version):
+    """A one-module wheel, written by hand (no build tools, no index)."""
+    import zipfile
+    dist = f"{module}-{version}.dist-info"
+    files = {f"{module}.py": '"""A probe the GPU suite installs."""\n',
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """Every step of the GPU suite runs on the CPU at tiny sizes, through the wheel install, and
+    the report holds each step's status and tables."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _write_wheel(wheels / "s2moe_wheel_probe-1.0-py3-none-any.whl", "s2moe_wheel_probe", "1.0")
+    out = tmp_path / "suite"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--dry-run", "--wheels",
+                           str(wheels), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    record = json.loads((out / "gpu_suite.json").read_text())
+    names = [s["name"] for s in record["steps"]]
+    assert names == ["wheels", "tests", "experts-paper-small", "experts-small", "layer", "step-paper-small",
+                     "step-gpu-sized", "inference"]
+    assert all(s["status"] == "ok" for s in record["steps"]) and record["info"]["dry_run"]
+    assert (out / "site" / "s2moe_wheel_probe.py").exists()
+    text = (out / "gpu_suite.md").read_text()
+    assert "DRY RUN" in text and "| step | variant | tokens/s | TFLOP/s | MFU |" in text
+    assert all(f"## {name}" in text for name in names[1:])
+    # Without a GPU and without --dry-run, the suite refuses before running anything.
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--out",
+                              str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--dry-run" in refused.stderr
 
 
 def test_bench_step(tmp_path):

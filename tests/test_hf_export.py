@@ -22,6 +22,8 @@ from s2moe_ds.train import model_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSOLIDATE = os.path.join(ROOT, "launch", "consolidate.py")
+STEPS = 12
+STEP = f"step{STEPS:08d}"
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
 
@@ -50,7 +52,7 @@ def _train_worker(rank, world_size, text, out_dir, cache, backbone):
     from s2moe_ds.train import pretrain
     extra = dict(backbone="txl", backbone_config={"mem_len": 16}) if backbone == "txl" else {}
     model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, moe=dict(num_experts=4), **extra)
-    train = dict(out_dir=out_dir, seq_len=32, max_steps=30, warmup_steps=2, eval_interval=0, save_interval=30)
+    train = dict(out_dir=out_dir, seq_len=32, max_steps=STEPS, warmup_steps=2, eval_interval=0, save_interval=STEPS)
     return pretrain(_experiment(model, world_size, text, cache, **train), _ds_config())
 
 
@@ -73,41 +75,47 @@ def export(request, tmp_path_factory):
 
 
 # Run in a fresh interpreter that imports only transformers: the export must carry what it needs.
+# One interpreter per export loads it with each eval_k.
 _LOAD = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path, text, eval_k, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, text, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, eval_k=eval_k)
 ids = tok(text, return_tensors="pt").input_ids
-with torch.no_grad():
-    logits = model(ids).logits
-out = {"ids": ids[0].tolist(), "logits": logits[0].tolist(), "training": model.training,
-       "decoded": tok.decode(ids[0]), "eos": tok.eos_token_id}
-if n_new:
-    prompt = ids[:, :8]
-    out["generated"] = model.generate(prompt, max_new_tokens=n_new, do_sample=False)[0].tolist()
+out = {"ids": ids[0].tolist(), "decoded": tok.decode(ids[0]), "eos": tok.eos_token_id}
+for eval_k in (1, 2):
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, eval_k=eval_k)
+    with torch.no_grad():
+        logits = model(ids).logits
+    out[eval_k] = {"logits": logits[0].tolist(), "training": model.training}
+    if n_new:
+        out[eval_k]["generated"] = model.generate(ids[:, :8], max_new_tokens=n_new, do_sample=False)[0].tolist()
 json.dump(out, sys.stdout)
 """
 
 
-def _load_in_transformers(path, text, eval_k, n_new=0):
-    done = subprocess.run([sys.executable, "-c", _LOAD, str(path), text, str(eval_k), str(n_new)],
-                          capture_output=True, text=True, env=OFFLINE, timeout=300, cwd=str(path.parent))
+@pytest.fixture(scope="module")
+def loaded(export):
+    """What Transformers gives for the export: ids, decoding, and per eval_k the logits (and for
+    GPT a greedy continuation). Transformer-XL reads its text in 3 segments of 32 with its memory."""
+    run, out, _, _ = export
+    memory = load_model(str(run))[0].cfg.has_memory
+    text = TEXT[: 3 * 32 if memory else 32]
+    done = subprocess.run([sys.executable, "-c", _LOAD, str(out), text, "0" if memory else "12"],
+                          capture_output=True, text=True, env=OFFLINE, timeout=300, cwd=str(out.parent))
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    theirs = json.loads(done.stdout)
+    return text, {**theirs, 1: theirs["1"], 2: theirs["2"]}
 
 
 @pytest.mark.parametrize("eval_k", [1, 2])
-def test_transformers_gives_our_logits(export, eval_k):
-    run, out, _, _ = export
+def test_transformers_gives_our_logits(export, loaded, eval_k):
+    run, _, _, _ = export
+    text, theirs = loaded
     model, _ = load_model(str(run), eval_k=eval_k)
-    tokenizer = load_tokenizer(os.path.join(run, "checkpoints", "step00000030", "tokenizer.json"))
-    # Transformer-XL reads this text in 3 segments of 32 with its memory; GPT takes one segment.
-    text = TEXT[: 3 * 32 if model.cfg.has_memory else 32]
-    theirs = _load_in_transformers(out, text, eval_k, n_new=0 if model.cfg.has_memory else 12)
+    tokenizer = load_tokenizer(os.path.join(run, "checkpoints", STEP, "tokenizer.json"))
     ids = torch.as_tensor(tokenizer.encode(text)).reshape(1, -1)
-    assert theirs["ids"] == ids[0].tolist() and theirs["decoded"] == text and not theirs["training"]
+    assert theirs["ids"] == ids[0].tolist() and theirs["decoded"] == text and not theirs[eval_k]["training"]
     with torch.no_grad():
         if model.cfg.has_memory:
             state, ours = None, []
@@ -118,17 +126,17 @@ def test_transformers_gives_our_logits(export, eval_k):
             ours = torch.cat(ours, dim=1)
         else:
             ours = model(ids).logits
-    assert torch.equal(torch.tensor(theirs["logits"]), ours[0]), (torch.tensor(theirs["logits"]) - ours[0]).abs().max()
-    if "generated" in theirs:
+    got = torch.tensor(theirs[eval_k]["logits"])
+    assert torch.equal(got, ours[0]), (got - ours[0]).abs().max()
+    if "generated" in theirs[eval_k]:
         greedy = model.generate(ids[:, :8], 12, top_k=1)
-        assert theirs["generated"] == greedy[0].tolist()
+        assert theirs[eval_k]["generated"] == greedy[0].tolist()
 
 
-def test_one_and_two_experts_differ(export):
+def test_one_and_two_experts_differ(loaded):
     """eval_k reaches the routers: the two evaluations are not the same function."""
-    run, out, _, _ = export
-    one, two = (_load_in_transformers(out, TEXT[:32], k)["logits"] for k in (1, 2))
-    assert torch.tensor(one).sub(torch.tensor(two)).abs().max() > 1e-4
+    _, theirs = loaded
+    assert torch.tensor(theirs[1]["logits"]).sub(torch.tensor(theirs[2]["logits"])).abs().max() > 1e-4
 
 
 def test_lm_eval_scores_a_local_file(export):
@@ -152,7 +160,7 @@ def test_lm_eval_scores_a_local_file(export):
     # context length (lm_eval's first window starts from the newline that stands for the text's
     # start; ours from the text's first character): near, not identical.
     model, _ = load_model(str(run))
-    tokenizer = load_tokenizer(os.path.join(run, "checkpoints", "step00000030", "tokenizer.json"))
+    tokenizer = load_tokenizer(os.path.join(run, "checkpoints", STEP, "tokenizer.json"))
     ids = torch.as_tensor(tokenizer.encode(corpus.read_text()))
     nll = []
     with torch.no_grad():

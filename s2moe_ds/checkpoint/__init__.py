@@ -6,8 +6,11 @@ from .compat import FORMAT_VERSION, upgrade_meta, upgrade_model_config
 from .consolidate import consolidate, load_global_state, load_model, model_config_for_inference, model_from_state, resolve_checkpoint
 from .safe_load import UnsafeCheckpointError, check_step_folder, load_file
 from . import reshard
-from .store import COMPLETE, LATEST, check_resumable, read_meta, latest_tag, load, load_rank_state, save, step_tag
+from .manifest import MANIFEST, CorruptCheckpointError
+from .store import (COMPLETE, LATEST, CheckpointWriteError, check_resumable, complete_tags, latest_tag, load,
+                    load_rank_state, newest_verified, read_meta, save, step_tag)
 
-__all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "check_resumable", "read_meta", "reshard", "consolidate", "latest_tag", "load",
+__all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "MANIFEST", "CheckpointWriteError", "CorruptCheckpointError",
+           "complete_tags", "newest_verified", "check_resumable", "read_meta", "reshard", "consolidate", "latest_tag", "load",
            "load_global_state", "load_model", "load_rank_state", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "step_tag",
            "upgrade_meta", "upgrade_model_config", "UnsafeCheckpointError", "check_step_folder", "load_file"]

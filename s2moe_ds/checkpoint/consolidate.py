@@ -21,8 +21,13 @@ from ..config import ConfigError
 from ..models import ModelConfig, build_model, model_config_from_dict
 from ..parallel import deepspeed_internals as ds
 from .compat import upgrade_meta
+from . import manifest
 from .safe_load import load_file
-from .store import LATEST, latest_tag
+from .store import LATEST, newest_verified
+
+
+def _has_step_folders(path: str) -> bool:
+    return os.path.isdir(path) and any(d.startswith("step") for d in os.listdir(path))
 
 
 def resolve_checkpoint(path: str, tag: Optional[str] = None) -> str:
@@ -30,8 +35,11 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> str:
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.isfile(os.path.join(candidate, ds.MODEL_STATES)):
             return candidate
-        if os.path.isfile(os.path.join(candidate, LATEST)):
-            return os.path.join(candidate, tag or latest_tag(candidate))
+        if os.path.isfile(os.path.join(candidate, LATEST)) or (tag is None and _has_step_folders(candidate)):
+            chosen = tag or newest_verified(candidate, "--checkpoint")
+            if chosen is None:
+                break
+            return os.path.join(candidate, chosen)
     raise ConfigError(f"--checkpoint: {path} holds no checkpoint (no {ds.MODEL_STATES} nor a '{LATEST}' file); "
                       "pass a run folder, its checkpoints/ folder or a step folder")
 
@@ -39,6 +47,7 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> str:
 def consolidate(path: str, tag: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(fp32 state dict for ep_size 1, the checkpoint's client state in the current format)."""
     step_dir = resolve_checkpoint(path, tag)
+    manifest.verify(step_dir)
     states = load_file(os.path.join(step_dir, ds.MODEL_STATES))
     merged = dict(states["module"])
     for f in sorted(glob.glob(os.path.join(step_dir, ds.EXPERT_STATES_GLOB))):

@@ -6,12 +6,16 @@ Layout under <out_dir>/checkpoints/:
         state_rank<r>.pt    each rank's own task state, where the task has one (a backbone's memory)
         meta.json           format, layout, model config and tokenizer a resume must match
         tokenizer.json      the run's tokenizer
+        MANIFEST.json       size and SHA-256 of every file above (manifest.py)
         COMPLETE            written last, after every rank finished writing
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
 A run killed while saving leaves a folder without COMPLETE and `latest` still naming the previous
 checkpoint, which stays on disk: older checkpoints are pruned only after a newer one is complete.
-`latest` has DeepSpeed's own format, so `engine.load_checkpoint(dir)` finds it too.
+A write that fails on any rank (a full disk) stops every rank with the path, and the folder is
+removed. `latest` has DeepSpeed's own format, so `engine.load_checkpoint(dir)` finds it too; a
+resume does not trust it blindly: it takes the newest complete step folder whose files match
+their manifest, and says which newer ones it skipped and why.
 """
 
 import json
@@ -29,6 +33,7 @@ from ..config import ConfigError, without_implementation_fields
 from ..fileio import atomic_write_text
 from ..models import model_config_from_dict
 from ..parallel import deepspeed_internals as ds
+from . import manifest
 from .compat import upgrade_meta
 from .safe_load import check_step_folder, load_file
 
@@ -73,8 +78,81 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
         tag = f.read().strip()
     if not os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
         raise ConfigError(f"{path} names {tag!r}, which is not a complete checkpoint (no {COMPLETE} file); "
-                          "point it at a complete step folder or remove it to start afresh")
+                          "--resume (and evaluate, consolidate) take the newest complete step folder that "
+                          "verifies instead; delete nothing")
     return tag
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed on some rank (a full disk, a lost mount): raised on every rank."""
+
+
+def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str) -> None:
+    """A collective: every rank learns whether any rank's writes failed; then all raise together
+    (none is left waiting in the next barrier), after rank 0 removed the incomplete folder."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if not bad:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(step_dir, ignore_errors=True)
+    previous = None
+    try:
+        previous = latest_tag(ckpt_dir)
+    except ConfigError:
+        pass
+    kept = f"the previous checkpoint {os.path.join(ckpt_dir, previous)} and '{LATEST}' are unchanged" if previous \
+        else "no earlier checkpoint exists"
+    rank, why = bad[0]
+    raise CheckpointWriteError(f"checkpoint {step_dir}: writing failed on rank {rank}: {why}; {kept}. Free space "
+                               f"on {ckpt_dir}'s file system (or point --out-dir elsewhere) and resume")
+
+
+def complete_tags(ckpt_dir: str) -> List[str]:
+    """Step folders with COMPLETE, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((d for d in os.listdir(ckpt_dir)
+                   if d.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, d, COMPLETE))), reverse=True)
+
+
+def newest_verified(ckpt_dir: str, what: str = "--resume") -> Optional[str]:
+    """The newest complete step folder whose files match its manifest (None: no complete one).
+    Newer folders that fail, and a `latest` that names something else, are reported on rank 0
+    and skipped; when every complete folder fails, ConfigError lists why. With a process group,
+    the ranks verify their shares of each folder's files in parallel."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    skipped = []
+    pointer = os.path.join(ckpt_dir, LATEST)
+    named = None
+    if os.path.isfile(pointer):
+        with open(pointer, errors="replace") as f:
+            named = f.read().strip()
+    tags = complete_tags(ckpt_dir)
+    if named is not None and tags and named != tags[0]:
+        skipped.append(f"'{pointer}' names {named[:40]!r}, not the newest complete step folder {tags[0]}")
+    chosen = None
+    for tag in tags:
+        found = manifest.problems(os.path.join(ckpt_dir, tag), rank, world)
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, found)
+            found = [p for part in everyone for p in part]
+        if not found:
+            chosen = tag
+            break
+        skipped.append(f"{tag}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    if chosen is None and tags:
+        raise manifest.CorruptCheckpointError(
+            f"{what}: no step folder of {ckpt_dir} matches its manifest: {'; '.join(skipped)}; restore the files "
+            "or use another copy of the run")
+    if skipped and rank == 0:
+        for line in skipped:
+            print(f"{what}: skipped {line}", flush=True)
+        if chosen is not None:
+            print(f"{what}: using {os.path.join(ckpt_dir, chosen)}, the newest checkpoint that verifies", flush=True)
+    return chosen
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int, tokenizer=None,
@@ -90,24 +168,43 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     rank = dist.get_rank()
     step_dir = os.path.join(ckpt_dir, tag)
     if rank == 0:
-        # A folder of this tag left by a run killed mid-save is incomplete: start it clean.
-        if os.path.isdir(step_dir) and not os.path.isfile(os.path.join(step_dir, COMPLETE)):
+        # A folder of this tag is left by a run killed mid-save, or by one that got further before
+        # its resume fell back to an earlier step: start it clean.
+        if os.path.isdir(step_dir):
             shutil.rmtree(step_dir)
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
-    if rank_state is not None:
-        torch.save(rank_state, os.path.join(step_dir, f"state_rank{rank}.pt"))
-    if rank == 0:
-        if tokenizer is not None:
-            tokenizer.save(os.path.join(step_dir, TOKENIZER))
-        atomic_write_text(os.path.join(step_dir, META), json.dumps(meta or {}, indent=1, sort_keys=True))
-    dist.barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
+        if rank_state is not None:
+            torch.save(rank_state, os.path.join(step_dir, f"state_rank{rank}.pt"))
+        if rank == 0:
+            if tokenizer is not None:
+                tokenizer.save(os.path.join(step_dir, TOKENIZER))
+            atomic_write_text(os.path.join(step_dir, META), json.dumps(meta or {}, indent=1, sort_keys=True))
+    except (OSError, RuntimeError) as e:  # C++ writers report a full disk as RuntimeError
+        failure = f"{type(e).__name__}: {e}"
+    _all_ranks_wrote(failure, step_dir, ckpt_dir)
     if before_commit is not None:
         before_commit(step_dir)
         # Rank 0 commits only once every rank's hook has run: a hook that raises on another rank
         # must leave the checkpoint incomplete there too.
         dist.barrier()
+    # Each rank hashes its share of the files; rank 0 writes the manifest before COMPLETE.
+    failure, mine = None, {}
+    try:
+        mine = manifest.digests(step_dir, (COMPLETE,), rank, dist.get_world_size())
+    except OSError as e:
+        failure = f"{type(e).__name__}: {e}"
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    if rank == 0 and failure is None:
+        try:
+            manifest.write_manifest(step_dir, {k: v for share in shares for k, v in share.items()})
+        except OSError as e:
+            failure = f"{type(e).__name__}: {e}"
+    _all_ranks_wrote(failure, step_dir, ckpt_dir)
     if rank == 0:
         atomic_write_text(os.path.join(step_dir, COMPLETE), f"{step}\n")
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
@@ -155,7 +252,7 @@ def check_resumable(ckpt_dir: str, expect: Dict[str, Any], relayout_refusal: Opt
     `relayout_refusal` None). Reads only small files, so every rank can call it before any compute;
     a mismatch is refused with the reason. None: no checkpoint yet. Checkpoints of an earlier
     format are compared as this version would have written them."""
-    tag = latest_tag(ckpt_dir)
+    tag = newest_verified(ckpt_dir)
     if tag is None:
         return None
     where = os.path.join(ckpt_dir, tag)

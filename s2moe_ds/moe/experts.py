@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel import deepspeed_internals as ds
 from .blocks.base import Block, BlockOutput
 
 
@@ -44,21 +45,20 @@ class BatchedExperts(nn.Module):
     stack of L equal-sized problems: the experts' weights are stacked at each call (the autograd
     graph hands each expert its own gradient) and two baddbmm calls replace the loop's 2 * L
     matmuls, which on a GPU are launch-bound for small experts. The modules stay where DeepSpeed put
-    them (`deepspeed_experts`), so parameter names, the expert parameter groups, expert parallelism
+    them (DeepSpeed's attribute, adopted), so parameter names, the expert parameter groups, expert parallelism
     and the per-expert checkpoint files are unchanged: a checkpoint of either implementation loads
     in the other. Dropout draws one mask over the stack instead of one per expert (the same
     distribution, other random numbers)."""
 
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
-        self.deepspeed_experts = experts.deepspeed_experts
-        self.num_local_experts = experts.num_local_experts
-        if not all(isinstance(e, FFN) for e in self.deepspeed_experts):
+        ds.adopt_local_experts(self, experts)
+        if not all(isinstance(e, FFN) for e in ds.expert_modules(self)):
             raise TypeError("BatchedExperts computes FFN experts (moe/experts.py) only")
 
     def forward(self, x_GLCD: torch.Tensor) -> torch.Tensor:
         G, L, C, D = x_GLCD.shape
-        experts = self.deepspeed_experts
+        experts = ds.expert_modules(self)
         first = experts[0]
         x_LND = x_GLCD.transpose(0, 1).reshape(L, G * C, D)
         w1_LDH = torch.stack([e.fc1.weight for e in experts]).transpose(1, 2)

@@ -66,6 +66,18 @@ def experts_module(moe: MoE) -> nn.Module:
     return moe.deepspeed_moe.experts
 
 
+def adopt_local_experts(new: nn.Module, experts: nn.Module) -> None:
+    """Give `new` the expert modules of DeepSpeed's Experts `experts` under DeepSpeed's attribute
+    name, so that the state-dict keys, expert parameter groups and per-expert files stay the same."""
+    new.deepspeed_experts = experts.deepspeed_experts
+    new.num_local_experts = experts.num_local_experts
+
+
+def expert_modules(experts: nn.Module) -> nn.ModuleList:
+    """The local expert modules of an experts module (DeepSpeed's or one that adopted them)."""
+    return experts.deepspeed_experts
+
+
 def set_experts_module(moe: MoE, experts: nn.Module) -> None:
     """Replace it; the new module must keep `deepspeed_experts` (the per-expert state-dict keys and
     files DeepSpeed writes) and `num_local_experts`."""

@@ -16,7 +16,7 @@ from typing import Any, Dict, Sequence
 import deepspeed.comm as dist
 import torch
 
-from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, consolidate, latest_tag, load,
+from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, complete_tags, consolidate, load,
                           load_global_state, load_rank_state, read_meta, reshard, save)
 from ..config import ConfigError
 from ..fileio import atomic_write_text
@@ -26,6 +26,7 @@ from ..parallel import deepspeed_internals as ds
 from .collectives import all_finite, rank_average
 from .config import ExperimentConfig, TrainConfig
 from .hooks import TrainerHook, TrainingStepSchedule
+from .lock import RunLock
 from .monitor import Monitor, layer_values, rank_averaged_keys
 from .signals import REQUEUE_MARKER, StopRequest
 from .tasks import LanguageModelingTask
@@ -69,6 +70,7 @@ class Trainer:
         self.step = 0
         self.losses = []
         self.final: Dict[str, Any] = {"stopped_by": None}
+        self.lock = RunLock()
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -80,6 +82,7 @@ class Trainer:
         init_distributed(expected_world_size=train.expect_world_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         exp.check_world(self.world)
+        self.lock.acquire(train.out_dir)
         self.task.prepare()
         self.model_cfg = self.task.configure_model(exp.model)
         self.ds_config = lr_schedule(ds_config, train)
@@ -91,7 +94,7 @@ class Trainer:
         resume_tag = check_resumable(self.ckpt_dir, self.meta, self._relayout_refusal()) if train.resume else None
         saved = read_meta(os.path.join(self.ckpt_dir, resume_tag)) if resume_tag is not None else {}
         self.relayout = bool(saved) and (saved.get("world_size"), saved.get("ep_size")) != (self.world, exp.parallel.ep_size)
-        if not train.resume and latest_tag(self.ckpt_dir) is not None:
+        if not train.resume and complete_tags(self.ckpt_dir):
             raise ConfigError(f"train.out_dir: {train.out_dir} already holds checkpoints; pass --resume to "
                               "continue that run, or choose another --out-dir")
         batch_note = None
@@ -194,7 +197,13 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         """Train to max_steps (or stop_after, or a stop signal); the final metrics."""
-        self.setup()
+        try:
+            self.setup()
+            return self._train()
+        finally:
+            self.lock.release()  # the process may go on (tests, notebooks) and start another run here
+
+    def _train(self) -> Dict[str, Any]:
         train = self.train_cfg
         end = train.max_steps if train.stop_after is None else min(train.stop_after, train.max_steps)
         self.engine.train()
