@@ -21,8 +21,12 @@ def main(argv=None) -> int:
         return 2
     prompt_ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long).reshape(1, -1)
     if prompt_ids.numel() == 0:
-        print("error: --prompt encodes to no tokens", file=sys.stderr)
+        print("error: --prompt: encodes to no tokens; give a non-empty prompt", file=sys.stderr)
         return 2
+    unknown = sorted({c for c in args.prompt if tokenizer.decode(tokenizer.encode(c)) != c})
+    if unknown:
+        print(f"warning: --prompt: {', '.join(map(repr, unknown))} not in the tokenizer's vocabulary; the model "
+              "reads them as its unknown symbol (shown as U+FFFD)", file=sys.stderr)
     g = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
         out = model.generate(prompt_ids, args.max_new_tokens, args.temperature, args.top_k, generator=g)

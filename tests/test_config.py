@@ -97,3 +97,33 @@ def test_presets_take_overrides_and_a_new_block_kind_starts_from_its_own_default
         preset("tiny", {"model": {"moe": {"block": "moe", "block_config": {"noise_scale": 0.5}}}})
     with pytest.raises(ConfigError, match=r"preset: must be one of 'tiny', 'paper-small'"):
         preset("huge")
+
+
+ZERO2 = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"train_micro_batch_size_per_gpu": "16"}, "train_micro_batch_size_per_gpu: must be a positive integer"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps: must be a positive integer"),
+    ({"gradient_clipping": "1.0"}, "gradient_clipping: must be a number >= 0"),
+    ({"optimizer": {"type": "Adamm", "params": {"lr": 1e-3}}}, "optimizer.type: 'Adamm' is not an optimizer"),
+    ({"train_micro_batch_size_per_gpu": None}, "train_micro_batch_size_per_gpu: the DeepSpeed config sets neither"),
+])
+def test_deepspeed_config_mistakes_are_named_before_deepspeed_sees_them(change, field):
+    """Each of these used to die inside deepspeed.initialize with a traceback, after the data was prepared."""
+    from s2moe_ds.parallel import check_ds_config
+    cfg = {k: v for k, v in {**ZERO2, **change}.items() if v is not None}
+    with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(".", r"\.")):
+        check_ds_config(cfg)
+    check_ds_config(ZERO2)
+
+
+def test_an_inconsistent_train_batch_size_is_named_with_the_world_size():
+    from s2moe_ds.parallel import check_ds_batch
+    with pytest.raises(ConfigError, match=r"train_batch_size: 48 is not .* 16 x .* 1 x 2 ranks = 32"):
+        check_ds_batch({**ZERO2, "train_batch_size": 48}, 2)
+    with pytest.raises(ConfigError, match=r"train_batch_size: 44 is not a multiple of gradient_accumulation_steps 1 x 3"):
+        check_ds_batch({"train_batch_size": 44, "gradient_accumulation_steps": 1}, 3)
+    check_ds_batch({**ZERO2, "train_batch_size": 32}, 2)
+    check_ds_batch({"train_batch_size": 44, "gradient_accumulation_steps": 1}, 2)

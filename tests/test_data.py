@@ -334,3 +334,24 @@ def test_offline_hub_failure_with_the_real_library(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=120)
     assert out.stdout.startswith("data.dataset: 'text8'"), out.stdout + out.stderr
     assert "nor found in the Hugging Face cache" in out.stdout and "raw text8 file" in out.stdout
+
+
+def test_files_that_are_not_utf8_text_or_not_files_are_named(tmp_path):
+    """A latin-1 file (or a binary one) used to train silently on U+FFFD; a folder named *.txt
+    inside --path, and --out-dir / --cache-dir naming a file, gave tracebacks."""
+    from s2moe_ds.train import TrainConfig
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(("caf\u00e9 " * 2000).encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        prepare_corpus(_cfg(tmp_path, dataset="path", path=str(latin)))
+    folder = tmp_path / "corpus"
+    (folder / "notes.txt").mkdir(parents=True)
+    (folder / "a.txt").write_text(TEXT)
+    corpus = prepare_corpus(_cfg(tmp_path, dataset="path", path=str(folder)))
+    assert sum(len(s) for s in corpus.splits.values()) > 0
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=r"data\.cache_dir: .*a_file is a file"):
+        DataConfig(cache_dir=str(a_file))
+    with pytest.raises(ConfigError, match=r"train\.out_dir: .*a_file is a file"):
+        TrainConfig(out_dir=str(a_file))

@@ -164,6 +164,18 @@ def test_cli_errors_name_the_field_before_any_compute(args, message):
     assert message in result.stderr
 
 
+def test_a_deepspeed_config_mistake_is_named_before_the_data_is_read(text_file, tmp_path):
+    with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
+        cfg = json.load(f)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**cfg, "train_micro_batch_size_per_gpu": "16"}))
+    result = _cli("--deepspeed_config", str(bad), "--dataset", "path", "--path", text_file, "--cache-dir",
+                  str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 2 and "train_micro_batch_size_per_gpu: must be a positive integer, got '16'" \
+        in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "cache").exists()
+
+
 def _deepspeed_launch(config, text_file, tmp_path, out, *flags, timeout=600):
     """launch/pretrain.py under the deepspeed launcher: 2 CPU ranks, ep_size 2, a local text file."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
@@ -256,6 +268,13 @@ def test_generate_samples_from_a_checkpoint(text_file, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval_k=1" in result.stdout and "it was" in result.stdout
+    # A prompt shorter than DeepSpeed's min_capacity, with a character the tokenizer lacks: it
+    # samples, and says what it could not read.
+    short = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--checkpoint", out,
+                            "--prompt", "i\u00fc", "--max-new-tokens", "5", "--eval-k", "2"], capture_output=True,
+                           text=True, timeout=300)
+    assert short.returncode == 0, short.stderr[-3000:]
+    assert "'\u00fc' not in the tokenizer's vocabulary" in short.stderr and "eval_k=2" in short.stdout
 
 
 def _relayout_worker(rank, world_size, text, out_dir, cache):

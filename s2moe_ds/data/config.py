@@ -53,6 +53,8 @@ class DataConfig:
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             fail("data.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
+        if os.path.isfile(self.cache_dir):
+            fail("data.cache_dir", f"{self.cache_dir} is a file; name a folder (it is created if missing)")
 
     def _check_split(self) -> None:
         split = self.split

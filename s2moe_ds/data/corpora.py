@@ -96,8 +96,14 @@ def _folder_stamp(folder: str) -> List[Dict[str, object]]:
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return f.read()
+    """The file as UTF-8; anything else is refused rather than trained on as U+FFFD."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "convert it (e.g. iconv -f latin1 -t utf-8) or give a UTF-8 file") from None
 
 
 def _read_bytes(path: str) -> bytes:
@@ -201,7 +207,7 @@ def locate(cfg: DataConfig) -> CorpusSource:
     if cfg.dataset == "path":
         path = cfg.path
         if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.txt")))
+            files = sorted(p for p in glob.glob(os.path.join(path, "*.txt")) if os.path.isfile(p))
             read_all = lambda: "\n".join(_read_text(p) for p in files)  # noqa: E731
         else:
             files = [path]

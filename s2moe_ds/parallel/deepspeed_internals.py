@@ -66,6 +66,12 @@ def experts_module(moe: MoE) -> nn.Module:
     return moe.deepspeed_moe.experts
 
 
+def optimizer_names() -> List[str]:
+    """The optimizer types a DeepSpeed config may name (DeepSpeed's own, lower case)."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    return list(DEEPSPEED_OPTIMIZERS)
+
+
 def adopt_local_experts(new: nn.Module, experts: nn.Module) -> None:
     """Give `new` the expert modules of DeepSpeed's Experts `experts` under DeepSpeed's attribute
     name, so that the state-dict keys, expert parameter groups and per-expert files stay the same."""

@@ -110,6 +110,17 @@ def check_ds_config(cfg: Dict[str, Any]) -> None:
             "zero_optimization.offload_optimizer {\"device\": \"cpu\"}.")
     if stage not in (0, 1, 2):
         raise ConfigError(f"zero_optimization.stage: must be 0, 1 or 2, got {stage!r}")
+    _check_batch_fields(cfg)
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"gradient_clipping: must be a number >= 0 (0 turns clipping off), got {clip!r}")
+    opt = cfg.get("optimizer")
+    if opt is not None:
+        kind = opt.get("type") if isinstance(opt, dict) else None
+        known = ds.optimizer_names()
+        if not isinstance(kind, str) or (kind.lower() not in known and not hasattr(torch.optim, kind)):
+            raise ConfigError(f"optimizer.type: {kind!r} is not an optimizer DeepSpeed knows; use one of "
+                              f"{', '.join(known)} (or a torch.optim class name), e.g. \"AdamW\"")
     if (cfg.get("fp16") or {}).get("enabled", False) and get_accelerator().device_name() == "cpu":
         raise ConfigError("fp16.enabled: fp16 is not supported on the CPU accelerator; "
                           "use \"bf16\": {\"enabled\": true} or fp32")
@@ -145,6 +156,38 @@ def keep_global_batch(cfg: Dict[str, Any], world_size: int, global_batch: int,
         return new, None
     return new, (f"global batch {global_batch} kept on {world_size} ranks: micro batch {micro} x "
                  f"gradient_accumulation_steps {steps} (the DeepSpeed config said {old[1]})")
+
+
+BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def _check_batch_fields(cfg: Dict[str, Any]) -> None:
+    for key in BATCH_FIELDS:
+        value = cfg.get(key)
+        if key in cfg and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    if "train_micro_batch_size_per_gpu" not in cfg and "train_batch_size" not in cfg:
+        raise ConfigError("train_micro_batch_size_per_gpu: the DeepSpeed config sets neither it nor train_batch_size; "
+                          "set the per-rank micro batch, e.g. \"train_micro_batch_size_per_gpu\": 16")
+
+
+def check_ds_batch(cfg: Dict[str, Any], world_size: int) -> None:
+    """The batch fields agree with each other on `world_size` ranks (DeepSpeed asserts this only
+    inside initialize, after the data is prepared)."""
+    micro, steps, total = (cfg.get(k) for k in BATCH_FIELDS)
+    if total is None:
+        return
+    if micro is not None and steps is not None and total != micro * steps * world_size:
+        raise ConfigError(f"train_batch_size: {total} is not train_micro_batch_size_per_gpu {micro} x "
+                          f"gradient_accumulation_steps {steps} x {world_size} ranks = {micro * steps * world_size}; "
+                          "set two of the three (or make the product agree)")
+    per_rank = micro if micro is not None else steps
+    if per_rank is not None and total % (per_rank * world_size):
+        name = "train_micro_batch_size_per_gpu" if micro is not None else "gradient_accumulation_steps"
+        raise ConfigError(f"train_batch_size: {total} is not a multiple of {name} {per_rank} x {world_size} ranks; "
+                          "choose values whose product it is")
+    if micro is None and steps is None and total % world_size:
+        raise ConfigError(f"train_batch_size: {total} does not split over {world_size} ranks")
 
 
 def initialize(model: torch.nn.Module,

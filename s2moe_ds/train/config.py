@@ -1,5 +1,6 @@
 """The training loop's own settings, and the experiment config that joins every part of a run."""
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
@@ -52,6 +53,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p = "train."
         require(isinstance(self.out_dir, str) and self.out_dir != "", p + "out_dir", "must be a folder path")
+        require(not os.path.isfile(self.out_dir), p + "out_dir",
+                f"{self.out_dir} is a file; name a folder (it is created if missing)")
         check_int(self.max_steps, p + "max_steps", 1)
         check_int(self.seq_len, p + "seq_len", 1)
         if self.lr is not None:

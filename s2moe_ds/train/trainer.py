@@ -21,7 +21,7 @@ from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, co
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
-from ..parallel import ExpertLayout, check_ds_config, init_distributed, initialize, keep_global_batch, load_ds_config
+from ..parallel import ExpertLayout, check_ds_batch, check_ds_config, init_distributed, initialize, keep_global_batch, load_ds_config
 from ..parallel import deepspeed_internals as ds
 from .collectives import all_finite, rank_average
 from .config import ExperimentConfig, TrainConfig
@@ -51,9 +51,10 @@ def lr_schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]
     sched = cfg.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
     params = sched.setdefault("params", {})
     if sched["type"] == "WarmupCosineLR":
-        params.setdefault("warmup_num_steps", train.warmup_steps)
+        # DeepSpeed's schedule needs a positive warmup: no warmup is one step that starts at the full rate.
+        params.setdefault("warmup_num_steps", max(train.warmup_steps, 1))
         params.setdefault("warmup_type", "linear")
-        params.setdefault("warmup_min_ratio", 0.0)
+        params.setdefault("warmup_min_ratio", 0.0 if train.warmup_steps else 1.0)
         params.setdefault("cos_min_ratio", train.min_lr_ratio)
         params["total_num_steps"] = train.max_steps
     return cfg
@@ -82,6 +83,7 @@ class Trainer:
         init_distributed(expected_world_size=train.expect_world_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         exp.check_world(self.world)
+        check_ds_batch(ds_config, self.world)
         self.lock.acquire(train.out_dir)
         self.task.prepare()
         self.model_cfg = self.task.configure_model(exp.model)
