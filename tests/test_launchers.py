@@ -122,3 +122,15 @@ def test_mpirun_discovery_uses_master_port():
 def test_mpirun(tmp_path):
     cmd, env = _mpirun(free_port())
     _check_two_rank_run(tmp_path, _run([*cmd, sys.executable, *_args(tmp_path)], env))
+
+
+def test_a_world_size_without_a_rendezvous_is_refused(tmp_path):
+    """WORLD_SIZE=2 with no MASTER_ADDR: DeepSpeed's MPI discovery starts a world of one and
+    rewrote WORLD_SIZE to match, so the process trained alone with status 0; now it stops."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK="0")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    result = _run([sys.executable, *_args(tmp_path)], env, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the launcher asks for 2 processes but the process group has 1" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

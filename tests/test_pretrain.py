@@ -176,7 +176,7 @@ def test_a_deepspeed_config_mistake_is_named_before_the_data_is_read(text_file, 
     assert not (tmp_path / "cache").exists()
 
 
-def _deepspeed_launch(config, text_file, tmp_path, out, *flags, timeout=600):
+def _deepspeed_launch(config, text_file, tmp_path, out, *flags, timeout=600, expect=0):
     """launch/pretrain.py under the deepspeed launcher: 2 CPU ranks, ep_size 2, a local text file."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
            str(free_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
@@ -184,8 +184,19 @@ def _deepspeed_launch(config, text_file, tmp_path, out, *flags, timeout=600):
            "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--seq-len", "32", *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def test_a_data_error_on_rank_0_stops_every_rank_with_status_2(tmp_path):
+    """Rank 0 prepares the corpus while the others wait; its error used to leave them to the
+    launcher, which reported status 1 or 2 depending on who died first."""
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(("caf\u00e9 au lait " * 3000).encode("latin-1"))
+    result = _deepspeed_launch("zero2.json", str(latin), tmp_path, tmp_path / "run", "--max-steps", "2",
+                               timeout=300, expect=2)
+    out = result.stdout + result.stderr
+    assert out.count("is not UTF-8 text") >= 2, out[-3000:]  # every rank names the file
 
 
 def test_deepspeed_launcher_end_to_end(text_file, tmp_path):

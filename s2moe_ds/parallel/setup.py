@@ -45,6 +45,9 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
     asked for: a launcher that does not pass ranks on (srun without MPI, a mismatched MPI) starts
     independent singletons, which would each train alone and overwrite each other's checkpoints.
     """
+    # Read before DeepSpeed starts: its MPI discovery (no MASTER_ADDR) rewrites WORLD_SIZE to the
+    # size it found, which would then always agree.
+    asked = launcher_world_size()
     if not deepspeed.comm.is_initialized():
         if get_accelerator().device_name() == "cpu":
             ds.skip_shm_comm_build()  # training never uses the extension it would build
@@ -63,7 +66,7 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
             # barrier) come before that, and NCCL would otherwise guess the device.
             accel.set_device(int(os.environ["LOCAL_RANK"]))
     world = deepspeed.comm.get_world_size()
-    for source, wanted in (("--expect-world-size", expected_world_size), ("the launcher", launcher_world_size())):
+    for source, wanted in (("--expect-world-size", expected_world_size), ("the launcher", asked)):
         if wanted is not None and wanted != world:
             raise ConfigError(
                 f"world size: {source} asks for {wanted} processes but the process group has {world}. "

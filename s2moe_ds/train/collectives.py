@@ -7,13 +7,27 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from ..config import ConfigError
+
 
 def rank_zero_first(load):
     """load() on rank 0, then on the others once it is done: rank 0 fills a cache (tokenized
-    splits, a hub download) that the others then only read. Collective."""
+    splits, a hub download) that the others then only read. Collective. When rank 0's load fails,
+    every rank raises (a ConfigError as a ConfigError, so every rank exits with status 2), instead
+    of the others waiting until the launcher kills them."""
+    failure, value = None, None
     if dist.get_rank() == 0:
-        value = load()
-    dist.barrier()
+        try:
+            value = load()
+        except Exception as e:
+            failure = e
+    shared = [None if failure is None else (isinstance(failure, ConfigError), str(failure))]
+    dist.broadcast_object_list(shared, src=0)
+    if failure is not None:
+        raise failure
+    if shared[0] is not None:
+        is_config, message = shared[0]
+        raise (ConfigError if is_config else RuntimeError)(message if is_config else f"rank 0 failed: {message}")
     if dist.get_rank() != 0:
         value = load()
     return value
