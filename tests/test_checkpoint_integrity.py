@@ -6,6 +6,7 @@ previous checkpoint and `latest`."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,10 +71,20 @@ def _flip_a_byte(ckpt):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage,named", [(_truncate_expert, "expert_"), (_drop_rng, "rng_rank1.pt: missing"),
-                                          (_flip_a_byte, "SHA-256")], ids=["truncated", "missing", "altered"])
-def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(runs, tmp_path, capfd, damage, named):
+@pytest.mark.parametrize("damage,named", [(_truncate_expert, "bytes, the manifest says"),
+                                          (_drop_rng, "rng_rank1.pt: missing"), (_flip_a_byte, "SHA-256")],
+                         ids=["truncated", "missing", "altered"])
+def test_each_kind_of_damage_is_found_and_named(runs, tmp_path, damage, named):
+    root, _ = runs
+    run = _damaged_copy(root, tmp_path, damage)
+    with pytest.raises(Exception, match=r"step00000006 is damaged: .*" + re.escape(named)):
+        consolidate(str(run / "checkpoints" / "step00000006"))
+    assert consolidate(str(run))[1]["step"] == 3  # the run folder: the newest step that verifies
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(runs, tmp_path, capfd):
     root, straight = runs
+    damage, named = _truncate_expert, "bytes, the manifest says"
     run = _damaged_copy(root, tmp_path, damage)
     resumed = _resume(root, run)
     out = capfd.readouterr().out

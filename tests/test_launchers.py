@@ -24,7 +24,7 @@ TIMEOUT = 300
 # ZeRO-2, ep_size 2 on 2 ranks: rank 0 saves experts 0-1 and rank 1 experts 2-3 of each MoE layer;
 # each data-parallel rank saves its optimizer shard and its RNG state.
 CHECKPOINT_FILES = sorted(
-    ["COMPLETE", "meta.json", "tokenizer.json", "mp_rank_00_model_states.pt"]
+    ["COMPLETE", "MANIFEST.json", "meta.json", "tokenizer.json", "mp_rank_00_model_states.pt"]
     + [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)]
     + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)] + [f"rng_rank{r}.pt" for r in range(2)])
 

@@ -2,6 +2,7 @@
 entry point (resume on 2 ranks, evaluate, generate, consolidate, fine-tune), the code never runs,
 and the error names the file; every file we write loads under the allowlist."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -9,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from s2moe_ds.checkpoint import UnsafeCheckpointError, check_step_folder, consolidate, load_file
+from s2moe_ds.checkpoint import MANIFEST, UnsafeCheckpointError, check_step_folder, consolidate, load_file
+from s2moe_ds.checkpoint.manifest import file_digest
 
 from .harness import run_distributed
 from .test_pretrain import TEXT, _ds_config, _experiment
@@ -55,6 +57,10 @@ def _poisoned(run, tmp_path, name):
     original = torch.load(path, weights_only=False)
     torch.save({**original, "extra": Payload(str(tmp_path / "PWNED"))} if isinstance(original, dict)
                else Payload(str(tmp_path / "PWNED")), path)
+    # A crafted checkpoint comes with a manifest that matches it: the pickle check must refuse it.
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"][name] = file_digest(str(path))
+    (step / MANIFEST).write_text(json.dumps(manifest))
     return copy, step, path
 
 
