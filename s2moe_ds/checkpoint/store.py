@@ -214,9 +214,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
 
 
 def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
-    complete = sorted(d for d in os.listdir(ckpt_dir)
-                      if d.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, d, COMPLETE)))
-    for old in complete[:-keep]:
+    for old in sorted(complete_tags(ckpt_dir))[:-keep]:
         if old != newest:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 
