@@ -182,7 +182,7 @@ def run_training(args: argparse.Namespace, build, example_config: str) -> int:
     import sys
 
     from .config import ConfigError
-    from .parallel import check_ds_config, load_ds_config
+    from .parallel import check_ds_config, end_distributed, load_ds_config
     from .train import EXIT_REQUEUE
     try:
         run = build(args)
@@ -194,6 +194,8 @@ def run_training(args: argparse.Namespace, build, example_config: str) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        end_distributed()
     return EXIT_REQUEUE if final["stopped_by"] else 0
 
 # ----------------------------------------------------------------------------- launch/finetune.py
