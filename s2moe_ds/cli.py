@@ -178,12 +178,14 @@ def experiment_from_args(ns: argparse.Namespace):
 def run_training(args: argparse.Namespace, build, example_config: str) -> int:
     """The main of launch/pretrain.py and launch/finetune.py: build(args) returns run(ds_config) ->
     the trainer's final metrics; every ConfigError (flags, DeepSpeed config, data, checkpoint) is
-    printed and exits with status 2 before any compute, a stop signal with EXIT_REQUEUE."""
+    printed and exits with status 2 before any compute, a bad loss or a failed checkpoint write
+    with 1, a stop signal with EXIT_REQUEUE."""
     import sys
 
     from .config import ConfigError
     from .parallel import check_ds_config, end_distributed, load_ds_config
-    from .train import EXIT_REQUEUE
+    from .checkpoint import CheckpointWriteError
+    from .train import EXIT_REQUEUE, UnhealthyLossError
     try:
         run = build(args)
         if not args.deepspeed_config:
@@ -194,6 +196,9 @@ def run_training(args: argparse.Namespace, build, example_config: str) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (UnhealthyLossError, CheckpointWriteError) as e:  # the message says all: no traceback
+        print(f"\nerror: {e}", file=sys.stderr)  # below the progress bar
+        return 1
     finally:
         end_distributed()
     return EXIT_REQUEUE if final["stopped_by"] else 0

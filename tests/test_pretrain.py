@@ -48,8 +48,8 @@ def _experiment(model, world_size, text, cache, **train_kw):
 def _pretrain_worker(rank, world_size, text, out_dir, cache, train_kw, hooks=(), task=None):
     from s2moe_ds.train import pretrain
     model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32, dropout=0.1, moe=dict(num_experts=4))
-    experiment = _experiment(model, world_size, text, cache, out_dir=out_dir, seq_len=32, warmup_steps=2,
-                             eval_interval=3, save_interval=3, log_interval=1, **train_kw)
+    train = dict(out_dir=out_dir, seq_len=32, warmup_steps=2, eval_interval=3, save_interval=3, log_interval=1)
+    experiment = _experiment(model, world_size, text, cache, **{**train, **train_kw})
     return pretrain(experiment, _ds_config(), task=task, hooks=hooks)
 
 

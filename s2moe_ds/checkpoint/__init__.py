@@ -8,9 +8,9 @@ from .safe_load import UnsafeCheckpointError, check_step_folder, load_file
 from . import reshard
 from .manifest import MANIFEST, CorruptCheckpointError
 from .store import (COMPLETE, LATEST, CheckpointWriteError, check_resumable, complete_tags, latest_tag, load,
-                    load_rank_state, newest_verified, read_meta, save, step_tag)
+                    load_rank_state, newest_verified, read_meta, save, set_aside, step_tag, tag_step)
 
 __all__ = ["COMPLETE", "FORMAT_VERSION", "LATEST", "MANIFEST", "CheckpointWriteError", "CorruptCheckpointError",
            "complete_tags", "newest_verified", "check_resumable", "read_meta", "reshard", "consolidate", "latest_tag", "load",
-           "load_global_state", "load_model", "load_rank_state", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "step_tag",
+           "load_global_state", "load_model", "load_rank_state", "model_config_for_inference", "model_from_state", "resolve_checkpoint", "save", "set_aside", "step_tag", "tag_step",
            "upgrade_meta", "upgrade_model_config", "UnsafeCheckpointError", "check_step_folder", "load_file"]

@@ -23,6 +23,7 @@ from ..config import ConfigError
 from ..parallel import ExpertLayout
 from ..parallel import deepspeed_internals as ds
 from .safe_load import load_file
+from .store import apply_schedule_position
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -126,11 +127,7 @@ def restore_engine_counters(engine, client: Dict) -> None:
     """The LR schedule and the engine's step counters, from the model-states file's client state."""
     if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
-        # Loading restores the schedule's position only; the optimizer's learning rate is set when
-        # the schedule steps, so the first step would run at the rate the new engine started with
-        # (0 in warmup). Re-apply the rate of the restored position (DeepSpeed's own resume gets it
-        # from the optimizer's saved param groups, which a reshard rebuilds).
-        engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
+        apply_schedule_position(engine)  # else the first step would run at the new engine's rate (0 in warmup)
     ds.set_engine_counters(engine, client.get("global_steps", 0), client.get("global_samples", 0),
                            client.get("skipped_steps", 0))
 

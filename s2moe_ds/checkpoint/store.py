@@ -214,9 +214,48 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
 
 
 def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
-    for old in sorted(complete_tags(ckpt_dir))[:-keep]:
-        if old != newest:
+    # The newest checkpoint's weights are not yet known to be healthy (the next step's loss tells);
+    # the one before it is (every step since gave a healthy loss), so it stays until a newer one is.
+    tags = complete_tags(ckpt_dir)
+    healthy = next((t for t in tags if t < newest), None)
+    for old in tags[keep:]:
+        if old not in (newest, healthy):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def tag_step(tag: str) -> int:
+    return int(tag[len("step"):])
+
+
+def set_aside(ckpt_dir: str, tags: List[str], why: str) -> List[str]:
+    """Rename step folders to `<why>_<tag>` (kept for inspection, no longer resumed or pruned)
+    and point `latest` at the newest complete one left (or remove it). Rank 0 only; returns the
+    new paths."""
+    moved = []
+    for tag in tags:
+        target = os.path.join(ckpt_dir, f"{why}_{tag}")
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(ckpt_dir, f"{why}_{tag}.{n}")
+        os.rename(os.path.join(ckpt_dir, tag), target)
+        moved.append(target)
+    left = complete_tags(ckpt_dir)
+    if left:
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), left[0])
+    elif os.path.exists(os.path.join(ckpt_dir, LATEST)):
+        os.remove(os.path.join(ckpt_dir, LATEST))
+    return moved
+
+
+def apply_schedule_position(engine) -> None:
+    """Set the optimizer's learning rate to this run's schedule (its config, its --lr) at the
+    position the schedule was restored to. DeepSpeed restores the saved rate with the optimizer's
+    param groups and sets the schedule's only after the next step, so a resume with a lower --lr
+    would otherwise take one step at the old rate; with the same schedule this rate is the same
+    number. A schedule's load_state_dict restores its position only, so a reshard needs it too."""
+    if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "last_batch_iteration"):
+        engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
 
 
 def _differences(saved, expected, path: str = "") -> List[str]:
@@ -244,13 +283,35 @@ def read_meta(step_dir: str) -> Dict[str, Any]:
         return upgrade_meta(json.load(f), f"--resume: checkpoint {step_dir}")
 
 
-def check_resumable(ckpt_dir: str, expect: Dict[str, Any], relayout_refusal: Optional[str] = None) -> Optional[str]:
+def verified_step(ckpt_dir: str, step: int, what: str) -> str:
+    """The tag of step `step`'s checkpoint, once it is complete and matches its manifest."""
+    tag = step_tag(step)
+    tags = complete_tags(ckpt_dir)
+    if tag not in tags:
+        have = ", ".join(str(tag_step(t)) for t in reversed(tags)) or "none"
+        raise ConfigError(f"{what}: {ckpt_dir} holds no complete checkpoint of step {step} (complete steps: {have}); "
+                          "name one of those, or resume the newest with --resume alone")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found = manifest.problems(os.path.join(ckpt_dir, tag), rank, world)
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = [p for part in everyone for p in part]
+    if found:
+        raise manifest.CorruptCheckpointError(f"{what}: {os.path.join(ckpt_dir, tag)}: {found[0]}; restore the file "
+                                              "or name another step")
+    return tag
+
+
+def check_resumable(ckpt_dir: str, expect: Dict[str, Any], relayout_refusal: Optional[str] = None,
+                    step: Optional[int] = None) -> Optional[str]:
     """The tag to resume from, after checking that the checkpoint's meta.json matches `expect`
     (model config, tokenizer, ...; world_size and ep_size too unless the run may change layout:
     `relayout_refusal` None). Reads only small files, so every rank can call it before any compute;
-    a mismatch is refused with the reason. None: no checkpoint yet. Checkpoints of an earlier
-    format are compared as this version would have written them."""
-    tag = newest_verified(ckpt_dir)
+    a mismatch is refused with the reason. None: no checkpoint yet. `step`: that step's checkpoint
+    instead of the newest that verifies. Checkpoints of an earlier format are compared as this
+    version would have written them."""
+    tag = newest_verified(ckpt_dir) if step is None else verified_step(ckpt_dir, step, "train.resume_step")
     if tag is None:
         return None
     where = os.path.join(ckpt_dir, tag)
@@ -284,6 +345,7 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if load_path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load {os.path.join(ckpt_dir, tag)}")
+    apply_schedule_position(engine)
     _set_rng_state(load_file(os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")))
     return client_state
 

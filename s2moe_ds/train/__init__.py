@@ -6,8 +6,8 @@ from .hooks import TrainerHook, TrainingStepSchedule
 from .presets import PRESETS, apply_overrides, model_preset, preset
 from .signals import EXIT_REQUEUE, REQUEUE_MARKER
 from .tasks import LanguageModelingTask
-from .trainer import NonFiniteLossError, Trainer, pretrain
+from .trainer import LossSpikeError, NonFiniteLossError, Trainer, UnhealthyLossError, pretrain
 
 __all__ = ["EXIT_REQUEUE", "PRESETS", "REQUEUE_MARKER", "ExperimentConfig", "LanguageModelingTask",
-           "NonFiniteLossError", "TrainConfig", "Trainer", "TrainerHook", "TrainingStepSchedule", "apply_overrides", "model_preset",
+           "LossSpikeError", "NonFiniteLossError", "TrainConfig", "Trainer", "UnhealthyLossError", "TrainerHook", "TrainingStepSchedule", "apply_overrides", "model_preset",
            "preset", "pretrain"]

@@ -42,8 +42,10 @@ def any_rank(flag: bool) -> bool:
     return t.item() > 0
 
 
-def all_finite(*values: torch.Tensor) -> bool:
-    return not any_rank(not all(bool(torch.isfinite(v.detach()).all()) for v in values))
+def max_over_ranks(value: int) -> int:
+    t = torch.tensor([float(value)], device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def rank_average(values: Dict[str, torch.Tensor], keys: Iterable[str]) -> Dict[str, torch.Tensor]:

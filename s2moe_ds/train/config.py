@@ -34,13 +34,24 @@ class TrainConfig:
     save_interval: int = 100
     """Checkpoint every n steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
-    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete. The newest
+    one known to be healthy (a later step's loss was) is kept too, so 1 keeps two until then."""
     log_interval: int = 10
     """TensorBoard scalars every n steps."""
     seed: int = 1234
     """Seed of weights, data order and noise."""
     resume: bool = False
-    """Continue from out_dir/checkpoints/latest."""
+    """Continue from the newest checkpoint in out_dir/checkpoints that verifies (none yet: start)."""
+    resume_step: Optional[int] = None
+    """Continue from this step's checkpoint instead (implies resume); newer checkpoints are set
+    aside as checkpoints/superseded_step<N>, not deleted."""
+    spike_factor: float = 10.0
+    """A loss above spike_factor times the median of the last spike_window step losses (or times
+    1 nat, where the median is smaller: a nearly solved task's hard batch is no spike) stops the run
+    as a non-finite one does: the checkpoint whose weights gave it is set aside and the last
+    healthy one named. 0: only non-finite losses stop it."""
+    spike_window: int = 20
+    """Step losses (this invocation's, each rank its own) the spike check takes the median of."""
     expect_world_size: Optional[int] = None
     """Refuse to start unless exactly this many processes joined (cluster scripts pass the task count)."""
     save_on_signal: bool = True
@@ -69,6 +80,13 @@ class TrainConfig:
         check_int(self.log_interval, p + "log_interval", 1)
         check_int(self.seed, p + "seed", 0)
         check_bool(self.resume, p + "resume")
+        check_optional_int(self.resume_step, p + "resume_step", 1)
+        if self.resume_step is not None:
+            self.resume = True
+        check_number(self.spike_factor, p + "spike_factor", 0.0, strict=False)
+        require(self.spike_factor == 0 or self.spike_factor > 1, p + "spike_factor",
+                f"must be 0 (off) or above 1, got {self.spike_factor}")
+        check_int(self.spike_window, p + "spike_window", 1)
         check_optional_int(self.expect_world_size, p + "expect_world_size", 1)
         check_bool(self.save_on_signal, p + "save_on_signal")
         check_optional_int(self.stop_after, p + "stop_after", 1)

@@ -9,21 +9,24 @@ each phase; tests inject faults through them.
 """
 
 import json
+import math
 import os
+import statistics
 import time
+from collections import deque
 from typing import Any, Dict, Sequence
 
 import deepspeed.comm as dist
 import torch
 
 from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, complete_tags, consolidate, load,
-                          load_global_state, load_rank_state, read_meta, reshard, save)
+                          load_global_state, load_rank_state, read_meta, reshard, save, set_aside, tag_step)
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
 from ..parallel import ExpertLayout, check_ds_batch, check_ds_config, init_distributed, initialize, keep_global_batch, load_ds_config
 from ..parallel import deepspeed_internals as ds
-from .collectives import all_finite, rank_average
+from .collectives import max_over_ranks, rank_average
 from .config import ExperimentConfig, TrainConfig
 from .hooks import TrainerHook, TrainingStepSchedule
 from .lock import RunLock
@@ -32,8 +35,20 @@ from .signals import REQUEUE_MARKER, StopRequest
 from .tasks import LanguageModelingTask
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is left as it was."""
+class UnhealthyLossError(RuntimeError):
+    """A loss went bad on some rank; raised on every rank once the checkpoint whose weights gave
+    it is set aside, with the last healthy checkpoint named."""
+
+
+class NonFiniteLossError(UnhealthyLossError):
+    """A loss became NaN or infinite."""
+
+
+class LossSpikeError(UnhealthyLossError):
+    """A loss rose above train.spike_factor times its recent median."""
+
+
+HEALTHY, SPIKE, NON_FINITE = 0, 1, 2
 
 
 def lr_schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]:
@@ -93,7 +108,8 @@ class Trainer:
                      "model_config": self.model_cfg.to_dict(), "tokenizer": self.task.identity(),
                      **self.task.checkpoint_meta()}
         # Every rank checks (the files are small), so every rank stops together, before any compute.
-        resume_tag = check_resumable(self.ckpt_dir, self.meta, self._relayout_refusal()) if train.resume else None
+        resume_tag = (check_resumable(self.ckpt_dir, self.meta, self._relayout_refusal(), step=train.resume_step)
+                      if train.resume else None)
         saved = read_meta(os.path.join(self.ckpt_dir, resume_tag)) if resume_tag is not None else {}
         self.relayout = bool(saved) and (saved.get("world_size"), saved.get("ep_size")) != (self.world, exp.parallel.ep_size)
         if not train.resume and complete_tags(self.ckpt_dir):
@@ -123,6 +139,8 @@ class Trainer:
             if self.task.rank_state_dict() is not None:
                 self.task.load_rank_state_dict(load_rank_state(self.ckpt_dir, resume_tag), self.engine.device)
             self.step = state["step"]
+        if train.resume_step is not None:
+            self._supersede_newer(resume_tag)
         self.record = {"format_version": FORMAT_VERSION, "model": self.model_cfg.to_dict(),
                        "parallel": exp.parallel.to_dict(), **self.task.run_record(), "train": train.to_dict(),
                        "deepspeed": self.ds_config, "world_size": self.world}
@@ -132,6 +150,7 @@ class Trainer:
         self.loss_terms = self.model_cfg.moe.loss_terms()
         self.hooks.insert(0, TrainingStepSchedule(self.engine.module, train.max_steps))
         self.last_saved = self.step if train.resume else -1
+        self.recent_losses = deque(maxlen=train.spike_window)  # this rank's, for the spike check
         if resume_tag is not None and self.rank == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, resume_tag)} at step {self.step}", flush=True)
 
@@ -236,16 +255,17 @@ class Trainer:
         for _ in range(self.gas):
             out = self.task.forward(self.engine, self.task.next_batch())
             loss, parts = self.task.loss(out, self.loss_terms)
-            if not all_finite(loss):
-                shown = ", ".join(f"{name}={value.item()}" for name, value in parts.items())
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step}: total={loss.item()}, {shown}; the last good checkpoint in "
-                    f"{self.ckpt_dir} is unchanged (resume with a lower --lr)")
+            value = loss.item()
+            verdict, why = self._judge(value)
+            worst = max_over_ranks(verdict)  # every rank stops together, none left in a collective
+            if worst != HEALTHY:
+                self._stop_unhealthy(step, worst, verdict, value, parts, why)
             self.engine.backward(loss)
             self.engine.step()
         seconds = time.perf_counter() - start
         self.step = step
-        self.losses.append(loss.item())
+        self.losses.append(value)
+        self.recent_losses.append(value)
         layer = {}
         if self.monitor.log_now(step):
             values = layer_values(out.layer_metrics)
@@ -254,6 +274,51 @@ class Trainer:
         self.monitor.train_step(step, self.engine, self.losses[-1], parts, layer, tokens, seconds)
         for hook in self.hooks:
             hook.on_step_end(self, step)
+
+    def _judge(self, value: float):
+        """(HEALTHY | SPIKE | NON_FINITE, why) of this rank's loss."""
+        if not math.isfinite(value):
+            return NON_FINITE, ""
+        factor = self.train_cfg.spike_factor
+        if factor and self.recent_losses:
+            median = statistics.median(self.recent_losses)
+            if value > factor * max(median, 1.0):
+                return SPIKE, (f" above {factor} x {max(median, 1.0):.4g} (the median of this rank's last "
+                               f"{len(self.recent_losses)} step losses is {median:.4g})")
+        return HEALTHY, ""
+
+    def _stop_unhealthy(self, step: int, worst: int, verdict: int, value: float, parts, why: str) -> None:
+        """The weights that gave step `step`'s loss are those after step - 1: its checkpoint (and
+        any later one) is set aside, so that `latest` and --resume name the last healthy one."""
+        tags = complete_tags(self.ckpt_dir)
+        poisoned = [t for t in tags if tag_step(t) >= step - 1]
+        healthy = next((t for t in tags if tag_step(t) < step - 1), None)
+        dist.barrier()  # every rank has listed the folders before rank 0 renames them
+        moved = set_aside(self.ckpt_dir, poisoned, "poisoned") if poisoned and self.rank == 0 else []
+        dist.barrier()
+        kind = "non-finite loss" if worst == NON_FINITE else "loss spike"
+        shown = ", ".join(f"{name}={v.item()}" for name, v in parts.items())
+        mine = f"total={value}{why}, {shown}" if verdict == worst else f"on another rank (here total={value}, {shown})"
+        aside = (f"; the checkpoint of step {step - 1}, whose weights gave it, is set aside"
+                 + (f" as {moved[0]}" if moved else "")) if poisoned else ""
+        if healthy is not None:
+            advice = (f"; the last healthy checkpoint is {os.path.join(self.ckpt_dir, healthy)} (step "
+                      f"{tag_step(healthy)}), which --resume takes: resume with a lower --lr")
+        else:
+            advice = "; no earlier checkpoint is known healthy: start again with a lower --lr"
+        error = NonFiniteLossError if worst == NON_FINITE else LossSpikeError
+        raise error(f"{kind} at step {step}: {mine}{aside}{advice}")
+
+    def _supersede_newer(self, tag: str) -> None:
+        """A resume from a named step: later checkpoints belong to the abandoned continuation; set
+        aside, so that a plain --resume after this run never returns to them."""
+        newer = [t for t in complete_tags(self.ckpt_dir) if t > tag]
+        dist.barrier()
+        if newer and self.rank == 0:
+            moved = set_aside(self.ckpt_dir, newer, "superseded")
+            print(f"--resume-step {tag_step(tag)}: set aside {len(moved)} later checkpoint(s): {', '.join(moved)}",
+                  flush=True)
+        dist.barrier()
 
     def evaluate(self, split: str) -> Dict[str, float]:
         self.engine.eval()
