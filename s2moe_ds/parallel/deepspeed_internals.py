@@ -318,3 +318,35 @@ def link_optimizer_states(engine) -> None:
 
 def set_engine_counters(engine, global_steps: int, global_samples: int, skipped_steps: int) -> None:
     engine.global_steps, engine.global_samples, engine.skipped_steps = global_steps, global_samples, skipped_steps
+
+
+def is_expert_param(param: torch.nn.Parameter) -> bool:
+    """An expert's parameter: DeepSpeed all-reduces it over its expert-data-parallel group only."""
+    return getattr(param, "allreduce", True) is False
+
+
+def expert_group_name(param: torch.nn.Parameter) -> str:
+    """The expert-parallel group an expert's parameter belongs to ("ep_size_<E>")."""
+    return param.group_name
+
+
+def replace_zero0_clipping(engine, clip, norm) -> None:
+    """ZeRO 0 with experts: DeepSpeed's own norm is wrong (issue 17). fp32: the engine clips with
+    `clip_grad_norm_`, which averages each rank's norm over the data-parallel group (each rank's
+    experts differ, so that is no norm) and keeps no value to log; `clip(params)` replaces it and
+    returns the norm, kept as the engine's global grad norm. bf16 (DeepSpeed's unfused optimizer):
+    the norm leaves the experts out; `norm(params)` of the bf16 parameters' gradients (scaled by
+    the loss scale, as DeepSpeed's is) replaces it. Engines of other stages are left alone."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    optimizer = engine.optimizer
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        original = optimizer.unscale_and_clip_grads
+
+        def unscale_and_clip_grads(_wrong_norm, apply_scale=True):
+            optimizer._global_grad_norm = float(norm([p for group in optimizer.fp16_groups for p in group]))
+            return original(optimizer._global_grad_norm, apply_scale)
+        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    elif engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled():
+        def clip_fp32_gradients():
+            engine._global_grad_norm = float(clip(list(engine.module.parameters())))
+        engine.clip_fp32_gradients = clip_fp32_gradients

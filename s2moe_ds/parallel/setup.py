@@ -11,6 +11,7 @@ from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError
 from . import deepspeed_internals as ds
+from .grad_norm import clip_grad_norm, global_grad_norm
 
 
 def free_port() -> int:
@@ -207,10 +208,14 @@ def initialize(model: torch.nn.Module,
     """`deepspeed.initialize` after `check_ds_config` and a shm-free process-group start.
 
     Returns DeepSpeed's (engine, optimizer, dataloader, lr_scheduler). With an optimizer named in
-    the config, the engine puts expert and non-expert parameters in separate groups itself.
+    the config, the engine puts expert and non-expert parameters in separate groups itself. With
+    ZeRO 0 the engine clips with (and reports) the global norm of grad_norm.py, each expert once.
     """
     cfg = load_ds_config(ds_config)
     check_ds_config(cfg)
     init_distributed()
     kwargs.setdefault("model_parameters", [p for p in model.parameters() if p.requires_grad])
-    return deepspeed.initialize(model=model, config=cfg, **kwargs)
+    engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=cfg, **kwargs)
+    max_norm = engine.gradient_clipping()
+    ds.replace_zero0_clipping(engine, clip=lambda params: clip_grad_norm(params, max_norm), norm=global_grad_norm)
+    return engine, optimizer, loader, scheduler
