@@ -195,12 +195,14 @@ def run_training(args: argparse.Namespace, build, example_config: str) -> int:
         final = run(ds_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        end_distributed()
         return 2
     except (UnhealthyLossError, CheckpointWriteError) as e:  # the message says all: no traceback
         print(f"\nerror: {e}", file=sys.stderr)  # below the progress bar
-        return 1
-    finally:
         end_distributed()
+        return 1
+    # Not after other errors: a peer may be gone, and tearing down its connections could wait.
+    end_distributed()
     return EXIT_REQUEUE if final["stopped_by"] else 0
 
 # ----------------------------------------------------------------------------- launch/finetune.py

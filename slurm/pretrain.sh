@@ -63,6 +63,16 @@ echo "logs:        $LOG_DIR"
 echo "tensorboard: tensorboard --logdir $OUT_DIR/tensorboard"
 echo "checkpoints: $OUT_DIR/checkpoints"
 
+# A GPU hang leaves a trace: an NCCL error or timeout aborts the communicator and ends the task
+# (instead of waiting), and PyTorch's flight recorder writes each rank's last collectives to
+# $LOG_DIR/nccl_trace_rank_<r> on a timeout. (The run's own watchdog, --hang-timeout-s, names the
+# ranks that stopped responding.)
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$LOG_DIR/nccl_trace_rank_}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$TORCH_FR_DUMP_TEMP_FILE}
+
 set +e
 # Each task learns its rank from SLURM; exec hands the signals straight to Python.
 srun --kill-on-bad-exit=1 --output "$LOG_DIR/job${SLURM_JOB_ID}-restart${RESTART}-rank%t.log" \

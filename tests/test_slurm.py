@@ -1,6 +1,6 @@
 """slurm/pretrain.sh against a real single-node SLURM (tests/slurm_cluster.py): a 2-task job trains,
 checkpoints and logs; a pre-timeout signal checkpoints, requeues and resumes with no lost steps; a
-job that fails for another reason is not requeued."""
+job that fails for another reason is not requeued; a stopped task ends the job within the bound."""
 
 import json
 import os
@@ -135,3 +135,25 @@ def test_finetune_job_fine_tunes_a_pretrained_checkpoint(cluster, tmp_path):
     record = json.loads((out / "run_config.json").read_text())
     assert record["world_size"] == 2 and record["parallel"]["ep_size"] == 2
     assert (out / "checkpoints" / "step00000004" / "COMPLETE").exists()
+
+
+def test_a_stopped_task_ends_the_job_within_the_bound(cluster, tmp_path):
+    """SIGSTOP of one task: the other's watchdog names it and ends the job (issue 17)."""
+    import signal
+    import time
+    bound = 15
+    job, out = _submit(cluster, tmp_path, "hang", ["--max-steps", "100000", "--eval-interval", "0",
+                                                   "--save-interval", "0", "--hang-timeout-s", str(bound)])
+    beat = out / "heartbeat" / "rank1.json"
+    cluster.wait(job, lambda s: _done(s) or beat.exists(), timeout=300)
+    time.sleep(2)
+    pid = json.loads(beat.read_text())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    state = cluster.wait(job, _done, timeout=bound + 60)
+    seconds = time.time() - stopped_at
+    rank0 = (out / "logs" / f"job{job}-restart0-rank0.log").read_text(errors="replace")
+    assert state["JobState"] == "FAILED" and state.get("Restarts") == "0", _slurm_output(tmp_path, "hang", job)
+    assert seconds < bound + 15, seconds
+    assert "watchdog: rank 0 made no progress for " in rank0 and f"pid {pid}): not responding for " in rank0, rank0[-3000:]
+    assert "the rank(s) not responding: 1" in rank0

@@ -41,6 +41,7 @@ def launcher_world_size() -> Optional[int]:
 
 def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Optional[int] = None) -> None:
     """Start DeepSpeed's process group (gloo on CPU, NCCL on CUDA) once; a no-op afterwards.
+    `timeout_s`: every collective's timeout, in this group and in every group created later.
 
     The world size is then checked against `expected_world_size` and against what the launcher
     asked for: a launcher that does not pass ranks on (srun without MPI, a mismatched MPI) starts
@@ -55,7 +56,14 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
         kwargs = {}
         if timeout_s is not None:
             from datetime import timedelta
+
+            import torch.distributed.distributed_c10d as c10d
             kwargs["timeout"] = timedelta(seconds=timeout_s)
+            # DeepSpeed creates its expert and data-parallel groups without a timeout, so they take
+            # torch's default (30 minutes); torch reads these at each group's creation.
+            c10d.default_pg_timeout = kwargs["timeout"]
+            if hasattr(c10d, "default_pg_nccl_timeout"):
+                c10d.default_pg_nccl_timeout = kwargs["timeout"]
         if os.environ.get("MASTER_PORT", "").isdigit():
             # DeepSpeed's MPI discovery (mpirun without RANK/WORLD_SIZE) overwrites MASTER_PORT with
             # this argument, 29500 by default; pass the launcher's port on so it is honoured.

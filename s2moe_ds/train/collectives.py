@@ -1,6 +1,7 @@
 """The trainer's own collectives: votes every rank takes together, and rank averages for logging.
 Each is called on every rank at the same point of the loop."""
 
+import threading
 from typing import Dict, Iterable
 
 import deepspeed.comm as dist
@@ -10,19 +11,37 @@ from deepspeed.accelerator import get_accelerator
 from ..config import ConfigError
 
 
-def rank_zero_first(load):
+def rank_zero_first(load, poll_s: float = 20.0):
     """load() on rank 0, then on the others once it is done: rank 0 fills a cache (tokenized
     splits, a hub download) that the others then only read. Collective. When rank 0's load fails,
     every rank raises (a ConfigError as a ConfigError, so every rank exits with status 2), instead
-    of the others waiting until the launcher kills them."""
+    of the others waiting until the launcher kills them. Rank 0 loads in a thread and tells the
+    others every `poll_s` that it is still at it, so that a load longer than the collective
+    timeout (a first tokenization of a large corpus) is no hang."""
     failure, value = None, None
     if dist.get_rank() == 0:
-        try:
-            value = load()
-        except Exception as e:
-            failure = e
-    shared = [None if failure is None else (isinstance(failure, ConfigError), str(failure))]
-    dist.broadcast_object_list(shared, src=0)
+        outcome = {}
+
+        def run():
+            try:
+                outcome["value"] = load()
+            except Exception as e:
+                outcome["failure"] = e
+        worker = threading.Thread(target=run, name="rank0-load", daemon=True)
+        worker.start()
+        while True:
+            worker.join(poll_s)
+            done = not worker.is_alive()
+            failure, value = outcome.get("failure"), outcome.get("value")
+            shared = ["working" if not done else None if failure is None
+                      else (isinstance(failure, ConfigError), str(failure))]
+            dist.broadcast_object_list(shared, src=0)
+            if done:
+                break
+    else:
+        shared = ["working"]
+        while shared[0] == "working":
+            dist.broadcast_object_list(shared, src=0)
     if failure is not None:
         raise failure
     if shared[0] is not None:

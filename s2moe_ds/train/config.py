@@ -54,6 +54,10 @@ class TrainConfig:
     """Step losses (this invocation's, each rank its own) the spike check takes the median of."""
     expect_world_size: Optional[int] = None
     """Refuse to start unless exactly this many processes joined (cluster scripts pass the task count)."""
+    hang_timeout_s: float = 540.0
+    """A rank that makes no progress for this long (one phase of a step, an evaluation, a
+    checkpoint) stops the job, naming the ranks that were not heard from; every collective times
+    out 5% + 5 s later (570 s by default). Raise it for checkpoints or evaluations that take longer."""
     save_on_signal: bool = True
     """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step, checkpoint
     and exit with status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
@@ -88,6 +92,7 @@ class TrainConfig:
                 f"must be 0 (off) or above 1, got {self.spike_factor}")
         check_int(self.spike_window, p + "spike_window", 1)
         check_optional_int(self.expect_world_size, p + "expect_world_size", 1)
+        check_number(self.hang_timeout_s, p + "hang_timeout_s", 0.0, strict=True)
         check_bool(self.save_on_signal, p + "save_on_signal")
         check_optional_int(self.stop_after, p + "stop_after", 1)
 

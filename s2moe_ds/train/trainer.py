@@ -33,6 +33,7 @@ from .lock import RunLock
 from .monitor import Monitor, layer_values, rank_averaged_keys
 from .signals import REQUEUE_MARKER, StopRequest
 from .tasks import LanguageModelingTask
+from .watchdog import Watchdog, collective_timeout_s
 
 
 class UnhealthyLossError(RuntimeError):
@@ -87,6 +88,7 @@ class Trainer:
         self.losses = []
         self.final: Dict[str, Any] = {"stopped_by": None}
         self.lock = RunLock()
+        self.watchdog = None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -95,7 +97,7 @@ class Trainer:
         exp, train = self.experiment, self.train_cfg
         ds_config = load_ds_config(self._ds_config_source)
         check_ds_config(ds_config)
-        init_distributed(expected_world_size=train.expect_world_size)
+        init_distributed(timeout_s=collective_timeout_s(train.hang_timeout_s), expected_world_size=train.expect_world_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         exp.check_world(self.world)
         check_ds_batch(ds_config, self.world)
@@ -220,8 +222,12 @@ class Trainer:
         """Train to max_steps (or stop_after, or a stop signal); the final metrics."""
         try:
             self.setup()
+            self.watchdog = Watchdog(self.rank, self.world, self.train_cfg.out_dir, self.train_cfg.hang_timeout_s)
+            self.watchdog.start()
             return self._train()
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self.lock.release()  # the process may go on (tests, notebooks) and start another run here
 
     def _train(self) -> Dict[str, Any]:
@@ -252,7 +258,8 @@ class Trainer:
         for hook in self.hooks:
             hook.on_step_start(self, step)
         start = time.perf_counter()
-        for _ in range(self.gas):
+        for micro in range(self.gas):
+            self._at(step, "forward" if self.gas == 1 else f"forward {micro + 1}/{self.gas}")
             out = self.task.forward(self.engine, self.task.next_batch())
             loss, parts = self.task.loss(out, self.loss_terms)
             value = loss.item()
@@ -260,8 +267,11 @@ class Trainer:
             worst = max_over_ranks(verdict)  # every rank stops together, none left in a collective
             if worst != HEALTHY:
                 self._stop_unhealthy(step, worst, verdict, value, parts, why)
+            self._at(step, "backward")
             self.engine.backward(loss)
+            self._at(step, "optimizer step")
             self.engine.step()
+        self._at(step, "end of step")
         seconds = time.perf_counter() - start
         self.step = step
         self.losses.append(value)
@@ -320,7 +330,12 @@ class Trainer:
                   flush=True)
         dist.barrier()
 
+    def _at(self, step: int, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.progress(step, phase)
+
     def evaluate(self, split: str) -> Dict[str, float]:
+        self._at(self.step, f"evaluate {split}")
         self.engine.eval()
         result = self.task.evaluate(self.engine, split, self.train_cfg.eval_max_batches)
         self.engine.train()
@@ -332,6 +347,7 @@ class Trainer:
 
     def save(self) -> str:
         step = self.step
+        self._at(step, "checkpoint")
         client_state = {**self.meta, "step": step, **self.task.state_dict(), "run": self.record}
 
         def before_commit(path: str) -> None:
