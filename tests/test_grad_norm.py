@@ -16,7 +16,8 @@ class _Norm(TrainerHook):
     with `clipped` (ZeRO 0), the squares the optimizer update itself receives, after clipping."""
 
     def __init__(self, capture=False, clipped=False):
-        self.capture, self.clipped, self.reported, self.squares, self.clipped_squares = capture, clipped, None, None, None
+        self.capture, self.clipped = capture, clipped
+        self.reported = self.squares = self.clipped_squares = None
 
     def on_step_start(self, trainer, step):
         from s2moe_ds.parallel import deepspeed_internals as ds

@@ -191,7 +191,8 @@ class Watchdog:
             if h.get("pid") and h.get("start") is not None and _proc_start(h["pid"]) == h["start"]:
                 try:
                     os.kill(h["pid"], signal.SIGKILL)
-                    print(f"watchdog: killed rank {h['rank']} (pid {h['pid']}) on this host", file=sys.stderr, flush=True)
+                    print(f"watchdog: killed rank {h['rank']} (pid {h['pid']}) on this host", file=sys.stderr,
+                          flush=True)
                 except OSError:
                     pass
         os._exit(EXIT_HUNG)
