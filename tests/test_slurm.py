@@ -1,6 +1,7 @@
 """slurm/pretrain.sh against a real single-node SLURM (tests/slurm_cluster.py): a 2-task job trains,
 checkpoints and logs; a pre-timeout signal checkpoints, requeues and resumes with no lost steps; a
-job that fails for another reason is not requeued; a stopped task ends the job within the bound."""
+job that fails for another reason is not requeued; a stopped task ends the job within the bound,
+and a killed srun its tasks."""
 
 import json
 import os
@@ -157,3 +158,45 @@ def test_a_stopped_task_ends_the_job_within_the_bound(cluster, tmp_path):
     assert seconds < bound + 15, seconds
     assert "watchdog: rank 0 made no progress for " in rank0 and f"pid {pid}): not responding for " in rank0, rank0[-3000:]
     assert "the rank(s) not responding: 1" in rank0
+
+
+def test_a_killed_srun_ends_its_tasks(cluster, tmp_path):
+    """SIGKILL of the job step's launcher (srun): no task trains on as an orphan (issue 17)."""
+    import signal
+    import time
+    job, out = _submit(cluster, tmp_path, "orphan", ["--max-steps", "100000", "--eval-interval", "0",
+                                                     "--save-interval", "0", "--hang-timeout-s", "15"])
+    beats = [out / "heartbeat" / f"rank{r}.json" for r in range(2)]
+    cluster.wait(job, lambda s: _done(s) or all(b.exists() for b in beats), timeout=300)
+    pids = [json.loads(b.read_text())["pid"] for b in beats]
+    sruns = [p for p in _pids_of("srun") if str(out).encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert sruns, "no srun process found for the job"
+    for p in sruns:
+        os.kill(p, signal.SIGKILL)
+    killed = time.time()
+    while time.time() - killed < 45 and any(_alive_pid(p) for p in pids):
+        time.sleep(0.5)
+    seconds = time.time() - killed
+    assert not any(_alive_pid(p) for p in pids), f"tasks still running {seconds:.0f} s after srun was killed"
+    print(f"srun killed: tasks gone after {seconds:.1f} s")
+
+
+def _pids_of(name):
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == name:
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def _alive_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
