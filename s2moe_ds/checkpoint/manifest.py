@@ -73,9 +73,32 @@ def problems(step_dir: str, rank: int = 0, world: int = 1) -> List[str]:
     return found
 
 
+_verified = set()
+"""Step folders this process saw verified (with every rank's share), as they were then."""
+
+
+def _state(step_dir: str):
+    """The folder as it is now: its files' names, sizes and modification times."""
+    entries = []
+    for name in sorted(os.listdir(step_dir)):
+        st = os.stat(os.path.join(step_dir, name))
+        entries.append((name, st.st_size, st.st_mtime_ns))
+    return os.path.realpath(step_dir), tuple(entries)
+
+
+def remember_verified(step_dir: str) -> None:
+    """Every file of the folder matched (all ranks' shares together): a later `verify` of the
+    unchanged folder in this process (a resume that consolidates, a reshard) need not hash it again."""
+    _verified.add(_state(step_dir))
+
+
 def verify(step_dir: str) -> None:
     """Raise CorruptCheckpointError naming the first bad file of the step folder (one process)."""
+    if _state(step_dir) in _verified:
+        return
     found = problems(step_dir)
+    if not found:
+        remember_verified(step_dir)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise CorruptCheckpointError(f"checkpoint {step_dir} is damaged: {found[0]}{more}; use an earlier step "

@@ -140,6 +140,7 @@ def newest_verified(ckpt_dir: str, what: str = "--resume") -> Optional[str]:
             dist.all_gather_object(everyone, found)
             found = [p for part in everyone for p in part]
         if not found:
+            manifest.remember_verified(os.path.join(ckpt_dir, tag))
             chosen = tag
             break
         skipped.append(f"{tag}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
@@ -300,6 +301,7 @@ def verified_step(ckpt_dir: str, step: int, what: str) -> str:
     if found:
         raise manifest.CorruptCheckpointError(f"{what}: {os.path.join(ckpt_dir, tag)}: {found[0]}; restore the file "
                                               "or name another step")
+    manifest.remember_verified(os.path.join(ckpt_dir, tag))
     return tag
 
 
