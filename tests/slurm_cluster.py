@@ -25,7 +25,9 @@ from s2moe_ds.parallel import free_port
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 
 
-def why_unavailable() -> Optional[str]:
+def why_unavailable(two_hosts: bool = False) -> Optional[str]:
+    if two_hosts and any(shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}") for b in ("ip", "nsenter")):
+        return "the test hosts need ip (iproute2) and nsenter (util-linux)"
     missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
     if missing:
         return (f"SLURM not installed (missing {', '.join(missing)}); "

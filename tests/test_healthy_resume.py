@@ -11,7 +11,7 @@ from s2moe_ds.config import ConfigError
 from s2moe_ds.train import TrainConfig, TrainerHook
 
 from .harness import run_distributed
-from .test_pretrain import TEXT, _pretrain_worker
+from .test_pretrain import TEXT, _pretrain_worker, damaged_loss_task
 
 
 @pytest.fixture
@@ -87,21 +87,8 @@ def test_exploding_learning_rate_resumes_from_the_last_healthy_step(text_file, t
 
 
 def _spike_worker(rank, world_size, text, out_dir, cache):
-    from s2moe_ds.data import DataConfig
-    from s2moe_ds.train import LanguageModelingTask, LossSpikeError
-
-    class SpikingTask(LanguageModelingTask):
-        """Step 5's first micro-batch: a task loss 100 times its value, on rank 0 only."""
-        calls = 0
-
-        def forward(self, engine, batch):
-            out = super().forward(engine, batch)
-            SpikingTask.calls += 1
-            if SpikingTask.calls == 9 and rank == 0:
-                out.task_loss = out.task_loss * 100
-            return out
-
-    task = SpikingTask(DataConfig(dataset="path", path=text, cache_dir=cache), seq_len=32)
+    from s2moe_ds.train import LossSpikeError
+    task = damaged_loss_task(text, cache, rank, damaged_rank=0, factor=100)  # step 5: 100x the loss on rank 0
     with pytest.raises(LossSpikeError) as info:
         _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6, save_interval=2), task=task)
     return str(info.value)

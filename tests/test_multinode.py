@@ -21,14 +21,7 @@ SCRIPT = os.path.join(ROOT, "slurm", "pretrain.sh")
 BOUND = 15  # --hang-timeout-s
 
 
-def _why_not():
-    why = why_unavailable()
-    if why is None and (subprocess.run(["which", "ip", "nsenter"], capture_output=True).returncode != 0):
-        why = "needs ip (iproute2) and nsenter (util-linux) for the test hosts"
-    return why
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+pytestmark = pytest.mark.skipif(why_unavailable(two_hosts=True) is not None, reason=why_unavailable(True) or "")
 
 
 @pytest.fixture(scope="module")

@@ -306,23 +306,30 @@ def test_resume_with_another_expert_parallel_layout_is_refused(text_file, tmp_pa
     assert run_distributed(_relayout_worker, 2, (text_file, str(tmp_path / "r"), str(tmp_path / "cache")))
 
 
-def _non_finite_worker(rank, world_size, text, out_dir, cache):
-    from s2moe_ds.checkpoint import latest_tag
+def damaged_loss_task(text, cache, rank, damaged_rank, factor, call=9):
+    """The language-modelling task whose `call`-th forward (9: step 5's first micro-batch, with 2
+    accumulation steps) gives a task loss times `factor`, on `damaged_rank` only."""
     from s2moe_ds.data import DataConfig
-    from s2moe_ds.train import LanguageModelingTask, NonFiniteLossError
+    from s2moe_ds.train import LanguageModelingTask
 
-    class PoisonedTask(LanguageModelingTask):
-        """Step 5's first micro-batch gives a NaN task loss, on rank 1 only."""
+    class DamagedTask(LanguageModelingTask):
         calls = 0
 
         def forward(self, engine, batch):
             out = super().forward(engine, batch)
-            PoisonedTask.calls += 1
-            if PoisonedTask.calls == 9 and rank == 1:
-                out.task_loss = out.task_loss * float("nan")
+            DamagedTask.calls += 1
+            if DamagedTask.calls == call and rank == damaged_rank:
+                out.task_loss = out.task_loss * factor
             return out
 
-    task = PoisonedTask(DataConfig(dataset="path", path=text, cache_dir=cache), seq_len=32)
+    return DamagedTask(DataConfig(dataset="path", path=text, cache_dir=cache), seq_len=32)
+
+
+def _non_finite_worker(rank, world_size, text, out_dir, cache):
+    from s2moe_ds.checkpoint import latest_tag
+    from s2moe_ds.train import NonFiniteLossError
+
+    task = damaged_loss_task(text, cache, rank, damaged_rank=1, factor=float("nan"))
     with pytest.raises(NonFiniteLossError) as info:
         _pretrain_worker(rank, world_size, text, out_dir, cache, dict(max_steps=6), task=task)
     assert latest_tag(os.path.join(out_dir, "checkpoints")) == "step00000003"
