@@ -1,7 +1,7 @@
 """slurm/pretrain.sh against a real single-node SLURM (tests/slurm_cluster.py): a 2-task job trains,
 checkpoints and logs; a pre-timeout signal checkpoints, requeues and resumes with no lost steps; a
-job that fails for another reason is not requeued; a stopped task ends the job within the bound,
-and a killed srun its tasks."""
+job that fails for another reason is not requeued; a stopped or killed task ends the job within
+the bound, and a killed srun its tasks."""
 
 import json
 import os
@@ -158,6 +158,25 @@ def test_a_stopped_task_ends_the_job_within_the_bound(cluster, tmp_path):
     assert seconds < bound + 15, seconds
     assert "watchdog: rank 0 made no progress for " in rank0 and f"pid {pid}): not responding for " in rank0, rank0[-3000:]
     assert "the rank(s) not responding: 1" in rank0
+
+
+def test_a_killed_task_ends_the_job_and_is_named(cluster, tmp_path):
+    """SIGKILL of task 0: srun ends the job (--kill-on-bad-exit); the other task names it (issue 17)."""
+    import signal
+    import time
+    job, out = _submit(cluster, tmp_path, "killed", ["--max-steps", "100000", "--eval-interval", "0",
+                                                     "--save-interval", "0", "--hang-timeout-s", "15"])
+    beats = [out / "heartbeat" / f"rank{r}.json" for r in range(2)]
+    cluster.wait(job, lambda s: _done(s) or all(b.exists() for b in beats), timeout=300)
+    time.sleep(2)
+    pid = json.loads(beats[0].read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    state = cluster.wait(job, _done, timeout=60)
+    assert state["JobState"] == "FAILED" and time.time() - killed < 30, state
+    rank1 = (out / "logs" / f"job{job}-restart0-rank1.log").read_text(errors="replace")
+    assert re.search(r"rank 1 failed at step \d+, phase '[^']+': ", rank1), rank1[-3000:]
+    assert f"pid {pid}): gone (its process has exited)" in rank1, rank1[-3000:]
 
 
 def test_a_killed_srun_ends_its_tasks(cluster, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, Dict, Sequence
 import deepspeed.comm as dist
 import torch
 
-from ..checkpoint import (FORMAT_VERSION, check_resumable, check_step_folder, complete_tags, consolidate, load,
+from ..checkpoint import (FORMAT_VERSION, CheckpointWriteError, check_resumable, check_step_folder, complete_tags, consolidate, load,
                           load_global_state, load_rank_state, read_meta, reshard, save, set_aside, tag_step)
 from ..config import ConfigError
 from ..fileio import atomic_write_text
@@ -225,6 +225,12 @@ class Trainer:
             self.watchdog = Watchdog(self.rank, self.world, self.train_cfg.out_dir, self.train_cfg.hang_timeout_s)
             self.watchdog.start()
             return self._train()
+        except (ConfigError, UnhealthyLossError, CheckpointWriteError):
+            raise  # their messages say what happened
+        except Exception as e:
+            if self.watchdog is not None:
+                self.watchdog.report_failure(e)
+            raise
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()

@@ -59,12 +59,14 @@ def _is_launcher(argv: List[str]) -> bool:
 
 
 def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time (field 22 of /proc/<pid>/stat): tells a pid's reuse apart."""
+    """The process's start time (field 22 of /proc/<pid>/stat), which tells a pid's reuse apart;
+    None once it has exited (a zombie not yet reaped included)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
 
 
 def launcher_ancestors() -> List[Tuple[int, str, str]]:
@@ -158,12 +160,11 @@ class Watchdog:
                 pass
         return heard
 
-    def _stalled(self, now: float):
-        """The message, and the heartbeats of the ranks not responding."""
-        lines = [f"watchdog: rank {self.rank} made no progress for {now - self.since:.0f} s (hang_timeout_s "
-                 f"{self.timeout_s:g}) at step {self.step}, phase '{self.phase}'; stopping the job"]
+    def _peers(self, now: float):
+        """A line per other rank (when it was heard from, at which step and phase, whether its
+        process on this host is gone), and the heartbeats of those not responding."""
+        lines, silent = [], []
         heard = self._heard()
-        silent = []
         for r in range(self.world):
             if r == self.rank:
                 continue
@@ -172,15 +173,35 @@ class Watchdog:
                 lines.append(f"  rank {r}: never heard from")
                 continue
             quiet = now - h["alive"]
-            state = (f"not responding for {quiet:.0f} s (stopped, hung or dead)" if quiet > 3 * self.beat_s + 2
-                     else f"alive, no progress for {now - h['since']:.0f} s")
-            if quiet > 3 * self.beat_s + 2:
+            if h.get("host") == self.host and h.get("start") is not None and _proc_start(h["pid"]) != h["start"]:
+                state = "gone (its process has exited)"
                 silent.append(h)
+            elif quiet > 3 * self.beat_s + 2:
+                state = f"not responding for {quiet:.0f} s (stopped, hung or dead)"
+                silent.append(h)
+            else:
+                state = f"alive, no progress for {now - h['since']:.0f} s"
             lines.append(f"  rank {r} (host {h['host']}, pid {h['pid']}): {state}, at step {h['step']}, "
                          f"phase '{h['phase']}'")
         if silent:
             lines.append(f"  the rank(s) not responding: {', '.join(str(h['rank']) for h in silent)}")
-        return "\n".join(lines), silent
+        return lines, silent
+
+    def _stalled(self, now: float):
+        """The message, and the heartbeats of the ranks not responding."""
+        lines, silent = self._peers(now)
+        head = (f"watchdog: rank {self.rank} made no progress for {now - self.since:.0f} s (hang_timeout_s "
+                f"{self.timeout_s:g}) at step {self.step}, phase '{self.phase}'; stopping the job")
+        return "\n".join([head, *lines]), silent
+
+    def report_failure(self, error: BaseException) -> None:
+        """Before a failed rank's traceback (a collective that lost its peer, most often): where
+        this rank was and what became of the others, since launchers name only the rank they saw
+        exit first."""
+        lines, _ = self._peers(time.time())
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print("\n".join([f"rank {self.rank} failed at step {self.step}, phase '{self.phase}': "
+                         f"{type(error).__name__}: {first}", *lines]), file=sys.stderr, flush=True)
 
     def _end(self, message: str, kill=()) -> None:
         """Print, SIGKILL the stopped ranks of this host (a stopped process ignores the launcher's
