@@ -8,8 +8,8 @@ state file under one scratch folder, so nothing clashes with a system installati
     cluster.stop()                                      # by the PIDs it started
 
 TwoHostCluster: the same over two test hosts (network namespaces joined by a veth pair), one
-slurmd each, for multi-node jobs. `.ci/run` installs the packages; where they are missing, `why_unavailable()` says so and the tests
-skip with that reason.
+slurmd each, for multi-node jobs. `.ci/run` installs the packages; where they are missing,
+`why_unavailable()` says so and the tests skip with that reason.
 """
 
 import os

@@ -19,8 +19,9 @@ from typing import Any, Dict, Sequence
 import deepspeed.comm as dist
 import torch
 
-from ..checkpoint import (FORMAT_VERSION, CheckpointWriteError, check_resumable, check_step_folder, complete_tags, consolidate, load,
-                          load_global_state, load_rank_state, read_meta, reshard, save, set_aside, tag_step)
+from ..checkpoint import (FORMAT_VERSION, CheckpointWriteError, check_resumable, check_step_folder, complete_tags,
+                          consolidate, load, load_global_state, load_rank_state, read_meta, reshard, save, set_aside,
+                          tag_step)
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
@@ -97,7 +98,8 @@ class Trainer:
         exp, train = self.experiment, self.train_cfg
         ds_config = load_ds_config(self._ds_config_source)
         check_ds_config(ds_config)
-        init_distributed(timeout_s=collective_timeout_s(train.hang_timeout_s), expected_world_size=train.expect_world_size)
+        init_distributed(timeout_s=collective_timeout_s(train.hang_timeout_s),
+                         expected_world_size=train.expect_world_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         exp.check_world(self.world)
         check_ds_batch(ds_config, self.world)
