@@ -1,8 +1,6 @@
 """Fine-tune a pretrained checkpoint as a text classifier (flags: --help, or docs/cli.md)."""
 
-import sys
-
-from s2moe_ds.cli import finetune_from_args, finetune_parser, run_training
+from s2moe_ds.cli import exit_with, finetune_from_args, finetune_parser, run_training
 from s2moe_ds.train.finetune import finetune
 
 
@@ -14,4 +12,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

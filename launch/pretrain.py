@@ -1,8 +1,6 @@
 """Pretrain a language model with DeepSpeed (flags: --help, or docs/cli.md)."""
 
-import sys
-
-from s2moe_ds.cli import experiment_from_args, pretrain_parser, run_training
+from s2moe_ds.cli import exit_with, experiment_from_args, pretrain_parser, run_training
 from s2moe_ds.train import pretrain
 
 
@@ -14,4 +12,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

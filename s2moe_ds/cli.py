@@ -183,7 +183,7 @@ def run_training(args: argparse.Namespace, build, example_config: str) -> int:
     import sys
 
     from .config import ConfigError
-    from .parallel import check_ds_config, end_distributed, load_ds_config
+    from .parallel import check_ds_config, load_ds_config
     from .checkpoint import CheckpointWriteError
     from .train import EXIT_REQUEUE, UnhealthyLossError
     try:
@@ -195,15 +195,37 @@ def run_training(args: argparse.Namespace, build, example_config: str) -> int:
         final = run(ds_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        end_distributed()
         return 2
     except (UnhealthyLossError, CheckpointWriteError) as e:  # the message says all: no traceback
         print(f"\nerror: {e}", file=sys.stderr)  # below the progress bar
-        end_distributed()
         return 1
-    # Not after other errors: a peer may be gone, and tearing down its connections could wait.
-    end_distributed()
     return EXIT_REQUEUE if final["stopped_by"] else 0
+
+
+def exit_with(main) -> None:
+    """The end of launch/pretrain.py and launch/finetune.py: main()'s status (1 with the traceback
+    for an error it did not name), by os._exit once stdout and stderr are flushed. A normal
+    interpreter exit runs the C++ destructors of torch's process groups, and gloo's threads then
+    sometimes abort the process (status -6, "terminate called without an active exception": 4
+    of 10 runs of one bad-data command, and a fine-tuning job under srun); the launcher reports
+    that status instead of ours. Everything the run writes is closed and flushed before this."""
+    import os
+    import sys
+    import traceback
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 # ----------------------------------------------------------------------------- launch/finetune.py
 

@@ -6,8 +6,8 @@ ExpertLayout, and every touch of DeepSpeed's internals goes through deepspeed_in
 
 from .config import ParallelConfig
 from .layout import ExpertLayout, check_expert_parallel
-from .setup import (check_ds_batch, check_ds_config, end_distributed, free_port, init_distributed, initialize, keep_global_batch, launcher_world_size,
+from .setup import (check_ds_batch, check_ds_config, free_port, init_distributed, initialize, keep_global_batch, launcher_world_size,
                     load_ds_config)
 
-__all__ = ["ParallelConfig", "ExpertLayout", "check_expert_parallel", "check_ds_batch", "check_ds_config", "end_distributed", "free_port",
+__all__ = ["ParallelConfig", "ExpertLayout", "check_expert_parallel", "check_ds_batch", "check_ds_config", "free_port",
            "init_distributed", "initialize", "keep_global_batch", "launcher_world_size", "load_ds_config"]

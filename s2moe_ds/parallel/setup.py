@@ -84,14 +84,6 @@ def init_distributed(timeout_s: Optional[float] = None, expected_world_size: Opt
                 "independent singletons. See docs/cluster.md for launch commands that work.")
 
 
-def end_distributed() -> None:
-    """Destroy the process group, if one is up. Left to the interpreter's exit, gloo's threads
-    sometimes abort the process ("terminate called without an active exception", status -6),
-    and the launcher then reports that status instead of ours."""
-    if deepspeed.comm.is_initialized():
-        deepspeed.comm.destroy_process_group()
-
-
 def load_ds_config(ds_config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
     """A DeepSpeed config as a dict, from a dict or a JSON file; errors name the file.
 

@@ -95,6 +95,11 @@ class Monitor:
         self.bar.write(f"step {step}: {split} {shown}")
         self.writer.flush()
 
+    def flush(self) -> None:
+        """Write what TensorBoard holds (at any exit, the launch scripts end with os._exit)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self, step: int, ckpt_dir: Optional[str], next_commands: Sequence[str] = ()) -> None:
         """Ends the progress bar and TensorBoard; prints where the run is and `next_commands`."""
         if not self.is_writer:

@@ -90,6 +90,7 @@ class Trainer:
         self.final: Dict[str, Any] = {"stopped_by": None}
         self.lock = RunLock()
         self.watchdog = None
+        self.monitor = None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -234,6 +235,8 @@ class Trainer:
                 self.watchdog.report_failure(e)
             raise
         finally:
+            if self.monitor is not None:
+                self.monitor.flush()
             if self.watchdog is not None:
                 self.watchdog.stop()
             self.lock.release()  # the process may go on (tests, notebooks) and start another run here
