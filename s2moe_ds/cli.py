@@ -223,6 +223,9 @@ def exit_with(main) -> None:
     except BaseException:
         traceback.print_exc()
         code = 1
+    mpi = sys.modules.get("mpi4py.MPI")  # DeepSpeed's discovery under mpirun initialises MPI
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # else mpirun reports a process that exited without finalising, and fails
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
