@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from .slurm_cluster import SlurmCluster, why_unavailable
+from .test_failures import _processes_naming
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "slurm", "pretrain.sh")
@@ -188,7 +189,7 @@ def test_a_killed_srun_ends_its_tasks(cluster, tmp_path):
     beats = [out / "heartbeat" / f"rank{r}.json" for r in range(2)]
     cluster.wait(job, lambda s: _done(s) or all(b.exists() for b in beats), timeout=300)
     pids = [json.loads(b.read_text())["pid"] for b in beats]
-    sruns = [p for p in _pids_of("srun") if str(out).encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+    sruns = [p for p in _processes_naming(str(out)) if open(f"/proc/{p}/comm").read().strip() == "srun"]
     assert sruns, "no srun process found for the job"
     for p in sruns:
         os.kill(p, signal.SIGKILL)
@@ -198,19 +199,6 @@ def test_a_killed_srun_ends_its_tasks(cluster, tmp_path):
     seconds = time.time() - killed
     assert not any(_alive_pid(p) for p in pids), f"tasks still running {seconds:.0f} s after srun was killed"
     print(f"srun killed: tasks gone after {seconds:.1f} s")
-
-
-def _pids_of(name):
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/comm") as f:
-                    if f.read().strip() == name:
-                        found.append(int(pid))
-            except OSError:
-                pass
-    return found
 
 
 def _alive_pid(pid):

@@ -117,12 +117,26 @@ def complete_tags(ckpt_dir: str) -> List[str]:
                    if d.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, d, COMPLETE))), reverse=True)
 
 
+def _problems_on_all_ranks(step_dir: str) -> List[str]:
+    """What is wrong with the folder's files, each rank hashing its share (collective with a
+    process group); a folder found sound is remembered, so that `manifest.verify` skips it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found = manifest.problems(step_dir, rank, world)
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = [p for part in everyone for p in part]
+    if not found:
+        manifest.remember_verified(step_dir)
+    return found
+
+
 def newest_verified(ckpt_dir: str, what: str = "--resume") -> Optional[str]:
     """The newest complete step folder whose files match its manifest (None: no complete one).
     Newer folders that fail, and a `latest` that names something else, are reported on rank 0
     and skipped; when every complete folder fails, ConfigError lists why. With a process group,
     the ranks verify their shares of each folder's files in parallel."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     skipped = []
     pointer = os.path.join(ckpt_dir, LATEST)
     named = None
@@ -134,13 +148,8 @@ def newest_verified(ckpt_dir: str, what: str = "--resume") -> Optional[str]:
         skipped.append(f"'{pointer}' names {named[:40]!r}, not the newest complete step folder {tags[0]}")
     chosen = None
     for tag in tags:
-        found = manifest.problems(os.path.join(ckpt_dir, tag), rank, world)
-        if world > 1:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, found)
-            found = [p for part in everyone for p in part]
+        found = _problems_on_all_ranks(os.path.join(ckpt_dir, tag))
         if not found:
-            manifest.remember_verified(os.path.join(ckpt_dir, tag))
             chosen = tag
             break
         skipped.append(f"{tag}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
@@ -292,16 +301,10 @@ def verified_step(ckpt_dir: str, step: int, what: str) -> str:
         have = ", ".join(str(tag_step(t)) for t in reversed(tags)) or "none"
         raise ConfigError(f"{what}: {ckpt_dir} holds no complete checkpoint of step {step} (complete steps: {have}); "
                           "name one of those, or resume the newest with --resume alone")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    found = manifest.problems(os.path.join(ckpt_dir, tag), rank, world)
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, found)
-        found = [p for part in everyone for p in part]
+    found = _problems_on_all_ranks(os.path.join(ckpt_dir, tag))
     if found:
         raise manifest.CorruptCheckpointError(f"{what}: {os.path.join(ckpt_dir, tag)}: {found[0]}; restore the file "
                                               "or name another step")
-    manifest.remember_verified(os.path.join(ckpt_dir, tag))
     return tag
 
 

@@ -314,9 +314,7 @@ class Trainer:
         tags = complete_tags(self.ckpt_dir)
         poisoned = [t for t in tags if tag_step(t) >= step - 1]
         healthy = next((t for t in tags if tag_step(t) < step - 1), None)
-        dist.barrier()  # every rank has listed the folders before rank 0 renames them
-        moved = set_aside(self.ckpt_dir, poisoned, "poisoned") if poisoned and self.rank == 0 else []
-        dist.barrier()
+        moved = self._set_aside(poisoned, "poisoned")
         kind = "non-finite loss" if worst == NON_FINITE else "loss spike"
         shown = ", ".join(f"{name}={v.item()}" for name, v in parts.items())
         mine = f"total={value}{why}, {shown}" if verdict == worst else f"on another rank (here total={value}, {shown})"
@@ -333,13 +331,18 @@ class Trainer:
     def _supersede_newer(self, tag: str) -> None:
         """A resume from a named step: later checkpoints belong to the abandoned continuation; set
         aside, so that a plain --resume after this run never returns to them."""
-        newer = [t for t in complete_tags(self.ckpt_dir) if t > tag]
-        dist.barrier()
-        if newer and self.rank == 0:
-            moved = set_aside(self.ckpt_dir, newer, "superseded")
+        moved = self._set_aside([t for t in complete_tags(self.ckpt_dir) if t > tag], "superseded")
+        if moved:
             print(f"--resume-step {tag_step(tag)}: set aside {len(moved)} later checkpoint(s): {', '.join(moved)}",
                   flush=True)
+
+    def _set_aside(self, tags, why: str):
+        """Collective: rank 0 renames `tags` once every rank has listed the folders; the new
+        paths on rank 0, [] elsewhere."""
         dist.barrier()
+        moved = set_aside(self.ckpt_dir, tags, why) if tags and self.rank == 0 else []
+        dist.barrier()
+        return moved
 
     def _at(self, step: int, phase: str) -> None:
         if self.watchdog is not None:
