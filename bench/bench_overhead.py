@@ -13,7 +13,8 @@ Timed in one process, interleaved, each forward + backward on the same tokens:
                   inside S2MoE, without any of its extras;
 - noise+concat:   S2MoE.noisy_pair alone: statistics, sampling, the [x; x_hat] buffer;
 - info_nce:       sampled_info_nce(x, x_hat) alone (uncertainty_tokens rows);
-- gate+mix:       the mixing gate and g * y + (1 - g) * y_hat alone;
+- gate+mix:       the mixing gate and g * y + (1 - g) * y_hat alone (with the fused paths the mix
+                  is DeepSpeed's combine with other weights, so this is the gate and its weights);
 - ... (plain):    those three with the fused paths off.
 With --profile, torch.profiler's top operators of one full S2MoE call are printed too.
 """
@@ -53,11 +54,17 @@ def component_calls(layer, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> dict:
         method.sampled_info_nce(x_TD, x_hat_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens,
                                 loss=ops.info_nce).backward()
 
+    grad_2T = torch.randn(2 * T, dtype=torch.float32, device=x_TD.device)
+
     def gate_mix() -> None:
         x_TD.grad = y_2TD.grad = None
         layer.mix_gate.zero_grad(set_to_none=True)
         g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, layer.mix_gate.weight, layer.mix_gate.bias))
-        ops.mix_paths(g_T1, y_2TD).backward(grad_TD)
+        if layer.mixes_in_combine():
+            # The mix itself is DeepSpeed's combine with other weights: only the gate is extra.
+            torch.cat([g_T1, 1.0 - g_T1]).reshape(-1).backward(grad_2T)
+        else:
+            ops.mix_paths(g_T1, y_2TD).backward(grad_TD)
 
     return {"noise+concat": noise_concat, "info_nce": info_nce, "gate+mix": gate_mix}
 

@@ -42,6 +42,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_json: str, warmup: 
                         help="torch intra-op threads on CPU (0: torch's choice, the core count). Default 1: "
                              "on a machine shared with other jobs, an OpenMP team as large as the core count "
                              "stalls at every barrier (measured here: paper-small inference 8x slower)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="on CPU, leave glibc's allocator as it is: blocks of 128 KiB and more then go back "
+                             "to the OS when freed, and every call pays page faults to get them again (see "
+                             "keep_freed_memory)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory pass (on CPU it runs each variant once under the profiler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
@@ -70,7 +74,38 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"error: --threads: must be >= 0, got {args.threads}")
     if name == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
+    if name == "cpu" and not args.system_malloc:
+        args.malloc = "kept" if keep_freed_memory() else "system (mallopt unavailable)"
+    else:
+        args.malloc = "system" if name == "cpu" else "cuda caching allocator"
     return torch.device(name)
+
+
+_GLIBC_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process, as a GPU's caching allocator does.
+
+    By default glibc serves blocks above a moving threshold (128 KiB at first) with their own
+    mmap and trims the heap when its top is free, so the [T, D] activations of every call are new
+    pages, faulted in again on first touch. On this machine that cost 10-25% of a layer call and
+    varied with the host's memory reclaim (measured: ~10,000 minor faults per S2MoE layer call;
+    none with these settings). It weighs on a variant in proportion to the bytes it allocates, so
+    it would be counted as the layer's cost where a CUDA run (and torch's CPU tuning guide, with
+    jemalloc or tcmalloc) has none. Blocks up to 32 MiB (glibc's largest threshold) come from
+    the heap, which is never trimmed. True when mallopt took all three settings."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl has no mallopt)
+    settings = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": (1 << 31) - 1, "M_TOP_PAD": 64 << 20}
+    return all(mallopt(_GLIBC_MALLOPT[k], v) == 1 for k, v in settings.items())
 
 
 def setup_single_process() -> None:
@@ -329,7 +364,8 @@ def print_header(title: str, info: dict, device: torch.device, command: Optional
     print(f"command: `{command or command_line()}`  ")
     print(f"machine: {info['cpu_count']} CPUs ({info['cpu']}), torch {info['torch']} "
           f"({info['torch_threads']} threads), deepspeed {info['deepspeed']}, device {info['device_name']}, "
-          f"loadavg {', '.join(f'{v:.2f}' for v in info['loadavg_start'])}\n", flush=True)
+          f"malloc {info.get('malloc', 'system')}, loadavg {', '.join(f'{v:.2f}' for v in info['loadavg_start'])}\n",
+          flush=True)
 
 
 def add_layer_shape_args(parser: argparse.ArgumentParser) -> None:
@@ -352,6 +388,6 @@ def start_single_process(args: argparse.Namespace, title: str):
     """(device, dtype, machine info) for a one-process benchmark, with its header printed."""
     device = resolve_device(args)
     setup_single_process()
-    info = machine(device)
+    info = {**machine(device), "malloc": args.malloc}
     print_header(title, info, device)
     return device, DTYPES[args.dtype], info

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from s2moe_ds.moe.method import GaussianNoise
+from s2moe_ds.moe.method import GaussianNoise, draw_eps
 
 from .harness import run_distributed
 
@@ -13,6 +13,22 @@ def _tokens(T=8192, seed=0):
     loc = torch.tensor([0.0, 3.0, -2.0])
     scale = torch.tensor([1.0, 0.5, 4.0])
     return loc + scale * torch.randn(T, 3, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(4096, 256), (64, 32), (5, 16), (7, 3), (3, 24)])
+def test_the_noise_draw_is_one_joint_draw_of_both_tensors(shape):
+    """The RNG stream is part of the results: eps1 and eps2 are the numbers of ONE [2, T, D] draw,
+    whether draw_eps makes them with two draws (T * D a multiple of 16, so that each can be freed
+    on its own) or one."""
+    x = torch.zeros(shape)
+    torch.manual_seed(11)
+    eps1, eps2 = draw_eps(x)
+    after = torch.rand(())
+    torch.manual_seed(11)
+    joint = torch.randn((2, ) + shape)
+    assert torch.equal(eps1, joint[0]) and torch.equal(eps2, joint[1])
+    assert torch.equal(after, torch.rand(())), "the draw consumed another amount of the RNG stream"
+    assert eps1.dtype == eps2.dtype == torch.float32
 
 
 def test_statistics_are_the_per_feature_mean_and_population_std():

@@ -38,15 +38,15 @@ def _value_and_grad(fn, x, *args, grad, grad_hat=None):
 def test_fused_noisy_concat_matches_the_plain_formula(dtype, hat_grad):
     x, mu, scale, eps1, eps2, grad = _tensors(dtype=dtype)
     grad_hat = grad[: x.shape[0]] * 3 if hat_grad else None  # as the InfoNCE loss sends into x_hat
-    f = _value_and_grad(fused.noisy_concat, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
     plain = _value_and_grad(method.noisy_concat, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
+    # The fused path consumes the draw (its buffers become the slope and x_hat), the plain one not.
+    _, _, _, eps1_again, eps2_again, _ = _tensors(dtype=dtype)
+    assert torch.equal(eps1, eps1_again) and torch.equal(eps2, eps2_again)
+    f = _value_and_grad(fused.noisy_concat, x, mu, scale, eps1, eps2, grad=grad, grad_hat=grad_hat)
     assert f[0].dtype == f[1].dtype == dtype and f[0].shape == (2 * x.shape[0], D)
     for a, b in zip(f, plain):
         torch.testing.assert_close(a, b, **TOL[dtype])
     torch.testing.assert_close(f[0][x.shape[0]:], f[1], rtol=0, atol=0)
-    # The noise buffers are the caller's: the fused path must not write into them.
-    _, _, _, eps1_again, eps2_again, _ = _tensors(dtype=dtype)
-    assert torch.equal(eps1, eps1_again) and torch.equal(eps2, eps2_again)
 
 
 def test_fused_noisy_concat_with_only_x_hat_used():
@@ -54,7 +54,7 @@ def test_fused_noisy_concat_with_only_x_hat_used():
     results = []
     for fn in (fused.noisy_concat, method.noisy_concat):
         leaf = x.clone().requires_grad_()
-        fn(leaf, mu, scale, eps1, eps2)[1].backward(grad[: x.shape[0]])
+        fn(leaf, mu, scale, eps1.clone(), eps2.clone())[1].backward(grad[: x.shape[0]])
         results.append(leaf.grad)
     torch.testing.assert_close(*results, **TOL[torch.float32])
 
@@ -141,6 +141,29 @@ def test_fused_gate_logit_matches_the_plain_linear(dtype):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("outputs", [1, 8], ids=["gate", "router"])
+def test_fp32_linear_equals_the_plain_one_and_keeps_the_input_not_its_fp32_copy(dtype, outputs):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, D, generator=g).to(dtype)
+    weight = (torch.randn(outputs, D, generator=g) * 0.3).to(dtype)
+    grad = torch.randn(40, outputs, generator=g)
+    outs, saved = [], []
+    for fn in (fused.fp32_linear, lambda a, w: F.linear(a.float(), w.float())):
+        leaves = [t.clone().requires_grad_() for t in (x, weight)]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(*leaves)
+        out.backward(grad)
+        outs.append((out.detach(), *[t.grad for t in leaves]))
+    assert outs[0][0].dtype == torch.float32 and [t.dtype for t in outs[0][1:]] == [dtype] * 2
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if dtype == torch.bfloat16:
+        assert all(t.dtype == torch.bfloat16 for t in saved[:2]), "the fused path kept an fp32 copy"
+        assert any(t.dtype == torch.float32 and t.shape == x.shape for t in saved[2:])  # the plain one does
+
+
 def _layer_run(fused_paths, dtype, train=True, **kw):
     torch.manual_seed(0)
     layer = S2MoE(D, FFN(D, 32), **{"num_experts": 4, "k": 2, **kw}, fused=fused_paths).to(dtype).train(train)
@@ -175,6 +198,32 @@ def test_eval_mean_noise_is_unchanged_by_the_fused_flag():
     (f_parts, _, _), (p_parts, _, _) = (_layer_run(f, torch.float32, train=False, eval_noise="mean")
                                         for f in (True, False))
     torch.testing.assert_close(f_parts.output, p_parts.output, rtol=1e-6, atol=1e-7)
+
+
+def test_the_fused_layer_mixes_inside_deepspeeds_combine_and_falls_back_where_it_cannot():
+    """The fused layer sums each token's clean and noisy routes, weighted by g and 1 - g, in
+    DeepSpeed's combine; where the dispatch is not the plain one (here: DeepSpeed's wall-clock
+    timers on) it mixes after the dispatch instead, with the same result."""
+    torch.manual_seed(0)
+    layer = S2MoE(D, FFN(D, 32), num_experts=4, k=2).train()
+    with torch.no_grad():
+        layer.mix_gate.weight.normal_()  # g varies per token, so a swapped g / 1 - g would show
+    assert layer.mixes_in_combine()
+    assert not S2MoE(D, FFN(D, 32), num_experts=4, k=2, uncertainty_on="output").mixes_in_combine()
+    assert not S2MoE(D, FFN(D, 32), num_experts=4, k=2, fused=False).mixes_in_combine()
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for timers in (False, True):
+        layer.deepspeed_moe.wall_clock_breakdown = timers
+        assert layer.mixes_in_combine() is not timers
+        leaf = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        out = layer.forward_parts(leaf).output
+        out.backward(torch.ones_like(out))
+        runs.append((out.detach(), leaf.grad, layer.mix_gate.weight.grad))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
 def _info_nce_run(fn, a, b, grad_scale, requires=(True, True)):

@@ -107,6 +107,54 @@ def last_expert_counts(moe: MoE) -> torch.Tensor:
     return moe.deepspeed_moe.exp_counts
 
 
+class _PairedMOELayer(sharded_moe.MOELayer):
+    """DeepSpeed's MOELayer whose call with `pair_weight_2S` returns, for the 2S-token input
+    [a; b], sum over the routes of a_s and of b_s of weight * gate * expert output: the S rows of a
+    weighted pair in ONE combine. S2MoE's clean token and noisy copy are such a pair; combining
+    them here skips the [2S, D] output of both paths and a mixing pass over it, forward and back.
+
+    Gate, sparse encode, all-to-all pair, experts and sparse decode are DeepSpeed's own (the steps
+    of MOELayer.forward); the combine is DeepSpeed's decode of the 2K routes of each output row.
+    Without pair_weight_2S it is DeepSpeed's forward, unchanged."""
+
+    def forward(self, *input: torch.Tensor, pair_weight_2S: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if pair_weight_2S is None:
+            return super().forward(*input)
+        x_2SD = input[0].reshape(-1, input[0].shape[-1])
+        two_s, d = x_2SD.shape
+        self.l_aux, C, E, indices_K2S, locations_K2S, gates_K2S, self.exp_counts = self.gate(
+            x_2SD, input[1], True, False)
+        C = int(C)
+        slots_K2S = sharded_moe._route_slots(indices_K2S, locations_K2S, E, C)
+        dispatched_ECD = sharded_moe._sparse_encode(x_2SD, slots_K2S, E, C)
+        if self.ep_size > 1:
+            dispatched_ECD = sharded_moe._AllToAll.apply(self.ep_group, dispatched_ECD)
+        out_ECD = self.experts(dispatched_ECD.reshape(self.ep_size, self.num_local_experts, -1, d))
+        out_ECD = out_ECD.reshape(self.ep_size * self.num_local_experts, -1, d)
+        if self.ep_size > 1:
+            out_ECD = sharded_moe._AllToAll.apply(self.ep_group, out_ECD)
+        # [K, 2S] routes -> [2K, S]: the K routes of a_s, then the K of b_s, for output row s.
+        K, S = slots_K2S.shape[0], two_s // 2
+        slots_RS = slots_K2S.view(K, 2, S).transpose(0, 1).reshape(2 * K, S)
+        gates_RS = (gates_K2S * pair_weight_2S).view(K, 2, S).transpose(0, 1).reshape(2 * K, S)
+        return sharded_moe._sparse_decode(out_ECD.reshape(E * C, d), slots_RS, gates_RS, S)
+
+
+def enable_pair_dispatch(moe: MoE) -> None:
+    """Give the layer's MOELayer the paired combine (the same module and state, one more way to
+    combine; its plain forward is DeepSpeed's)."""
+    if type(moe.deepspeed_moe) is sharded_moe.MOELayer:
+        moe.deepspeed_moe.__class__ = _PairedMOELayer
+
+
+def can_pair(moe: MoE) -> bool:
+    """Whether the layer's dispatch is the plain one the paired combine reproduces: no Tutel, no
+    tensor-parallel experts, no wall-clock timers (the engine may switch those on after build)."""
+    layer = moe.deepspeed_moe
+    return (isinstance(layer, _PairedMOELayer) and not layer.use_tutel and not layer.wall_clock_breakdown
+            and sharded_moe.bwc_tensor_model_parallel_world_size(groups.mpu) == 1)
+
+
 # ----------------------------------------------------------------------------- the top-k gate
 
 GATE_LINEAR = "wg"

@@ -73,10 +73,13 @@ class ExpertBlock(Block):
         """Per-token values of the block's own, computed on router inputs, for the expert analysis."""
         return {}
 
-    def _dispatch(self, x_TD: torch.Tensor, used_token, token_ids_T=None):
-        """DeepSpeed's dispatch: (output, losses {'balance': ..., the router's own}, metrics)."""
+    def _dispatch(self, x_TD: torch.Tensor, used_token, token_ids_T=None, pair_weight_2T=None):
+        """DeepSpeed's dispatch: (output, losses {'balance': ..., the router's own}, metrics).
+        pair_weight_2T: the [a; b] input's output is the weighted sum of each pair (a_t, b_t)
+        (ds.can_pair says where DeepSpeed's dispatch allows it)."""
+        extra = {} if pair_weight_2T is None else {"pair_weight_2S": pair_weight_2T}
         with self.router.tokens(token_ids_T):
-            out = ds.dispatcher(self)(x_TD, used_token)
+            out = ds.dispatcher(self)(x_TD, used_token, **extra)
         losses = {"balance": ds.last_balance_loss(self).float(), **self.router.last_losses}
         metrics = {"expert_counts": ds.last_expert_counts(self), "dropped_fraction": self.router.last_dropped_fraction}
         return out, losses, metrics

@@ -6,7 +6,8 @@ Training forward, for the tokens x of this rank (docs/method.md):
     [y, y_hat] = SMoE([x; x_hat])                     ONE dispatch: same router, same experts,
                                                       one all-to-all pair for both paths
     g = sigmoid(w^T x + b)                            the mixing gate, fp32, starts at 0.5
-    out = g * y + (1 - g) * y_hat                     (method/mixing.py)
+    out = g * y + (1 - g) * y_hat                     (method/mixing.py; fused: in DeepSpeed's combine,
+                                                      each token's routes weighted by g, its copy's by 1 - g)
     L_u = InfoNCE(x, x_hat) on a token sample         (method/infonce.py)
 
 Eval forward (eval_noise 'none'): out = SMoE(x) with eval_k experts, one dispatch, deterministic.
@@ -83,8 +84,9 @@ class S2MoEConfig:
     """How the S2MoE layers' L_u are reduced into one term: 'mean' (the default) or 'sum'."""
     fused: bool = field(default=True, metadata=IMPLEMENTATION)
     """Implementation, not method (a run may resume with the other value): true runs the noisy concat, gate logit, path mix and InfoNCE as
-    the autograd Functions of moe/fused (same values and gradients, less memory); false runs the
-    plain formulas of moe/method, the reference they are tested against."""
+    the autograd Functions of moe/fused, and mixes the paths inside DeepSpeed's combine where the
+    dispatch allows it (same values and gradients to rounding, less memory); false runs the plain
+    formulas of moe/method, the reference they are tested against."""
 
     def __post_init__(self) -> None:
         p = "s2moe."
@@ -183,6 +185,7 @@ class S2MoE(ExpertBlock, ds.MoE):
         # the per-expert checkpoint files.
         self.mix_gate = nn.Linear(hidden_size, 1)
         self.reset_block_parameters()
+        ds.enable_pair_dispatch(self)
 
     @property
     def eval_k(self) -> int:
@@ -201,6 +204,13 @@ class S2MoE(ExpertBlock, ds.MoE):
             self.noise.stats_group = ds.data_parallel_group()
         if self.config.uncertainty_negatives == "global":
             self.negatives_group = ds.data_parallel_group()
+
+    def mixes_in_combine(self) -> bool:
+        """Whether training mixes the two paths inside DeepSpeed's combine (the fused path, where
+        nothing needs either path's own output and the dispatch is the plain one) instead of
+        after it (mix_paths)."""
+        cfg = self.config
+        return cfg.fused and cfg.uncertainty_on == "input" and ds.can_pair(self)
 
     def _uses_noise(self) -> bool:
         return self.training or self.config.eval_noise != "none"
@@ -243,10 +253,16 @@ class S2MoE(ExpertBlock, ds.MoE):
             both_2TD, x_hat_TD = self.noisy_pair(x_TD, mask_T, sample=self.training or cfg.eval_noise == "sample")
             both_mask = None if mask_T is None else torch.cat([mask_T, mask_T], dim=0)
             both_ids = None if ids_T is None else torch.cat([ids_T, ids_T], dim=0)
-            y_2TD, losses, metrics = self._dispatch(both_2TD, both_mask, both_ids)
-            y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
             g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias))
-            out_TD = ops.mix_paths(g_T1, y_2TD)
+            if self.mixes_in_combine():
+                # The mix inside DeepSpeed's combine: each token's output sums its clean routes
+                # weighted by g and its copy's by 1 - g, so neither path's [T, D] output exists.
+                out_TD, losses, metrics = self._dispatch(both_2TD, both_mask, both_ids,
+                                                         pair_weight_2T=torch.cat([g_T1, 1.0 - g_T1]).reshape(-1))
+            else:
+                y_2TD, losses, metrics = self._dispatch(both_2TD, both_mask, both_ids)
+                y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
+                out_TD = ops.mix_paths(g_T1, y_2TD)
             if self.training and cfg.uncertainty_coef > 0:
                 pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)
                 if cfg.uncertainty_negatives == "global":

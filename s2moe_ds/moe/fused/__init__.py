@@ -4,7 +4,8 @@ docs/performance.md has what each saves. The layer uses them when `S2MoEConfig.f
 """
 
 from .infonce import info_nce
+from .linear import fp32_linear
 from .mixing import mix_gate_logit, mix_paths
 from .noise import noisy_concat
 
-__all__ = ["info_nce", "mix_gate_logit", "mix_paths", "noisy_concat"]
+__all__ = ["fp32_linear", "info_nce", "mix_gate_logit", "mix_paths", "noisy_concat"]

@@ -1,7 +1,9 @@
-"""method.mixing's gate logit and path mix as autograd Functions (T tokens, D features)."""
+"""method.mixing's gate logit (fused.linear's fp32 linear) and path mix as autograd Functions (T
+tokens, D features)."""
 
 import torch
-import torch.nn.functional as F
+
+from .linear import fp32_linear
 
 
 class _MixPaths(torch.autograd.Function):
@@ -33,32 +35,8 @@ class _MixPaths(torch.autograd.Function):
         return grad_g_T1, grad_2TD
 
 
-class _GateLogit(torch.autograd.Function):
-    """w^T x + b in fp32 for x of any dtype, keeping x itself for backward: the plain
-    F.linear(x.float(), ...) keeps x's fp32 copy, twice the bytes of a bf16 x. Casting bf16 to
-    fp32 is exact, so the gradients are the plain ones."""
-
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, weight_1D: torch.Tensor, bias_1: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x_TD, weight_1D)
-        ctx.bias_dtype = bias_1.dtype
-        return F.linear(x_TD.float(), weight_1D.float(), bias_1.float())
-
-    @staticmethod
-    def backward(ctx, grad_T1: torch.Tensor):
-        x_TD, weight_1D = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_T1 @ weight_1D.float()).to(x_TD.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_T1.t() @ x_TD.float()).to(weight_1D.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_T1.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b
-
-
 def mix_gate_logit(x_TD: torch.Tensor, weight_1D: torch.Tensor, bias_1: torch.Tensor) -> torch.Tensor:
-    return _GateLogit.apply(x_TD, weight_1D, bias_1)
+    return fp32_linear(x_TD, weight_1D, bias_1)
 
 
 def mix_paths(g_T1: torch.Tensor, y_2TD: torch.Tensor) -> torch.Tensor:

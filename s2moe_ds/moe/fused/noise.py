@@ -20,8 +20,10 @@ class _NoisyConcat(torch.autograd.Function):
                 eps2_TD: torch.Tensor):
         ctx.set_materialize_grads(False)  # an unused x_hat (uncertainty_on 'output') costs no zeros
         T = x_TD.shape[0]
-        slope_TD = torch.addcmul(torch.ones((), dtype=eps1_TD.dtype, device=eps1_TD.device), eps1_TD, scale_D)
-        x_hat32_TD = torch.addcmul(mu_D, eps2_TD, scale_D).addcmul_(x_TD.float(), slope_TD)
+        # In the noise's own buffers: the draw is not needed afterwards (the caller's contract).
+        slope_TD = torch.addcmul(torch.ones((), dtype=eps1_TD.dtype, device=eps1_TD.device), eps1_TD, scale_D,
+                                 out=eps1_TD)
+        x_hat32_TD = torch.addcmul(mu_D, eps2_TD, scale_D, out=eps2_TD).addcmul_(x_TD, slope_TD)
         both_2TD = x_TD.new_empty((2 * T, ) + tuple(x_TD.shape[1:]))
         both_2TD[:T].copy_(x_TD)
         both_2TD[T:].copy_(x_hat32_TD)
@@ -43,5 +45,6 @@ class _NoisyConcat(torch.autograd.Function):
 
 def noisy_concat(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Tensor, eps1_TD: torch.Tensor,
                  eps2_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(torch.cat([x, x_hat]), x_hat) for constant mu and scale = s * sigma (detached statistics)."""
+    """(torch.cat([x, x_hat]), x_hat) for constant mu and scale = s * sigma (detached statistics).
+    Overwrites eps1 and eps2 (fp32, from method.draw_eps): they become d x_hat / d x and x_hat."""
     return _NoisyConcat.apply(x_TD, mu_D, scale_D, eps1_TD, eps2_TD)

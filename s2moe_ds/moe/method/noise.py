@@ -20,8 +20,13 @@ from torch import nn
 
 
 def draw_eps(x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """eps1, eps2 ~ N(0, 1) in fp32, one draw for both, so every path consumes the RNG alike."""
-    return torch.randn((2, ) + tuple(x_TD.shape), device=x_TD.device, dtype=torch.float32).unbind(0)
+    """eps1, eps2 ~ N(0, 1) in fp32: the numbers of one [2, T, D] draw, so every path consumes the
+    RNG alike. Where T * D is a multiple of 16, two draws give those numbers on the CPU (torch fills
+    normals in blocks of 16; tested) as two tensors that can be freed one at a time."""
+    shape = tuple(x_TD.shape)
+    if x_TD.numel() % 16 == 0:
+        return tuple(torch.randn(shape, device=x_TD.device, dtype=torch.float32) for _ in range(2))
+    return torch.randn((2, ) + shape, device=x_TD.device, dtype=torch.float32).unbind(0)
 
 
 def noisy_copy(x_TD: torch.Tensor, mu_D: torch.Tensor, scale_D: torch.Tensor, eps1_TD: torch.Tensor,
@@ -81,7 +86,7 @@ class GaussianNoise(nn.Module):
             # Every token weighs 1: the same sums without two multiplications by a ones vector.
             count = self._all_reduce(x.new_tensor(float(x.shape[0]))).clamp_min(1.0)
             mu_D = self._all_reduce(x.sum(0)) / count
-            var_D = self._all_reduce((x - mu_D).square().sum(0)) / count
+            var_D = self._all_reduce((x - mu_D).square_().sum(0)) / count
             return mu_D, var_D.sqrt()
         w_T1 = mask_T.reshape(-1, 1).to(x.dtype)
         count = self._all_reduce(w_T1.sum()).clamp_min(1.0)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ...config import check_bool, check_choice
 from ...parallel import deepspeed_internals as ds
+from .. import fused
 from ..spec import RouterSpec
 from .base import Router, assignment_balance
 
@@ -65,10 +66,9 @@ class TopKRouter(Router):
         return router
 
     def route_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x32_TD = x_TD.float()
         if self.noisy_gate_policy == "Jitter" and self.training:
-            x32_TD = ds.jitter(x32_TD)
-        return F.linear(x32_TD, self.linear.weight.float())
+            return F.linear(ds.jitter(x_TD.float()), self.linear.weight.float())
+        return fused.fp32_linear(x_TD, self.linear.weight)
 
     def balance_loss(self, logits_TE: torch.Tensor, k: int) -> Optional[torch.Tensor]:
         if self.balance_form == "all_assignments":
