@@ -258,6 +258,20 @@ def test_fused_info_nce_gradient_is_exact():
     assert torch.autograd.gradcheck(lambda u, v: fused.info_nce(u, v, 0.2), (a, b))
 
 
+@pytest.mark.parametrize("tau", [0.1, 0.02, 0.005])
+def test_fused_info_nce_loss_is_the_plain_one_at_any_temperature(tau):
+    """Above 0.05 the fused loss is the log of the softmax it computes for the gradient, below it
+    log_softmax (a softmax entry can underflow there); both equal the plain loss, also for rows
+    that are nearly copies of each other, where the logits spread most."""
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(64, D, generator=g)
+    b = a + 0.01 * torch.randn(64, D, generator=g)
+    fused_loss = fused.info_nce(a.clone().requires_grad_(), b.clone().requires_grad_(), tau)
+    plain_loss = method.info_nce(a, b, tau)
+    assert torch.isfinite(fused_loss)
+    torch.testing.assert_close(fused_loss.detach(), plain_loss, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_info_nce_keeps_no_square_matrix_for_backward():
     """The memory it exists for: the plain graph keeps N x N fp32 log-probabilities (and the
     normalised rows), the fused one only the two [N, D] gradients."""

@@ -8,6 +8,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _NORM_EPS = 1e-12  # F.normalize's default: rows are divided by max(|x|, eps)
+_LOG_OF_SOFTMAX_MIN_TAU = 0.05
+"""Cosine logits lie in [-1/tau, 1/tau], so a softmax entry is at least exp(-2/tau) / N: for tau
+>= 0.05 that is >= e^-40 / N, far from fp32's underflow, and its log is as exact as log_softmax."""
 
 
 def _normalize(x_ND: torch.Tensor) -> tuple:
@@ -33,18 +36,24 @@ class _InfoNCE(torch.autograd.Function):
         a_ND, a_norm_N1 = _normalize(anchor_ND.to(dtype))
         b_ND, b_norm_N1 = _normalize(positive_ND.to(dtype))
         logits_NN = torch.mm(a_ND, b_ND.t()).mul_(1.0 / tau)
-        loss = -torch.log_softmax(logits_NN, dim=1).diagonal().mean()
         ctx.input_dtypes = (anchor_ND.dtype, positive_ND.dtype)
         grad_a_ND = grad_b_ND = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            N = a_ND.shape[0]
-            grad_logits_NN = torch.softmax(logits_NN, dim=1)
-            grad_logits_NN.diagonal().sub_(1.0)
-            grad_logits_NN.mul_(1.0 / (N * tau))  # 1/tau: the logits' own scale
-            if ctx.needs_input_grad[0]:
-                grad_a_ND = _normalize_backward(torch.mm(grad_logits_NN, b_ND), a_ND, a_norm_N1)
-            if ctx.needs_input_grad[1]:
-                grad_b_ND = _normalize_backward(torch.mm(grad_logits_NN.t(), a_ND), b_ND, b_norm_N1)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            ctx.save_for_backward(grad_a_ND, grad_b_ND)
+            return -torch.log_softmax(logits_NN, dim=1).diagonal().mean()
+        N = a_ND.shape[0]
+        grad_logits_NN = torch.softmax(logits_NN, dim=1)
+        if tau >= _LOG_OF_SOFTMAX_MIN_TAU:
+            # The loss from the softmax the gradient needs anyway: one pass over N x N fewer.
+            loss = -grad_logits_NN.diagonal().log().mean()
+        else:
+            loss = -torch.log_softmax(logits_NN, dim=1).diagonal().mean()
+        grad_logits_NN.diagonal().sub_(1.0)
+        grad_logits_NN.mul_(1.0 / (N * tau))  # 1/tau: the logits' own scale
+        if ctx.needs_input_grad[0]:
+            grad_a_ND = _normalize_backward(torch.mm(grad_logits_NN, b_ND), a_ND, a_norm_N1)
+        if ctx.needs_input_grad[1]:
+            grad_b_ND = _normalize_backward(torch.mm(grad_logits_NN.t(), a_ND), b_ND, b_norm_N1)
         ctx.save_for_backward(grad_a_ND, grad_b_ND)
         return loss
 
