@@ -81,20 +81,21 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return torch.device(name)
 
 
-_GLIBC_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3}
+_KEEP_FREED = ((-3, 32 << 20), (-1, (1 << 31) - 1), (-2, 64 << 20))
+"""glibc's mallopt (parameter, value): M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB - 1, M_TOP_PAD 64 MiB."""
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process, as a GPU's caching allocator does.
 
     By default glibc serves blocks above a moving threshold (128 KiB at first) with their own
-    mmap and trims the heap when its top is free, so the [T, D] activations of every call are new
-    pages, faulted in again on first touch. On this machine that cost 10-25% of a layer call and
-    varied with the host's memory reclaim (measured: ~10,000 minor faults per S2MoE layer call;
-    none with these settings). It weighs on a variant in proportion to the bytes it allocates, so
-    it would be counted as the layer's cost where a CUDA run (and torch's CPU tuning guide, with
-    jemalloc or tcmalloc) has none. Blocks up to 32 MiB (glibc's largest threshold) come from
-    the heap, which is never trimmed. True when mallopt took all three settings."""
+    mmap and trims the heap when its top is free, so the [T, D] activations of a call can be new
+    pages, faulted in again on first touch. Measured here while the host reclaimed memory:
+    10,000-14,000 minor faults per S2MoE layer call and calls of 214-250 ms, against none and
+    181-189 ms with these settings; in runs without the faults the two gave the same ratios. The
+    cost weighs on a variant in proportion to the bytes it allocates, where a CUDA run (and torch's
+    CPU tuning guide, with jemalloc or tcmalloc) has none. Blocks up to 32 MiB (glibc's largest
+    threshold) then come from a heap that is never trimmed. True when mallopt took every setting."""
     import ctypes
     import ctypes.util
     name = ctypes.util.find_library("c")
@@ -104,8 +105,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False  # not glibc (musl has no mallopt)
-    settings = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": (1 << 31) - 1, "M_TOP_PAD": 64 << 20}
-    return all(mallopt(_GLIBC_MALLOPT[k], v) == 1 for k, v in settings.items())
+    return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED)
 
 
 def setup_single_process() -> None:

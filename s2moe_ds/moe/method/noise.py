@@ -21,10 +21,11 @@ from torch import nn
 
 def draw_eps(x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """eps1, eps2 ~ N(0, 1) in fp32: the numbers of one [2, T, D] draw, so every path consumes the
-    RNG alike. Where T * D is a multiple of 16, two draws give those numbers on the CPU (torch fills
-    normals in blocks of 16; tested) as two tensors that can be freed one at a time."""
+    RNG alike. On the CPU, where T * D is a multiple of 16, two draws give those numbers (torch fills
+    normals in blocks of 16; tested) as two tensors that can be freed one at a time; CUDA's
+    generator would give other numbers for two draws, so it keeps the one draw."""
     shape = tuple(x_TD.shape)
-    if x_TD.numel() % 16 == 0:
+    if x_TD.device.type == "cpu" and x_TD.numel() % 16 == 0:
         return tuple(torch.randn(shape, device=x_TD.device, dtype=torch.float32) for _ in range(2))
     return torch.randn((2, ) + shape, device=x_TD.device, dtype=torch.float32).unbind(0)
 
