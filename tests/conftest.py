@@ -1,11 +1,26 @@
+import hashlib
 import os
-import tempfile
+import platform
+import sys
 
-# Before anything imports deepspeed: tests run on the CPU accelerator (gloo) even on a GPU box,
-# and JIT builds land in a directory of this run only (never a stale build from another venv
-# or CPU). Spawned ranks inherit both.
+
+def _extensions_dir() -> str:
+    """JIT builds (DeepSpeed's CPU Adam, its shm comm) kept inside the venv and keyed by the CPU's
+    flags: built once per venv and machine kind, never a stale build from another venv or CPU
+    (torch's own check covers the sources, not the instruction set they were compiled for)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    key = hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    return os.path.join(sys.prefix, "torch-extensions", key)
+
+
+# Before anything imports deepspeed: tests run on the CPU accelerator (gloo) even on a GPU box.
+# Spawned ranks inherit both.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="s2moe-torch-ext-"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
