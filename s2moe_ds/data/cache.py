@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 import numpy as np
-from tqdm import tqdm
 
 from ..config import ConfigError
 from ..fileio import atomic_write_text
+from ..progress import counter
 from .config import DataConfig
 from .corpora import SPLITS, CorpusSource, Text, count_units, locate
 from .tokenization import (ByteTokenizer, CharTokenizer, SubwordTokenizer, Tokenizer, iter_chunks,
@@ -79,15 +79,15 @@ def _build_tokenizer(cfg: DataConfig, train_text: Text, corpus_key: str, name: s
 
 
 def _encode_to_npy(tokenizer: Tokenizer, text: Text, path: str, desc: str) -> int:
-    """Encode in chunks (bounded memory, a progress bar on large splits) straight into a .npy file."""
+    """Encode in chunks (bounded memory, progress on large splits) straight into a .npy file."""
     dtype = _token_dtype(tokenizer.vocab_size)
     tmp = f"{path}.tmp.{os.getpid()}"
     if tokenizer.kind == "byte" and isinstance(text, str):
         text = text.encode("utf-8")
     elif tokenizer.kind != "byte" and isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
-    bar = tqdm(total=len(text), desc=desc, unit="B" if isinstance(text, bytes) else "char", unit_scale=True,
-               disable=len(text) < 8 * CHUNK_CHARS, leave=False)
+    # A bar on a terminal for large splits only; in a log, a line per tenth and one when done.
+    bar = counter(len(text), desc, "B" if isinstance(text, bytes) else "char", quiet_below=8 * CHUNK_CHARS)
     if tokenizer.kind in ("byte", "char"):
         # One id per byte / per character: the length is known, so write into a memory map.
         n = len(text)

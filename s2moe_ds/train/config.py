@@ -4,10 +4,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-from ..config import ConfigError, check_bool, check_int, check_number, check_optional_int, require
+from ..config import ConfigError, check_bool, check_choice, check_int, check_number, check_optional_int, require
 from ..data import DataConfig
 from ..models import ModelConfig, check_backbone, model_config_from_dict
 from ..parallel import ParallelConfig, check_expert_parallel
+from ..progress import MODES as PROGRESS_MODES
 
 
 @dataclass
@@ -37,7 +38,10 @@ class TrainConfig:
     """Complete checkpoints kept; older ones are deleted after a newer one is complete. The newest
     one known to be healthy (a later step's loss was) is kept too, so 1 keeps two until then."""
     log_interval: int = 10
-    """TensorBoard scalars every n steps."""
+    """TensorBoard scalars every n steps (and, in a log file, a progress line)."""
+    progress: str = "auto"
+    """'bar' (a progress bar), 'lines' (a line per log_interval, for log files) or 'auto': a bar
+    when stderr is a terminal, lines otherwise (a batch job's log)."""
     seed: int = 1234
     """Seed of weights, data order and noise."""
     resume: bool = False
@@ -82,6 +86,7 @@ class TrainConfig:
         check_int(self.save_interval, p + "save_interval", 0)
         check_int(self.keep_checkpoints, p + "keep_checkpoints", 1)
         check_int(self.log_interval, p + "log_interval", 1)
+        check_choice(self.progress, p + "progress", PROGRESS_MODES)
         check_int(self.seed, p + "seed", 0)
         check_bool(self.resume, p + "resume")
         check_optional_int(self.resume_step, p + "resume_step", 1)

@@ -27,6 +27,7 @@ from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
 from ..parallel import ExpertLayout, check_ds_batch, check_ds_config, init_distributed, initialize, keep_global_batch, load_ds_config
 from ..parallel import deepspeed_internals as ds
+from ..progress import set_mode as set_progress_mode
 from .collectives import max_over_ranks, rank_average
 from .config import ExperimentConfig, TrainConfig
 from .hooks import TrainerHook, TrainingStepSchedule
@@ -105,6 +106,7 @@ class Trainer:
         exp.check_world(self.world)
         check_ds_batch(ds_config, self.world)
         self.lock.acquire(train.out_dir)
+        set_progress_mode(train.progress)  # before the data preparation, which shows progress too
         self.task.prepare()
         self.model_cfg = self.task.configure_model(exp.model)
         self.ds_config = lr_schedule(ds_config, train)
