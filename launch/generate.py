@@ -7,15 +7,30 @@ import torch
 
 from s2moe_ds.checkpoint import load_model, resolve_checkpoint
 from s2moe_ds.cli import generate_parser
-from s2moe_ds.config import ConfigError
+from s2moe_ds.config import ConfigError, is_finite_number, require
 from s2moe_ds.data import load_tokenizer
+
+
+def check_sampling_flags(args) -> None:
+    """Refuse what would sample nothing, fail mid-way or be read as something else (a negative
+    temperature was taken as greedy), before the checkpoint is read."""
+    require(args.top_k is None or args.top_k >= 1, "--top-k",
+            f"must be >= 1 (sample among the k likeliest tokens), got {args.top_k}; leave it out to sample among all")
+    require(is_finite_number(args.temperature) and args.temperature >= 0, "--temperature",
+            f"must be a finite number >= 0 (0 always takes the likeliest token), got {args.temperature}")
+    require(args.max_new_tokens >= 0, "--max-new-tokens", f"must be >= 0, got {args.max_new_tokens}")
+    require(args.num_samples >= 1, "--num-samples", f"must be >= 1, got {args.num_samples}")
+    require(args.eval_k >= 1, "--eval-k", f"must be >= 1 (experts per token), got {args.eval_k}")
 
 
 def main(argv=None) -> int:
     args = generate_parser().parse_args(argv)
     try:
-        model, client = load_model(args.checkpoint, eval_k=args.eval_k)
-        tokenizer = load_tokenizer(os.path.join(resolve_checkpoint(args.checkpoint), "tokenizer.json"))
+        check_sampling_flags(args)
+        step_dir = resolve_checkpoint(args.checkpoint)
+        model, client = load_model(step_dir, eval_k=args.eval_k)
+        # The step folder's own tokenizer: the checkpoint's recorded data settings are never read here.
+        tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer.json"))
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

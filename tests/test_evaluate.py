@@ -30,13 +30,19 @@ def trained(tmp_path_factory):
     return out, results[0]
 
 
+def _corpus(run):
+    """The corpus flag: evaluate never opens a path the checkpoint records outside its run folder."""
+    root = os.path.dirname(run)
+    return {"path": os.path.join(root, "corpus.txt"), "cache_dir": os.path.join(root, "cache")}
+
+
 def _deterministic(report):
     return [{k: v for k, v in row.items() if k not in ("seconds", "tokens_per_s")} for row in report["results"]]
 
 
 def test_eval_k_1_and_2_on_one_process_from_a_two_process_run(trained, tmp_path):
     run, final = trained
-    cfg = EvalConfig(checkpoint=run, out_dir=str(tmp_path / "a"))
+    cfg = EvalConfig(checkpoint=run, out_dir=str(tmp_path / "a"), data_overrides=_corpus(run))
     report = evaluate_checkpoint(cfg, log=lambda s: None)
     assert report["trained_with"] == {"world_size": 2, "ep_size": 2}
     rows = {(r["split"], r["eval_k"]): r for r in report["results"]}
@@ -53,11 +59,13 @@ def test_eval_k_1_and_2_on_one_process_from_a_two_process_run(trained, tmp_path)
     with open(tmp_path / "a" / "eval.json") as f:
         assert json.load(f)["results"][0]["bpc"] == report["results"][0]["bpc"]
     # Identical numbers from a second run (timings aside).
-    again = evaluate_checkpoint(EvalConfig(checkpoint=run, out_dir=str(tmp_path / "b")), log=lambda s: None)
+    again = evaluate_checkpoint(EvalConfig(checkpoint=run, out_dir=str(tmp_path / "b"), data_overrides=_corpus(run)),
+                                log=lambda s: None)
     assert _deterministic(again) == _deterministic(report)
     # Batch size changes speed only: eval never drops tokens.
     other = evaluate_checkpoint(EvalConfig(checkpoint=run, eval_k=(1, ), splits=("valid", ), batch_size=3,
-                                           out_dir=str(tmp_path / "c")), log=lambda s: None)
+                                           out_dir=str(tmp_path / "c"), data_overrides=_corpus(run)),
+                                log=lambda s: None)
     assert other["results"][0]["bpc"] == pytest.approx(rows[("valid", 1)]["bpc"], abs=1e-6)
 
 
@@ -78,7 +86,10 @@ def test_cli_with_analysis_writes_report_plots_and_tensorboard(trained, tmp_path
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), "--checkpoint", run,
                            "--eval-k", "1", "--splits", "valid", "--analysis", "--analysis-tokens", "256",
-                           "--out-dir", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out-dir", str(out), "--path", _corpus(run)["path"],
+                           "--cache-dir", _corpus(run)["cache_dir"]],
+                          capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| valid | 1 |" in proc.stdout
     analysis = json.loads((out / "analysis.json").read_text())

@@ -70,7 +70,8 @@ def _run_variant(variant, tmp_path):
     ranks = run_distributed(_train_worker, 2, (variant, out, str(tmp_path / "cache")), timeout=600)
     eval_dir = tmp_path / f"{variant}-eval"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), "--checkpoint", out,
-                           "--splits", "valid", "--eval-k", "1", "2", "--cache-dir", str(tmp_path / "cache"),
+                           "--splits", "valid", "--eval-k", "1", "2", "--path", CORPUS,
+                           "--cache-dir", str(tmp_path / "cache"),
                            "--out-dir", str(eval_dir)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((eval_dir / "eval.json").read_text())

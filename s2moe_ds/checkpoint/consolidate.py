@@ -13,7 +13,7 @@ cast to fp32 (the fp32 master copies live in ZeRO's optimizer shards).
 import glob
 import os
 from dataclasses import replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -60,28 +60,120 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple[Dict[str, torch.T
     return fp32, upgrade_meta(client, f"--checkpoint: {step_dir}")
 
 
-def model_config_for_inference(client: Dict[str, Any], eval_k: Optional[int] = None) -> ModelConfig:
-    """The checkpoint's model config, optionally with another eval_k."""
+def model_config_for_inference(client: Dict[str, Any], eval_k: Optional[int] = None,
+                               state: Optional[Mapping[str, Any]] = None, where: str = "--checkpoint") -> ModelConfig:
+    """The checkpoint's model config, optionally with another eval_k; given the stored weights
+    (`state`: tensors or shapes), refused unless they fit it (check_config_fits)."""
     if "classifier" in client:
         raise ConfigError("--checkpoint: this is a fine-tuned classifier (launch/finetune.py), not a language "
                           "model; launch/finetune.py wrote its evaluation to the run's finetune_eval.json")
-    cfg = model_config_from_dict(client["model_config"])
+    try:
+        cfg = model_config_from_dict(client["model_config"])
+    except TypeError as e:  # a field this version does not know
+        raise ConfigError(f"{where}: its model config is not one of ours ({e})") from None
+    if state is not None:
+        check_config_fits(cfg, state, where)
     if eval_k is not None:
         cfg = replace(cfg, moe=replace(cfg.moe, eval_k=eval_k))
     return cfg
 
 
-def model_from_state(state: Dict[str, torch.Tensor], client: Dict[str, Any], eval_k: Optional[int] = None):
-    """The checkpoint's model on one process (ep_size 1), in eval mode, from a consolidated state dict."""
-    model = build_model(model_config_for_inference(client, eval_k))
+def model_from_state(state: Dict[str, torch.Tensor], client: Dict[str, Any], eval_k: Optional[int] = None,
+                     where: str = "--checkpoint"):
+    """The checkpoint's model on one process (ep_size 1), in eval mode, from a consolidated state
+    dict; its model config is checked against the weights' shapes before the model is built."""
+    model = build_model(model_config_for_inference(client, eval_k, state, where))
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
 def load_model(path: str, eval_k: Optional[int] = None, tag: Optional[str] = None):
     """(the model in eval mode with the checkpoint's weights on one process, its client state)."""
-    state, client = consolidate(path, tag)
-    return model_from_state(state, client, eval_k), client
+    step_dir = resolve_checkpoint(path, tag)
+    state, client = consolidate(step_dir)
+    return model_from_state(state, client, eval_k, f"--checkpoint: {os.path.join(step_dir, ds.MODEL_STATES)}"), client
+
+
+def stored_shapes(step_dir: str) -> Dict[str, Tuple[int, ...]]:
+    """The shapes of the weights consolidate() returns, read without their data (meta tensors)."""
+    manifest.verify(step_dir)
+    states = load_file(os.path.join(step_dir, ds.MODEL_STATES), map_location="meta")
+    shapes = {k: tuple(v.shape) for k, v in states["module"].items()}
+    for f in sorted(glob.glob(os.path.join(step_dir, ds.EXPERT_STATES_GLOB))):
+        shapes.update({k: tuple(v.shape) for k, v in load_file(f, map_location="meta").items()})
+    return shapes
+
+
+def check_config_fits(cfg: ModelConfig, state: Mapping[str, Any], where: str) -> None:
+    """Refuse a model config its stored weights do not fit, naming the field and `where` (the file),
+    before anything is allocated: a config read from a file could ask for any size. First bounds
+    read off the shapes, which also keep the next step small; then every tensor of the model built
+    on the meta device (no memory) against the stored one."""
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in state.items()}
+    _check_size_bounds(cfg, shapes, where)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{where}: its model config cannot be built ({e}); the file was altered or damaged") from None
+    _compare_shapes(cfg, expected, shapes, where)
+
+
+def _size_fields(cfg: ModelConfig) -> Dict[str, int]:
+    """Every integer setting of the config, nested ones by dotted name (model_config.moe.num_experts)."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                out[prefix + k] = v
+    walk(cfg.to_dict(), "model_config.")
+    return out
+
+
+def _check_size_bounds(cfg: ModelConfig, shapes: Dict[str, Tuple[int, ...]], where: str) -> None:
+    largest = max((d for s in shapes.values() for d in s), default=0)
+    for name in ("vocab_size", "d_model", "d_inner"):
+        value = getattr(cfg, name)
+        if value > largest:
+            raise ConfigError(f"{where}: model_config.{name}={value} exceeds every dimension of the stored weights "
+                              f"(largest {largest}); the file's model config was altered or belongs to another "
+                              "checkpoint, nothing was built")
+    # Each layer and each expert holds at least one tensor of its own.
+    count = len(shapes)
+    moe_layers = cfg.n_layer // cfg.moe_every if cfg.moe.routed else 0
+    for name, value, needs in (("n_layer", cfg.n_layer, cfg.n_layer),
+                               ("moe.num_experts", cfg.moe.num_experts, moe_layers * cfg.moe.num_experts)):
+        if needs > count:
+            raise ConfigError(f"{where}: model_config.{name}={value} needs more than the {count} tensors the file "
+                              "stores; the file's model config was altered or belongs to another checkpoint, "
+                              "nothing was built")
+
+
+def _compare_shapes(cfg: ModelConfig, expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]],
+                    where: str) -> None:
+    wrong = [k for k in expected if k in shapes and expected[k] != shapes[k]]
+    if wrong:
+        key = wrong[0]
+        dims = set(expected[key]) - set(shapes[key])
+        fields = [f"{n}={v}" for n, v in _size_fields(cfg).items() if v in dims] or ["its sizes"]
+        raise ConfigError(f"{where}: its model config does not fit its weights: {key} is stored as {shapes[key]}, "
+                          f"{' or '.join(fields)} gives {expected[key]} ({len(wrong)} tensor(s) differ); the file's "
+                          "model config was altered or belongs to another checkpoint")
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        c = cfg
+        layout = (f"n_layer={c.n_layer}, moe_every={c.moe_every}, moe.block={c.moe.block!r}, "
+                  f"moe.router={c.moe.router!r}, moe.num_experts={c.moe.num_experts}")
+        details = "; ".join(p for p in (f"the config's model has {len(missing)} weight(s) the file lacks, e.g. "
+                                        f"{missing[:3]}" if missing else "",
+                                        f"the file has {len(extra)} weight(s) the config's model lacks, e.g. "
+                                        f"{extra[:3]}" if extra else "") if p)
+        raise ConfigError(f"{where}: its model config ({layout}) does not fit its weights: {details}; the file's "
+                          "model config was altered or belongs to another checkpoint")
 
 
 def load_global_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], layout, where: str) -> None:

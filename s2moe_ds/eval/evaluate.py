@@ -7,6 +7,7 @@ identical from run to run: fixed windows in order, no sampling, no token drops, 
 
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -14,8 +15,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..checkpoint import consolidate, model_config_for_inference, model_from_state, resolve_checkpoint
-from ..config import ConfigError, check_int, check_optional_int, require
+from ..checkpoint.store import TOKENIZER
+from ..config import ConfigError, check_int, check_known_fields, check_optional_int, require
 from ..data import DataConfig, check_tokenizer_matches, prepare_corpus
+from ..data.config import TOKENIZER_KINDS
+from ..parallel.deepspeed_internals import MODEL_STATES
 from ..fileio import atomic_write_text
 from ..tables import markdown_table
 from .analysis import ExpertAnalyzer, public
@@ -72,24 +76,90 @@ def default_out_dir(step_dir: str) -> str:
     return os.path.join(run_dir, "eval", os.path.basename(os.path.abspath(step_dir)))
 
 
+def run_folder(step_dir: str) -> str:
+    """The run folder holding checkpoints/step..., or a lone step folder itself: the files the user
+    handed over, and so the only place a path recorded in the checkpoint may point to."""
+    step = os.path.abspath(step_dir)
+    parent = os.path.dirname(step)
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else step
+
+
+def _inside(path: object, folder: str) -> bool:
+    if not isinstance(path, str) or not path:
+        return False
+    real, root = os.path.realpath(os.path.expanduser(path)), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
+
+
+SOURCE_FIELDS = ("path", "train_file", "valid_file", "test_file")
+
+
+def data_settings(recorded: object, overrides: Dict[str, object], step_dir: str, log=print) -> Dict[str, object]:
+    """The DataConfig fields to evaluate with: the user's data flags over the checkpoint's settings.
+
+    A checkpoint may come from anyone, and its settings could name any file the user can read, or
+    a cache folder anywhere: a recorded local path is used only inside the run folder. Outside it,
+    the corpus (data.path and the split files) is refused, naming the flag that passes it; the
+    tokenizer becomes the step folder's own tokenizer.json (the same ids, checked after) and the
+    cache folder DataConfig's default. Dataset names (the hub's) are no local paths and are kept.
+    Giving --dataset or any corpus flag replaces all of the recorded corpus location."""
+    where = f"--checkpoint: {step_dir}"
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{where}: its data settings (client state run.data) are not a dict of DataConfig "
+                          "fields; the checkpoint was altered")
+    check_known_fields(recorded, DataConfig, "data", f"the data settings {where} records")
+    run_dir = run_folder(step_dir)
+    settings = dict(recorded)
+    if any(f in overrides for f in ("dataset", *SOURCE_FIELDS)):
+        for f in SOURCE_FIELDS:
+            settings.pop(f, None)
+    outside = {f: settings[f] for f in SOURCE_FIELDS
+               if settings.get(f) is not None and f not in overrides and not _inside(settings[f], run_dir)}
+    if outside:
+        recorded_text = ", ".join(f"data.{f}={v!r}" for f, v in outside.items())
+        flags = " ".join(f"--{f.replace('_', '-')} {shlex.quote(str(v))}" for f, v in outside.items())
+        hub = (f", or --dataset {settings['dataset']} for the hub's copy" if settings.get("dataset") not in
+               ("path", "embedded", None) else "")
+        raise ConfigError(f"data.{next(iter(outside))}: the checkpoint records {recorded_text}, outside its run "
+                          f"folder {run_dir}; not opened (a checkpoint's settings could name any file): pass "
+                          f"{flags} to evaluate on it{hub}")
+    tokenizer = settings.get("tokenizer")
+    if ("tokenizer" not in overrides and isinstance(tokenizer, str) and tokenizer not in TOKENIZER_KINDS
+            and not _inside(tokenizer, run_dir)):
+        settings["tokenizer"] = os.path.join(step_dir, TOKENIZER)
+        log(f"note: the checkpoint records data.tokenizer={tokenizer!r}, outside its run folder; it was not opened: "
+            f"using the checkpoint's own {settings['tokenizer']} (pass --tokenizer {shlex.quote(tokenizer)} to use "
+            "that file)")
+    cache = settings.get("cache_dir")
+    if "cache_dir" not in overrides and cache is not None and not _inside(cache, run_dir):
+        default = DataConfig.cache_dir
+        settings["cache_dir"] = default
+        if not (isinstance(cache, str) and os.path.abspath(os.path.expanduser(cache))
+                == os.path.abspath(os.path.expanduser(default))):
+            log(f"note: the checkpoint records data.cache_dir={cache!r}, outside its run folder; it was not used: "
+                f"tokenized splits go to {default} (pass --cache-dir {shlex.quote(str(cache))} to use that folder)")
+    return {**settings, **overrides}
+
+
 def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     """Evaluate, write <out_dir>/eval.json (and the analysis files), and return the report."""
     step_dir = resolve_checkpoint(cfg.checkpoint)
+    out_dir = cfg.out_dir or default_out_dir(step_dir)
     state, client = consolidate(step_dir)
     run = client.get("run") or {}
     if "data" not in run or "train" not in run:
         raise ConfigError(f"eval.checkpoint: {step_dir} records no run settings (client state 'run'); "
                           "it was not written by s2moe_ds.train")
-    data_cfg = DataConfig(**{**run["data"], **cfg.data_overrides})
-    corpus = prepare_corpus(data_cfg)
-    check_tokenizer_matches(client["tokenizer"], corpus.tokenizer.identity(), f"checkpoint {step_dir}")
+    model_cfg = model_config_for_inference(client, state=state, where=f"--checkpoint: {_states_file(step_dir)}")
     seq_len = cfg.seq_len or run["train"]["seq_len"]
-    model_cfg = model_config_for_inference(client)
+    check_int(seq_len, "eval.seq_len", 1)
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"eval.seq_len: {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    data_cfg = DataConfig(**data_settings(run["data"], cfg.data_overrides, step_dir, log))
+    corpus = prepare_corpus(data_cfg)
+    check_tokenizer_matches(client["tokenizer"], corpus.tokenizer.identity(), f"checkpoint {step_dir}")
     routed = model_cfg.moe.routed
     ks: List[Optional[int]] = list(cfg.eval_k) if routed else [None]
-    out_dir = cfg.out_dir or default_out_dir(step_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: Dict[str, object] = {
         "checkpoint": os.path.abspath(step_dir), "step": client.get("step"),
@@ -105,7 +175,7 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     reference_flops = report["flops_per_token"][str(max(ks) if routed else ks[-1])]["total"]
     models = {}
     for k in ks:
-        models[k] = model_from_state(state, client, eval_k=k).to(device)
+        models[k] = model_from_state(state, client, k, f"--checkpoint: {_states_file(step_dir)}").to(device)
         flops = report["flops_per_token"][str(k)]["total"]
         for split in cfg.splits:
             start = time.perf_counter()
@@ -127,6 +197,10 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
     report["out_dir"] = out_dir
     return report
+
+
+def _states_file(step_dir: str) -> str:
+    return os.path.join(step_dir, MODEL_STATES)
 
 
 def _run_split(cfg: EvalConfig, corpus, split: str, seq_len: int, device, model,

@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..config import ConfigError
 from ..eval.evaluate import EvalConfig, evaluate_checkpoint
@@ -37,9 +37,11 @@ def code_version() -> str:
     return f"{head}{' with uncommitted changes' if dirty else ''}" if head else "unknown (not a git checkout)"
 
 
-def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None]) -> Dict:
+def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None],
+                       data: Optional[Dict[str, str]] = None) -> Dict:
     """Train with `cmd` into run_dir (unless a finished run with the same command is there), then
-    evaluate it on valid and test with 1 and 2 experts per token."""
+    evaluate it on valid and test with 1 and 2 experts per token, on `data` (DataConfig fields: the
+    evaluation opens no path the checkpoint records outside its run folder)."""
     record_path = os.path.join(run_dir, "result.json")
     key = cmd[1:]  # everything but the launcher's own path
     if os.path.isfile(record_path):
@@ -62,7 +64,8 @@ def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None])
         with open(os.path.join(run_dir, "train.log")) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"training failed with status {rc}; log {run_dir}/train.log ends:\n{tail}")
-    report = evaluate_checkpoint(EvalConfig(checkpoint=run_dir, eval_k=(1, 2), splits=("valid", "test")), log=log)
+    report = evaluate_checkpoint(EvalConfig(checkpoint=run_dir, eval_k=(1, 2), splits=("valid", "test"),
+                                            data_overrides=dict(data or {})), log=log)
     scalars = read_all_scalars(os.path.join(run_dir, "tensorboard"))
     metric = report["metric"]
     speed = [v for _, v in scalars.get("train/tokens_per_s", [])]
@@ -110,7 +113,8 @@ def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
                    "--seed", str(seed), "--max-steps", str(args.max_steps),
                    "--eval-interval", str(max(args.max_steps // args.evals, 1)), "--save-interval", str(args.max_steps),
                    "--out-dir", run_dir, *v.flags(), *extra]
-            record = train_and_evaluate(cmd, run_dir, print)
+            corpus = {"path": os.path.abspath(args.path)} if args.path else None
+            record = train_and_evaluate(cmd, run_dir, print, corpus)
             results.setdefault(v.name, []).append({**record, "seed": seed})
             curves.setdefault(v.name, []).append([tuple(p) for p in record["valid_curve"]])
     metric = next(iter(results.values()))[0]["eval"]["metric"]

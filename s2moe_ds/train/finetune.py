@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from ..checkpoint import consolidate, load_global_state, resolve_checkpoint
 from ..checkpoint.compat import upgrade_meta
+from ..checkpoint.consolidate import check_config_fits, stored_shapes
 from ..checkpoint.store import META, TOKENIZER
 from ..config import ConfigError, check_choice, check_int, require
 from ..data import ClassificationDataConfig, DataConfig, ExampleBatchSampler, load_classification, load_tokenizer
@@ -98,6 +99,9 @@ def pretrained_meta(path: str) -> Dict[str, Any]:
     if not os.path.isfile(os.path.join(step_dir, TOKENIZER)):
         raise ConfigError(f"finetune.pretrained: {step_dir} has no {TOKENIZER}; fine-tuning tokenizes with the "
                           "pretrained model's own tokenizer")
+    # Every rank builds the model meta.json describes: it must fit the stored weights before that.
+    check_config_fits(model_config_from_dict(meta["model_config"]), stored_shapes(step_dir),
+                      f"finetune.pretrained: {os.path.join(step_dir, META)}")
     return {**meta, "step_dir": step_dir}
 
 

@@ -3,6 +3,7 @@ loss, the evaluator and its own state for the checkpoint; the trainer supplies e
 (engine, layout, schedule, hooks, checkpoints, signals). Language modelling is the one task now.
 """
 
+import shlex
 from dataclasses import asdict, replace
 from typing import Any, Dict, Optional, Tuple
 
@@ -60,8 +61,11 @@ class LanguageModelingTask:
 
     def next_commands(self, ckpt_dir: str):
         """What to run on the checkpoints next, printed at the end of training."""
+        # Evaluation opens no corpus path the checkpoint records outside its run: the command passes it.
+        corpus = "".join(f" --{f.replace('_', '-')} {shlex.quote(str(getattr(self.data, f)))}"
+                         for f in ("path", "train_file", "valid_file", "test_file") if getattr(self.data, f))
         return [f"Sample:       python launch/generate.py --checkpoint {ckpt_dir}",
-                f"Evaluate:     python launch/evaluate.py --checkpoint {ckpt_dir} --analysis"]
+                f"Evaluate:     python launch/evaluate.py --checkpoint {ckpt_dir} --analysis{corpus}"]
 
     def run_record(self) -> Dict[str, Any]:
         return {"data": asdict(self.data), "tokenizer": self.identity(), "corpus": self.corpus.identity}
