@@ -4,9 +4,8 @@ Hugging Face export (flags: --help, or docs/cli.md)."""
 import os
 import sys
 
-import torch
-
 from s2moe_ds.checkpoint import consolidate, model_config_for_inference, resolve_checkpoint
+from s2moe_ds.checkpoint.output import check_output, write_consolidated
 from s2moe_ds.cli import consolidate_parser
 from s2moe_ds.config import ConfigError
 
@@ -35,17 +34,16 @@ def main(argv=None) -> int:
     try:
         if args.lm_eval_text is not None and args.format != "hf":
             raise ConfigError("--lm-eval-text: needs --format hf (lm-evaluation-harness loads the Hugging Face export)")
+        check_output(args.out, args.checkpoint, args.format, args.force)
         state, client = consolidate(args.checkpoint, args.tag)
         if args.format == "hf":
             _export_hf(args, state, client)
             return 0
         config = model_config_for_inference(client).to_dict()
+        write_consolidated(args.out, args.checkpoint, args.force, state, config, client.get("tokenizer"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tmp = args.out + ".tmp"
-    torch.save({"state_dict": state, "model_config": config, "tokenizer": client.get("tokenizer")}, tmp)
-    os.replace(tmp, args.out)
     print(f"wrote {args.out}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,} parameters (fp32)")
     return 0
 

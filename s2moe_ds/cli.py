@@ -347,7 +347,7 @@ a Hugging Face export that Transformers and lm-evaluation-harness load.
     python launch/consolidate.py runs/tiny --out runs/tiny/model_fp32.pt
     python launch/consolidate.py runs/tiny --format hf --out runs/tiny/hf --lm-eval-text ../shared/data/tinyshakespeare.txt
 
---format pt: one file {"state_dict", "model_config", "tokenizer"}; load it with
+--format pt: one file {"format", "state_dict", "model_config", "tokenizer"}; load it with
 s2moe_ds.models.build_model(model_config_from_dict(model_config)).load_state_dict(state_dict).
 --format hf (needs pip install -e '.[hf]'): a folder with model.safetensors, config.json and the
 tokenizer; AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) gives our logits
@@ -361,6 +361,9 @@ def consolidate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a step folder")
     parser.add_argument("--tag", default=None, help="step folder name (default: latest)")
     parser.add_argument("--out", required=True, help="output file (.pt) or, with --format hf, folder")
+    parser.add_argument("--force", action="store_true",
+                        help="with --format pt: replace an existing --out file that consolidate did not write "
+                             "(never a folder, nor a file inside a checkpoint)")
     parser.add_argument("--format", choices=("pt", "hf"), default="pt",
                         help="pt: one torch file of ours; hf: a Hugging Face Transformers folder (default: pt)")
     parser.add_argument("--lm-eval-text", default=None,

@@ -23,20 +23,32 @@ from ..parallel import deepspeed_internals as ds
 from .compat import upgrade_meta
 from . import manifest
 from .safe_load import load_file
-from .store import LATEST, newest_verified
+from .store import LATEST, complete_tags, newest_verified, step_of_name, step_tag
 
 
 def _has_step_folders(path: str) -> bool:
-    return os.path.isdir(path) and any(d.startswith("step") for d in os.listdir(path))
+    return os.path.isdir(path) and any(step_of_name(d) is not None for d in os.listdir(path))
+
+
+def _named_tag(ckpt_dir: str, tag: str) -> str:
+    """--tag's step folder (its name, or the step number) among the complete ones; else ConfigError."""
+    name = step_tag(int(tag)) if tag.isdigit() else tag
+    tags = complete_tags(ckpt_dir)
+    if name not in tags:
+        have = ", ".join(reversed(tags)) or "none"
+        raise ConfigError(f"--tag: {ckpt_dir} holds no complete checkpoint {tag!r} (complete: {have}); name one of "
+                          "those (or its step number), or leave --tag out for the newest that verifies")
+    return name
 
 
 def resolve_checkpoint(path: str, tag: Optional[str] = None) -> str:
-    """A step folder from a run folder, its checkpoints/ folder or the step folder itself."""
+    """A step folder from a run folder, its checkpoints/ folder or the step folder itself; `tag`
+    (a step folder's name or step number) picks a complete one of a run or checkpoints/ folder."""
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.isfile(os.path.join(candidate, ds.MODEL_STATES)):
             return candidate
-        if os.path.isfile(os.path.join(candidate, LATEST)) or (tag is None and _has_step_folders(candidate)):
-            chosen = tag or newest_verified(candidate, "--checkpoint")
+        if os.path.isfile(os.path.join(candidate, LATEST)) or _has_step_folders(candidate):
+            chosen = _named_tag(candidate, tag) if tag is not None else newest_verified(candidate, "--checkpoint")
             if chosen is None:
                 break
             return os.path.join(candidate, chosen)

@@ -16,12 +16,20 @@ A write that fails on any rank (a full disk) stops every rank with the path, and
 removed. `latest` has DeepSpeed's own format, so `engine.load_checkpoint(dir)` finds it too; a
 resume does not trust it blindly: it takes the newest complete step folder whose files match
 their manifest, and says which newer ones it skipped and why.
+
+Only folders named as `step_tag` names them (step + the zero-padded step), whose COMPLETE records
+that step, are checkpoints: a copy or rename (`step_best`, an older step copied under a newer name)
+is ignored, and named once; they are ordered by step. A save never overwrites or deletes a
+complete folder: one already holding its step (from a continuation that a resume did not take) is
+set aside as `superseded_<tag>`; only a folder a killed save left without COMPLETE is replaced.
 """
 
 import json
 import os
 import random
+import re
 import shutil
+import stat
 from typing import Any, Callable, Dict, List, Optional
 
 import deepspeed.comm as dist
@@ -30,7 +38,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError, without_implementation_fields
-from ..fileio import atomic_write_text
+from ..fileio import TMP_SUFFIX, atomic_write_text
 from ..models import model_config_from_dict
 from ..parallel import deepspeed_internals as ds
 from . import manifest
@@ -43,8 +51,74 @@ META = "meta.json"
 TOKENIZER = "tokenizer.json"
 
 
+SET_ASIDE = ("poisoned", "superseded")
+"""set_aside's prefixes: folders kept for inspection, never resumed, pruned or overwritten."""
+_STEP_NAME = re.compile(r"step(\d{8,})")
+
+
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
+
+
+def step_of_name(name: str) -> Optional[int]:
+    """The step a folder name of `step_tag`'s form names; None for any other name."""
+    match = _STEP_NAME.fullmatch(name)
+    if match is None or step_tag(int(match.group(1))) != name:
+        return None
+    return int(match.group(1))
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+_noted = set()
+
+
+def _note_once(key, message: str) -> None:
+    if key not in _noted and _rank0():
+        _noted.add(key)
+        print(message, flush=True)
+
+
+def _ours_silently(name: str) -> bool:
+    """Entries of checkpoints/ the run writes itself that are not step folders."""
+    return (name == LATEST or name in ds.RECOVERY_SCRIPTS or name.startswith(tuple(f"{w}_" for w in SET_ASIDE))
+            or (name.startswith(".") and name.endswith(TMP_SUFFIX)))
+
+
+def _recorded_step(step_dir: str) -> Optional[str]:
+    """What COMPLETE records (a save writes the step); None without a COMPLETE file."""
+    path = os.path.join(step_dir, COMPLETE)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return "(not a regular file)"
+        with open(path, errors="replace") as f:
+            return f.read(64).strip()
+    except FileNotFoundError:
+        return None
+
+
+def _complete_step(ckpt_dir: str, name: str) -> Optional[int]:
+    """The step of checkpoints/<name> if it is a complete step folder; else None, with a note
+    (once, rank 0) for an entry that looks like none of the run's own."""
+    if _ours_silently(name):
+        return None
+    path = os.path.join(ckpt_dir, name)
+    step = step_of_name(name)
+    if step is None:
+        why = "not a step folder name (step + the 8-digit step, as a save names it)"
+    elif os.path.islink(path) or not os.path.isdir(path):
+        why = "a symbolic link or a file, not a folder a save wrote"
+    else:
+        recorded = _recorded_step(path)
+        if recorded is None or recorded == str(step):
+            return step if recorded is not None else None  # no COMPLETE: a save that did not finish
+        why = f"its {COMPLETE} records step {recorded[:20]!r}, not {step}: a copy or rename of another folder"
+    _note_once((os.path.realpath(ckpt_dir), name, why),
+               f"checkpoints: ignored {path}: {why}; only the run's own step folders are resumed, pruned or "
+               "consolidated")
+    return None
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -76,8 +150,9 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
         return None
     with open(path) as f:
         tag = f.read().strip()
-    if not os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
-        raise ConfigError(f"{path} names {tag!r}, which is not a complete checkpoint (no {COMPLETE} file); "
+    if tag not in complete_tags(ckpt_dir):
+        raise ConfigError(f"{path} names {tag!r}, which is not a complete checkpoint of the run (no {COMPLETE} "
+                          "file, or not a step folder's name); "
                           "--resume (and evaluate, consolidate) take the newest complete step folder that "
                           "verifies instead; delete nothing")
     return tag
@@ -87,15 +162,16 @@ class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed on some rank (a full disk, a lost mount): raised on every rank."""
 
 
-def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str) -> None:
+def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str, remove: bool = True) -> None:
     """A collective: every rank learns whether any rank's writes failed; then all raise together
-    (none is left waiting in the next barrier), after rank 0 removed the incomplete folder."""
+    (none is left waiting in the next barrier), after rank 0 removed the incomplete folder (when
+    `remove`: the save had started writing it)."""
     failures = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
     bad = [(r, f) for r, f in enumerate(failures) if f is not None]
     if not bad:
         return
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and remove:
         shutil.rmtree(step_dir, ignore_errors=True)
     previous = None
     try:
@@ -110,11 +186,17 @@ def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str) -> No
 
 
 def complete_tags(ckpt_dir: str) -> List[str]:
-    """Step folders with COMPLETE, newest first."""
+    """Step folders with COMPLETE, newest first: named as `step_tag` names them, COMPLETE
+    recording that step. Any other entry is ignored (named once on rank 0, unless the run wrote it:
+    `latest`, set-aside folders, temporary files)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted((d for d in os.listdir(ckpt_dir)
-                   if d.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, d, COMPLETE))), reverse=True)
+    found = []
+    for name in os.listdir(ckpt_dir):
+        step = _complete_step(ckpt_dir, name)
+        if step is not None:
+            found.append((step, name))
+    return [name for _, name in sorted(found, reverse=True)]
 
 
 def _problems_on_all_ranks(step_dir: str) -> List[str]:
@@ -177,13 +259,14 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     tag = step_tag(step)
     rank = dist.get_rank()
     step_dir = os.path.join(ckpt_dir, tag)
-    if rank == 0:
-        # A folder of this tag is left by a run killed mid-save, or by one that got further before
-        # its resume fell back to an earlier step: start it clean.
-        if os.path.isdir(step_dir):
-            shutil.rmtree(step_dir)
-    dist.barrier()
     failure = None
+    if rank == 0:
+        try:
+            _make_room(ckpt_dir, tag)
+        except OSError as e:
+            failure = f"{type(e).__name__}: {e}"
+    _all_ranks_wrote(failure, step_dir, ckpt_dir, remove=False)
+    ds.skip_recovery_scripts(engine)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
@@ -193,6 +276,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
             if tokenizer is not None:
                 tokenizer.save(os.path.join(step_dir, TOKENIZER))
             atomic_write_text(os.path.join(step_dir, META), json.dumps(meta or {}, indent=1, sort_keys=True))
+            # Before the manifest: a script inside the step folder would be listed in it.
+            for folder in (ckpt_dir, step_dir):
+                _remove_recovery_scripts(folder)
     except (OSError, RuntimeError) as e:  # C++ writers report a full disk as RuntimeError
         failure = f"{type(e).__name__}: {e}"
     _all_ranks_wrote(failure, step_dir, ckpt_dir)
@@ -223,11 +309,48 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     return tag
 
 
+def _make_room(ckpt_dir: str, tag: str) -> None:
+    """Rank 0, before a save of `tag`: a folder of that tag left by a save that did not finish (no
+    COMPLETE) is removed; anything else there (a complete folder, from a continuation a resume did
+    not take: newer ones that fail to verify, or a copy) is set aside, never deleted."""
+    path = os.path.join(ckpt_dir, tag)
+    if not os.path.lexists(path):
+        return
+    folder = os.path.isdir(path) and not os.path.islink(path)
+    if folder and _recorded_step(path) is None:
+        shutil.rmtree(path)
+        return
+    what = ("a complete checkpoint of a continuation that --resume did not take (one that did not verify, or a "
+            "copy)") if folder else "a symbolic link or a file"
+    moved = _move_aside(ckpt_dir, tag, "superseded")
+    print(f"checkpoint: {path} was {what}; set aside as {moved}, not overwritten", flush=True)
+
+
+def _remove_recovery_scripts(folder: str) -> None:
+    """DeepSpeed's copies of its recovery scripts (runs before skip_recovery_scripts left them): they
+    unpickle with weights_only=False. Only a regular file with DeepSpeed's header is removed."""
+    for name in ds.RECOVERY_SCRIPTS:
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        head = b""
+        if stat.S_ISREG(info.st_mode):
+            with open(path, "rb") as f:
+                head = f.read(1024)
+        if b"# DeepSpeed Team" in head:
+            os.remove(path)
+        else:
+            _note_once(("script", os.path.realpath(path)), f"checkpoints: left {path} in place: not DeepSpeed's "
+                       "copy of its script; launch/consolidate.py is the tool for these checkpoints")
+
+
 def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
     # The newest checkpoint's weights are not yet known to be healthy (the next step's loss tells);
     # the one before it is (every step since gave a healthy loss), so it stays until a newer one is.
     tags = complete_tags(ckpt_dir)
-    healthy = next((t for t in tags if t < newest), None)
+    healthy = next((t for t in tags if tag_step(t) < tag_step(newest)), None)
     for old in tags[keep:]:
         if old not in (newest, healthy):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -237,19 +360,22 @@ def tag_step(tag: str) -> int:
     return int(tag[len("step"):])
 
 
+def _move_aside(ckpt_dir: str, tag: str, why: str) -> str:
+    """Rename checkpoints/<tag> to a free `<why>_<tag>[.n]`; the new path."""
+    target = os.path.join(ckpt_dir, f"{why}_{tag}")
+    n = 1
+    while os.path.lexists(target):
+        n += 1
+        target = os.path.join(ckpt_dir, f"{why}_{tag}.{n}")
+    os.rename(os.path.join(ckpt_dir, tag), target)
+    return target
+
+
 def set_aside(ckpt_dir: str, tags: List[str], why: str) -> List[str]:
     """Rename step folders to `<why>_<tag>` (kept for inspection, no longer resumed or pruned)
     and point `latest` at the newest complete one left (or remove it). Rank 0 only; returns the
     new paths."""
-    moved = []
-    for tag in tags:
-        target = os.path.join(ckpt_dir, f"{why}_{tag}")
-        n = 1
-        while os.path.exists(target):
-            n += 1
-            target = os.path.join(ckpt_dir, f"{why}_{tag}.{n}")
-        os.rename(os.path.join(ckpt_dir, tag), target)
-        moved.append(target)
+    moved = [_move_aside(ckpt_dir, tag, why) for tag in tags]
     left = complete_tags(ckpt_dir)
     if left:
         atomic_write_text(os.path.join(ckpt_dir, LATEST), left[0])
@@ -308,6 +434,20 @@ def verified_step(ckpt_dir: str, step: int, what: str) -> str:
     return tag
 
 
+def _describe_tokenizer(identity) -> str:
+    if not isinstance(identity, dict):
+        return repr(identity)
+    return (f"a {identity.get('kind', '?')} tokenizer of {identity.get('vocab_size', '?')} tokens built from "
+            f"{identity.get('built_from', '?')} (sha256 {str(identity.get('sha256', '?'))[:12]})")
+
+
+def _other_data(where: str, saved, expected) -> str:
+    return (f"--resume: checkpoint {where} was trained on other data or another tokenizer: it has "
+            f"{_describe_tokenizer(saved)}, this run's data gives {_describe_tokenizer(expected)}. Resume with "
+            f"the checkpoint's corpus (the same --dataset/--path) and tokenizer (--tokenizer "
+            f"{os.path.join(where, TOKENIZER)}), or train on this corpus in a new --out-dir")
+
+
 def check_resumable(ckpt_dir: str, expect: Dict[str, Any], relayout_refusal: Optional[str] = None,
                     step: Optional[int] = None) -> Optional[str]:
     """The tag to resume from, after checking that the checkpoint's meta.json matches `expect`
@@ -322,14 +462,13 @@ def check_resumable(ckpt_dir: str, expect: Dict[str, Any], relayout_refusal: Opt
     where = os.path.join(ckpt_dir, tag)
     saved = _resume_view(json.loads(json.dumps(read_meta(where))))
     expect = json.loads(json.dumps(_resume_view(expect)))  # tuples and lists compare as JSON would store them
+    if "tokenizer" in expect and saved.get("tokenizer") != expect["tokenizer"]:
+        # Before the model config, whose vocab_size follows from the tokenizer.
+        raise ConfigError(_other_data(where, saved.get("tokenizer"), expect["tokenizer"]))
     for key, value in expect.items():
         if key in LAYOUT_KEYS and (relayout_refusal is None or key not in ("world_size", "ep_size")):
             continue
         if saved.get(key) != value:
-            if key == "tokenizer":
-                raise ConfigError(f"--resume: checkpoint {where} was trained with tokenizer {saved.get(key)}, "
-                                  f"this run's data gives {value}; resume with the checkpoint's data and "
-                                  f"tokenizer (--tokenizer {os.path.join(where, TOKENIZER)})")
             if key == "model_config":
                 why = (f"another model config ({'; '.join(_differences(saved.get(key), value))}); a resume "
                        "continues the same model")

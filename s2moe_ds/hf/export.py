@@ -10,7 +10,9 @@ from typing import Dict, Optional
 
 import torch
 
+from ..checkpoint.output import check_export_folder
 from ..config import ConfigError
+from ..fileio import new_folder_beside
 from .modeling import S2MoEConfig, S2MoEForCausalLM
 from .tokenizer import S2MoETokenizer
 
@@ -24,33 +26,24 @@ TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_s2moe.S2MoETokenizer", Non
 LM_EVAL_TASK = "s2moe_text"
 
 
-def _check_out_dir(out_dir: str) -> None:
+def check_out_dir(out_dir: str) -> None:
     """Replace only an earlier export (or nothing): never a folder of something else."""
-    if os.path.isfile(out_dir):
-        raise ConfigError(f"--out: {out_dir} is a file; --format hf writes a folder, name a new one")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        try:
-            with open(os.path.join(out_dir, "config.json")) as f:
-                earlier = json.load(f).get("model_type")
-        except (OSError, ValueError):
-            earlier = None
-        if earlier != S2MoEConfig.model_type:
-            raise ConfigError(f"--out: {out_dir} is a non-empty folder that holds no earlier export of ours; "
-                              "name a new or empty folder")
+    check_export_folder(out_dir, S2MoEConfig.model_type)
 
 
 def export_hf(state: Dict[str, torch.Tensor], model_config: dict, tokenizer_path: str, out_dir: str,
               meta: Optional[dict] = None) -> S2MoEForCausalLM:
     """Write the export of an ep_size-1 fp32 state dict (checkpoint.consolidate's) to `out_dir`,
     built in a sibling folder and renamed into place. Returns the model as exported."""
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     config = S2MoEConfig(s2moe_model=model_config, auto_map=AUTO_MAP, architectures=["S2MoEForCausalLM"],
                          torch_dtype="float32", s2moe_meta=meta or {})
     model = S2MoEForCausalLM(config)
     prefix = S2MoEForCausalLM.base_model_prefix
     model.load_state_dict({f"{prefix}.{k}": v for k, v in state.items()}, strict=True)
-    tmp = out_dir.rstrip(os.sep) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Built in a new folder of our own beside out_dir ('.<name>.<random>.tmp'): no fixed name
+    # that could be another's folder or a planted link.
+    tmp = new_folder_beside(out_dir, "tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     cfg = model.model.cfg
     # A backbone without memory has a longest input; with memory any length reads in segments.
@@ -66,13 +59,23 @@ def export_hf(state: Dict[str, torch.Tensor], model_config: dict, tokenizer_path
         with open(os.path.join(tmp, name), "w") as f:
             f.write(f"# Loaded by trust_remote_code; the class is s2moe_ds's (pip install 's2moe-ds[hf]').\n"
                     f"from {module} import {cls}  # noqa: F401\n")
-    old = out_dir.rstrip(os.sep) + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(tmp, out_dir)
     return model
+
+
+def _swap_in(staged: str, out_dir: str) -> None:
+    """Rename the staged export to out_dir. What is there (check_out_dir lets through only an
+    earlier export or an empty folder, checked again now) is first renamed onto a new empty folder
+    of ours, then removed: nothing else is ever deleted."""
+    check_out_dir(out_dir)
+    out_dir = out_dir.rstrip(os.sep) or out_dir
+    if not os.path.lexists(out_dir):
+        os.replace(staged, out_dir)
+        return
+    old = new_folder_beside(out_dir, "old")
+    os.replace(out_dir, old)  # onto an empty folder: rename(2) replaces it
+    os.replace(staged, out_dir)
+    shutil.rmtree(old)
 
 
 def write_lm_eval_task(text_path: str, out_dir: str) -> str:

@@ -297,6 +297,16 @@ EXPERT_STATES_GLOB = "layer_*_expert_*_model_states.pt"
 """One file per MoE layer and GLOBAL expert id; its keys use the global id too."""
 CLIENT_STATE_SKIP = ("module", "optimizer", "lr_scheduler")
 """Keys of MODEL_STATES that are the engine's, not the client state we passed to save_checkpoint."""
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+"""What a ZeRO engine's save copies into the checkpoints folder (`_copy_recovery_script`)."""
+
+
+def skip_recovery_scripts(engine) -> None:
+    """Keep a ZeRO save from copying RECOVERY_SCRIPTS beside the step folders: the copy follows a
+    symbolic link found under that name, and the scripts unpickle with weights_only=False (and
+    stop at our per-expert files; launch/consolidate.py is the tool)."""
+    if hasattr(engine, "_copy_recovery_script"):
+        engine._copy_recovery_script = lambda save_path: None
 
 
 
