@@ -9,7 +9,7 @@ setup(
     install_requires=[
         # A range that the CPU wheel 2.13.0 satisfies: install that wheel first, or pip resolves
         # a multi-GB CUDA build on machines without a GPU.
-        "torch>=2.4,<2.14",
+        "torch>=2.10,<2.16",
         # S2MoE subclasses DeepSpeed's MoE and its gate and relies on their attribute names and
         # the sparse-route dispatch of 0.19; newer minor releases must be checked before widening.
         "deepspeed>=0.19.8,<0.20",

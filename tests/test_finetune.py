@@ -345,3 +345,42 @@ def test_flags_and_checkpoints_are_checked_before_compute(pretrained, tmp_path, 
     for extra, expected in cases:
         assert main(base + extra) == 2, extra
         assert expected in capsys.readouterr().err, extra
+
+
+def _short_rows(n, seed):
+    """Texts of 2 to about 25 characters: shorter than the model's 32 positions, so each batch's
+    longest text, and with it the padding, differs from rank to rank."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        words = [rng.choice(FILLER[:5]) for _ in range(rng.randint(0, 3))] + [rng.choice(POSITIVE if y else NEGATIVE)]
+        rows.append({"text": " ".join(words), "label": "pos" if y else "neg"})
+    return rows
+
+
+def _layout_worker(rank, world_size, pretrained, data, out_dir, ep_size):
+    from s2moe_ds.train.finetune import FinetuneConfig, finetune, finetune_experiment
+    cfg = FinetuneConfig(pretrained=pretrained, data=ClassificationDataConfig(path=data), eval_k=(1,))
+    experiment = finetune_experiment(cfg, {"ep_size": ep_size},
+                                     {"out_dir": out_dir, "max_steps": 2, "warmup_steps": 1, "eval_interval": 0,
+                                      "save_interval": 0})
+    return finetune(cfg, experiment, _ds_config())["losses"]
+
+
+def test_texts_of_different_lengths_train_with_expert_parallelism(pretrained, tmp_path):
+    """Each rank padded its micro-batch to its own longest text: with ep_size 2 the ranks' token
+    counts, and so the expert all-to-all's sizes, differed and gloo aborted at step 1. Padded to
+    the step's longest text over all ranks, they train, with the losses of ep_size 1."""
+    from s2moe_ds.data import load_tokenizer
+    from s2moe_ds.train.finetune import pretrained_meta
+    data = _write(str(tmp_path / "data"), "jsonl", {"train": _short_rows(200, 4), "valid": _short_rows(16, 5)})
+    # The premise: at step 1 the two ranks' longest texts differ (micro batch 8, seed 1234).
+    tokenizer = load_tokenizer(os.path.join(pretrained_meta(pretrained)["step_dir"], "tokenizer.json"))
+    train = load_classification(ClassificationDataConfig(path=data), tokenizer, 32).splits["train"]
+    longest = [train.longest(ExampleBatchSampler(len(train), 8, r, 2, seed=1234).next_indices()) for r in range(2)]
+    assert longest[0] != longest[1] and max(longest) < 32, longest
+    ep2 = run_distributed(_layout_worker, 2, (pretrained, data, str(tmp_path / "ep2"), 2))
+    ep1 = run_distributed(_layout_worker, 2, (pretrained, data, str(tmp_path / "ep1"), 1))
+    for rank in range(2):
+        assert len(ep2[rank]) == 2 and ep2[rank] == pytest.approx(ep1[rank], abs=1e-5), (ep2[rank], ep1[rank])

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 
 from ..config import ConfigError
 from ..parallel import deepspeed_internals as ds
@@ -38,9 +39,27 @@ def _refuse(path: str, why: str) -> UnsafeCheckpointError:
         "written by s2moe_ds, or one whose origin you trust re-saved as plain tensors")
 
 
+SAFE_TORCH = "2.10"
+"""The oldest torch whose weights-only unpickler has no published bypass (CVE-2025-32434: up to
+2.5.1; CVE-2026-24747: before 2.10); setup.py requires it too."""
+
+
+def check_torch_version() -> None:
+    """Refuse to open any checkpoint file on an older torch: there, a crafted file gets past
+    weights_only=True and runs its code, whatever our allowlist says. A pre-release of 2.10 counts
+    as older, as it does for pip."""
+    found = TorchVersion(torch.__version__)
+    if found < SAFE_TORCH:
+        raise UnsafeCheckpointError(
+            f"torch {found}: checkpoint files are not opened with torch older than {SAFE_TORCH}, whose weights-only "
+            "unpickler has published bypasses (CVE-2025-32434 up to 2.5.1, CVE-2026-24747 before 2.10) that let a "
+            f"crafted file run its code; upgrade torch: pip install 'torch>={SAFE_TORCH}'")
+
+
 def check_file(path: str) -> None:
     """Refuse `path` if its pickle names a global outside the allowlist (reads only the pickle,
     not the tensor data), so that every rank can check every file before any rank loads one."""
+    check_torch_version()
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
     try:
         asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -53,6 +72,7 @@ def check_file(path: str) -> None:
 
 def load_file(path: str, map_location: Optional[object] = "cpu"):
     """torch.load with weights_only=True and our allowlist; UnsafeCheckpointError otherwise."""
+    check_torch_version()
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint file {path}: missing; the checkpoint is incomplete or was moved")
     try:

@@ -6,9 +6,9 @@ routers' own files, parallel/config.py, data/config.py, train/config.py); they a
 """
 
 from .validate import (IMPLEMENTATION, ConfigError, check_bool, check_choice, check_int, check_known_fields,
-                       check_number, check_optional_int, fail, require, resolve_settings,
+                       check_number, check_optional_int, fail, is_finite_number, require, resolve_settings,
                        without_implementation_fields)
 
 __all__ = ["IMPLEMENTATION", "ConfigError", "check_bool", "check_choice", "check_int", "check_known_fields",
-           "check_number", "check_optional_int", "fail", "require", "resolve_settings",
+           "check_number", "check_optional_int", "fail", "is_finite_number", "require", "resolve_settings",
            "without_implementation_fields"]

@@ -2,6 +2,7 @@
 says what would be accepted, so a bad flag or config file fails before any compute."""
 
 
+import math
 from dataclasses import fields, is_dataclass
 
 IMPLEMENTATION = {"implementation": True}
@@ -56,10 +57,20 @@ def check_known_fields(values, cls, name: str, owner: str) -> None:
             f"its fields: {', '.join(sorted(known))}")
 
 
+def is_finite_number(value) -> bool:
+    """An int or a float that is neither NaN nor infinite (a bool is no number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # An int is finite however large; math.isfinite would overflow converting a huge one.
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def check_number(value, name: str, minimum: float, strict: bool) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = is_number and (value > minimum if strict else value >= minimum) and value == value
-    require(ok, name, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+    """A finite number above (strict) or at least `minimum`: NaN or infinity in a setting would
+    reach the weights, and a run trained with it would save them as if healthy."""
+    ok = is_finite_number(value) and (value > minimum if strict else value >= minimum)
+    bound = "" if minimum == -math.inf else f" {'>' if strict else '>='} {minimum}"
+    require(ok, name, f"must be a finite number{bound}, got {value!r}")
 
 
 def resolve_settings(value, cls, name: str, owner: str):

@@ -9,7 +9,7 @@ with the pretrained model's tokenizer, truncated by a stated rule, batched with 
 Every file, column and label is checked while loading, before any compute: a missing column, a
 label outside the declared set or an empty text is refused with the file (and row) named.
 
-Shapes: B texts, T tokens (the longest text of the batch, at most max_len).
+Shapes: B texts, T tokens (the longest text of the batch, or of the step on every rank; at most max_len).
 """
 
 from __future__ import annotations
@@ -114,10 +114,20 @@ class Examples:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, indices: Sequence[int], pad_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_BT, labels_B, mask_BT) for these examples, right-padded to the longest of them."""
+    def longest(self, indices: Sequence[int]) -> int:
+        """Tokens of the longest of these examples."""
+        return max(len(self.ids[i]) for i in indices)
+
+    def batch(self, indices: Sequence[int], pad_id: int = 0,
+              length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_BT, labels_B, mask_BT) for these examples, right-padded to `length` tokens (None: the
+        longest of them). Ranks of one expert-parallel step pass the same length: the all-to-all
+        needs the same number of tokens, hence the same capacity, on each."""
         rows = [self.ids[i] for i in indices]
-        T = max(len(r) for r in rows)
+        longest = self.longest(indices)
+        T = longest if length is None else length
+        if T < longest:
+            raise ValueError(f"batch length {T} is shorter than its longest example ({longest} tokens)")
         x_BT = np.full((len(rows), T), pad_id, dtype=np.int64)
         mask_BT = np.zeros((len(rows), T), dtype=np.int64)
         for b, r in enumerate(rows):

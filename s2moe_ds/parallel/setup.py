@@ -9,7 +9,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from ..config import ConfigError
+from ..config import ConfigError, is_finite_number
 from . import deepspeed_internals as ds
 from .grad_norm import clip_grad_norm, global_grad_norm
 
@@ -102,6 +102,8 @@ def load_ds_config(ds_config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[s
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed_config: {path} is not valid JSON ({e})") from None
+        _check_top_level(cfg, path)
+    _check_top_level(cfg, "the DeepSpeed config")
     bf16 = cfg.get("bf16")
     if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
         accel = get_accelerator()
@@ -109,8 +111,129 @@ def load_ds_config(ds_config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[s
     return cfg
 
 
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true or false", int: "a number",
+              float: "a number", type(None): "null"}
+
+
+def _check_top_level(cfg, where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"deepspeed_config: {where} holds {JSON_TYPES.get(type(cfg), type(cfg).__name__)} at its "
+                          "top level; a DeepSpeed config is one JSON object of settings, e.g. "
+                          "{\"train_micro_batch_size_per_gpu\": 16, \"optimizer\": {...}}")
+
+
+def _json_paths(value, path: str = ""):
+    """(path, value) of every leaf of a JSON value: `optimizer.params.betas[1]`."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _json_paths(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _json_paths(item, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def _check_finite(cfg: Dict[str, Any]) -> None:
+    """No NaN or infinity anywhere (Python's JSON reader accepts NaN, Infinity and -Infinity): a
+    learning rate or a clipping bound of that kind makes the weights non-finite."""
+    for path, value in _json_paths(cfg):
+        if isinstance(value, float) and not is_finite_number(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}; JSON's NaN and Infinity are no "
+                              "setting, write the value itself (or remove the key for its default)")
+
+
+def _check_field(params: Dict[str, Any], where: str, key: str, minimum: float, fix: str, strict: bool = False,
+                 maximum: Optional[float] = None, nullable: bool = False) -> None:
+    """params[key], if present, is a finite number >= minimum (> with strict, <= maximum)."""
+    if key not in params or (nullable and params[key] is None):
+        return
+    value = params[key]
+    ok = is_finite_number(value) and (value > minimum if strict else value >= minimum)
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        bounds = f"{'>' if strict else '>='} {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
+        quoted = " (a JSON number has no quotes)" if isinstance(value, str) else ""
+        raise ConfigError(f"{where}.{key}: must be a finite number {bounds}, got {value!r}{quoted}; {fix}")
+
+
+def _section(cfg: Dict[str, Any], key: str, example: str, absent: str) -> Optional[Dict[str, Any]]:
+    """cfg[key] as an object with an object of params (None when the key is absent)."""
+    if key not in cfg:
+        return None
+    section = cfg[key]
+    if not isinstance(section, dict):
+        raise ConfigError(f"{key}: must be an object such as {example}, got {json.dumps(section)}; "
+                          f"give one, or remove the key ({absent})")
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{key}.params: must be an object of the {key}'s settings, got "
+                          f"{JSON_TYPES.get(type(params), type(params).__name__)}; e.g. {example}")
+    return section
+
+
+def _check_optimizer(cfg: Dict[str, Any]) -> None:
+    opt = _section(cfg, "optimizer", '{"type": "AdamW", "params": {"lr": 0.001}}',
+                   "AdamW is used, with the learning rate of --lr")
+    if opt is None:
+        return
+    kind = opt.get("type")
+    known = ds.optimizer_names()
+    if not isinstance(kind, str) or (kind.lower() not in known and not hasattr(torch.optim, kind)):
+        raise ConfigError(f"optimizer.type: {kind!r} is not an optimizer DeepSpeed knows; use one of "
+                          f"{', '.join(known)} (or a torch.optim class name), e.g. \"AdamW\"")
+    params, where = opt.get("params", {}), "optimizer.params"
+    _check_field(params, where, "lr", 0.0, "e.g. 0.001, or remove it and pass --lr", strict=True)
+    _check_field(params, where, "weight_decay", 0.0, "e.g. 0.01 (0 for none)")
+    _check_field(params, where, "eps", 0.0, "e.g. 1e-8")
+    _check_field(params, where, "momentum", 0.0, "e.g. 0.9 (0 for none)")
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(is_finite_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{where}.betas: must be a list of two numbers in [0, 1), the decay rates of Adam's "
+                          f"two moments, got {json.dumps(betas)}; e.g. [0.9, 0.999]")
+
+
+SCHEDULE_FIELDS = {
+    # name: (minimum, maximum, null allowed: DeepSpeed's default is None)
+    **{name: (0.0, None, False) for name in ("warmup_min_lr", "cycle_min_lr", "cycle_max_lr", "decay_lr_rate",
+                                             "cycle_min_mom", "cycle_max_mom", "decay_mom_rate", "lr_range_test_min_lr",
+                                             "lr_range_test_step_rate", "warmup_num_steps", "cycle_first_step_size",
+                                             "cycle_first_stair_count", "decay_step_size", "lr_range_test_step_size")},
+    **{name: (0.0, None, True) for name in ("warmup_max_lr", "cycle_second_step_size", "cycle_second_stair_count")},
+    "warmup_min_ratio": (0.0, 1.0, False), "cos_min_ratio": (0.0, 1.0, False), "total_num_steps": (1.0, None, False),
+    "last_batch_iteration": (-1.0, None, False),
+}
+WARMUP_TYPES = ("linear", "log")
+
+
+def _check_scheduler(cfg: Dict[str, Any]) -> None:
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+    sched = _section(cfg, "scheduler", '{"type": "WarmupCosineLR", "params": {"warmup_num_steps": 100}}',
+                     "our warmup and cosine decay over --max-steps is used")
+    if sched is None:
+        return
+    kind = sched.get("type")
+    if kind not in VALID_LR_SCHEDULES:
+        raise ConfigError(f"scheduler.type: {kind!r} is not a DeepSpeed schedule; use one of "
+                          f"{', '.join(VALID_LR_SCHEDULES)}, or remove \"scheduler\" for our warmup and cosine decay")
+    params = sched.get("params", {})
+    for key, (minimum, maximum, nullable) in SCHEDULE_FIELDS.items():
+        _check_field(params, "scheduler.params", key, minimum, "give one, or remove it for DeepSpeed's default",
+                     maximum=maximum, nullable=nullable)
+    if "warmup_type" in params and params["warmup_type"] not in WARMUP_TYPES:
+        raise ConfigError(f"scheduler.params.warmup_type: must be one of {', '.join(map(repr, WARMUP_TYPES))}, got "
+                          f"{params['warmup_type']!r}")
+
+
 def check_ds_config(cfg: Dict[str, Any]) -> None:
-    """Refuse DeepSpeed settings that cannot work with native expert-parallel MoE, before any compute."""
+    """Refuse DeepSpeed settings that cannot work with native expert-parallel MoE, or that are not
+    settings at all (a NaN, a negative learning rate, an optimizer of null), before any compute."""
+    _check_top_level(cfg, "the DeepSpeed config")
+    _check_finite(cfg)
+    for key in ("zero_optimization", "fp16", "bf16"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{key}: must be an object of settings, e.g. {{\"enabled\": true}} or "
+                              f"{{\"stage\": 2}}, got {json.dumps(cfg[key])}; give one or remove the key")
     stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
     if stage == 3:
         raise ConfigError(
@@ -126,13 +249,8 @@ def check_ds_config(cfg: Dict[str, Any]) -> None:
     clip = cfg.get("gradient_clipping")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
         raise ConfigError(f"gradient_clipping: must be a number >= 0 (0 turns clipping off), got {clip!r}")
-    opt = cfg.get("optimizer")
-    if opt is not None:
-        kind = opt.get("type") if isinstance(opt, dict) else None
-        known = ds.optimizer_names()
-        if not isinstance(kind, str) or (kind.lower() not in known and not hasattr(torch.optim, kind)):
-            raise ConfigError(f"optimizer.type: {kind!r} is not an optimizer DeepSpeed knows; use one of "
-                              f"{', '.join(known)} (or a torch.optim class name), e.g. \"AdamW\"")
+    _check_optimizer(cfg)
+    _check_scheduler(cfg)
     if (cfg.get("fp16") or {}).get("enabled", False) and get_accelerator().device_name() == "cpu":
         raise ConfigError("fp16.enabled: fp16 is not supported on the CPU accelerator; "
                           "use \"bf16\": {\"enabled\": true} or fp32")

@@ -21,7 +21,7 @@ from ..checkpoint import consolidate, load_global_state, resolve_checkpoint
 from ..checkpoint.compat import upgrade_meta
 from ..checkpoint.consolidate import check_config_fits, stored_shapes
 from ..checkpoint.store import META, TOKENIZER
-from ..config import ConfigError, check_choice, check_int, require
+from ..config import ConfigError, check_choice, check_int, check_number, require
 from ..data import ClassificationDataConfig, DataConfig, ExampleBatchSampler, load_classification, load_tokenizer
 from ..eval import evaluate_classifier
 from ..eval.flops import flops_per_token
@@ -31,7 +31,7 @@ from ..models.classifier import POOLINGS
 from ..moe import experts_per_token, total_loss
 from ..moe.config import nest_settings
 from ..tables import markdown_table
-from .collectives import rank_zero_first
+from .collectives import max_over_ranks, rank_zero_first
 from .config import ExperimentConfig, TrainConfig
 from .presets import _merge_moe
 from .trainer import Trainer
@@ -77,6 +77,9 @@ class FinetuneConfig:
         for k in self.eval_k:
             check_int(k, "finetune.eval_k", 1)
         check_int(self.eval_batch_size, "finetune.eval_batch_size", 1)
+        if self.dropout is not None:
+            check_number(self.dropout, "finetune.dropout", 0.0, strict=False)
+            require(self.dropout < 1, "finetune.dropout", f"must be < 1, got {self.dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,7 +202,13 @@ class ClassificationTask:
         return self.last_tokens
 
     def next_batch(self):
-        batch = self.data.splits["train"].batch(self.sampler.next_indices())
+        """This rank's texts, padded to the longest text of the step on any rank (a collective):
+        with a rank's own longest, the ranks' token counts, and so DeepSpeed's capacities and the
+        expert all-to-all's sizes, would differ. One length over all ranks, not over the expert-
+        parallel group, keeps the padding, and so the training, the same for every ep_size."""
+        train = self.data.splits["train"]
+        indices = self.sampler.next_indices()
+        batch = train.batch(indices, length=max_over_ranks(train.longest(indices)))
         self.last_tokens = int(batch[2].sum())
         return batch
 

@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 from collections import deque
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import deepspeed.comm as dist
 import torch
@@ -39,8 +39,8 @@ from .watchdog import Watchdog, collective_timeout_s
 
 
 class UnhealthyLossError(RuntimeError):
-    """A loss went bad on some rank; raised on every rank once the checkpoint whose weights gave
-    it is set aside, with the last healthy checkpoint named."""
+    """A loss (or the weights) went bad on some rank; raised on every rank once the checkpoint
+    whose weights gave it is set aside, with the last healthy checkpoint named."""
 
 
 class NonFiniteLossError(UnhealthyLossError):
@@ -51,7 +51,21 @@ class LossSpikeError(UnhealthyLossError):
     """A loss rose above train.spike_factor times its recent median."""
 
 
+class NonFiniteWeightsError(UnhealthyLossError):
+    """Weights became NaN or infinite, found before a checkpoint would have saved them (an expert
+    that no token reached, or the last update of a run, shows no loss that could tell)."""
+
+
 HEALTHY, SPIKE, NON_FINITE = 0, 1, 2
+
+
+def non_finite_parameters(module: torch.nn.Module) -> List[str]:
+    """Names of the module's parameters that hold a NaN or an infinity (one device sync)."""
+    named = list(module.named_parameters())
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def lr_schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]:
@@ -313,22 +327,41 @@ class Trainer:
     def _stop_unhealthy(self, step: int, worst: int, verdict: int, value: float, parts, why: str) -> None:
         """The weights that gave step `step`'s loss are those after step - 1: its checkpoint (and
         any later one) is set aside, so that `latest` and --resume name the last healthy one."""
-        tags = complete_tags(self.ckpt_dir)
-        poisoned = [t for t in tags if tag_step(t) >= step - 1]
-        healthy = next((t for t in tags if tag_step(t) < step - 1), None)
-        moved = self._set_aside(poisoned, "poisoned")
+        poisoned, moved, advice = self._set_aside_from(step - 1)
         kind = "non-finite loss" if worst == NON_FINITE else "loss spike"
         shown = ", ".join(f"{name}={v.item()}" for name, v in parts.items())
         mine = f"total={value}{why}, {shown}" if verdict == worst else f"on another rank (here total={value}, {shown})"
         aside = (f"; the checkpoint of step {step - 1}, whose weights gave it, is set aside"
                  + (f" as {moved[0]}" if moved else "")) if poisoned else ""
+        error = NonFiniteLossError if worst == NON_FINITE else LossSpikeError
+        raise error(f"{kind} at step {step}: {mine}{aside}{advice}")
+
+    def _set_aside_from(self, step: int):
+        """Collective: sets aside every checkpoint of step `step` or later (weights known bad);
+        (those tags, their new paths on rank 0, the sentence naming the last healthy one)."""
+        tags = complete_tags(self.ckpt_dir)
+        poisoned = [t for t in tags if tag_step(t) >= step]
+        healthy = next((t for t in tags if tag_step(t) < step), None)
+        moved = self._set_aside(poisoned, "poisoned")
         if healthy is not None:
             advice = (f"; the last healthy checkpoint is {os.path.join(self.ckpt_dir, healthy)} (step "
                       f"{tag_step(healthy)}), which --resume takes: resume with a lower --lr")
         else:
             advice = "; no earlier checkpoint is known healthy: start again with a lower --lr"
-        error = NonFiniteLossError if worst == NON_FINITE else LossSpikeError
-        raise error(f"{kind} at step {step}: {mine}{aside}{advice}")
+        return poisoned, moved, advice
+
+    def _check_finite_weights(self, step: int) -> None:
+        """Before a save, collective: every rank checks its own parameters (its experts, its copy
+        of the rest), one all-reduce agrees; non-finite weights are never saved as a checkpoint."""
+        bad = non_finite_parameters(self.engine.module)
+        if not max_over_ranks(int(bool(bad))):
+            return
+        _, moved, advice = self._set_aside_from(step)
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        mine = f"rank {self.rank}'s {shown}" if bad else "on another rank"
+        aside = f"; later checkpoints set aside: {', '.join(moved)}" if moved else ""
+        raise NonFiniteWeightsError(f"non-finite weights after step {step}: {mine}; the checkpoint of step {step} "
+                                    f"was not written{aside}{advice}")
 
     def _supersede_newer(self, tag: str) -> None:
         """A resume from a named step: later checkpoints belong to the abandoned continuation; set
@@ -364,6 +397,7 @@ class Trainer:
     def save(self) -> str:
         step = self.step
         self._at(step, "checkpoint")
+        self._check_finite_weights(step)
         client_state = {**self.meta, "step": step, **self.task.state_dict(), "run": self.record}
 
         def before_commit(path: str) -> None:
