@@ -23,6 +23,16 @@ def scores_from_confusion(confusion_CC: torch.Tensor) -> Dict[str, float]:
             "macro_f1": f1_C[seen_C].mean().item() if seen_C.any() else 0.0}
 
 
+def _longest_over_ranks(longest: int, device) -> int:
+    """One padded length for every rank's batch: an expert-parallel forward's all-to-all needs the
+    same token count on each rank whenever capacities come from it (eval_drop_tokens)."""
+    if not dist.is_initialized():
+        return longest
+    t = torch.tensor([longest], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def evaluate_classifier(forward: Callable, examples: Examples, num_labels: int, batch_size: int, rank: int,
                         world_size: int, device, max_batches: Optional[int] = None) -> Dict[str, float]:
     """forward(x_BT, labels_B, mask_BT) -> LMOutput with logits [B, C]. Every rank runs the same
@@ -39,7 +49,8 @@ def evaluate_classifier(forward: Callable, examples: Examples, num_labels: int, 
     with torch.no_grad():
         for i in range(int(n.item())):
             real = i < len(batches)
-            x_BT, y_B, mask_BT = examples.batch(batches[i] if real else [0])
+            rows = batches[i] if real else [0]
+            x_BT, y_B, mask_BT = examples.batch(rows, length=_longest_over_ranks(examples.longest(rows), device))
             if not real:
                 mask_BT = torch.zeros_like(mask_BT)
             x_BT, y_B, mask_BT = x_BT.to(device), y_B.to(device), mask_BT.to(device)

@@ -366,7 +366,8 @@ class Trainer:
     def _supersede_newer(self, tag: str) -> None:
         """A resume from a named step: later checkpoints belong to the abandoned continuation; set
         aside, so that a plain --resume after this run never returns to them."""
-        moved = self._set_aside([t for t in complete_tags(self.ckpt_dir) if t > tag], "superseded")
+        later = [t for t in complete_tags(self.ckpt_dir) if tag_step(t) > tag_step(tag)]
+        moved = self._set_aside(later, "superseded")
         if moved:
             print(f"--resume-step {tag_step(tag)}: set aside {len(moved)} later checkpoint(s): {', '.join(moved)}",
                   flush=True)
