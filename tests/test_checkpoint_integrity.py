@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from s2moe_ds.checkpoint import MANIFEST, CheckpointWriteError, consolidate, latest_tag
+from s2moe_ds.checkpoint import MANIFEST, CheckpointWriteError, consolidate, latest_tag, manifest
 from s2moe_ds.config import ConfigError
 
 from .harness import run_distributed
@@ -52,6 +52,8 @@ def test_every_file_is_in_the_manifest(runs):
         on_disk = {n for n in os.listdir(step) if n not in ("COMPLETE", MANIFEST)}
         assert set(files) == on_disk and any("_expert_" in n for n in files)
         assert all(files[n]["size"] == os.path.getsize(step / n) for n in files)
+        # DeepSpeed's recovery scripts go to checkpoints/, never into the exactly listed step folder.
+        assert not on_disk & {"zero_to_fp32.py", "zero_to_torch.py"} and manifest.problems(str(step)) == []
 
 
 def _truncate_expert(ckpt):

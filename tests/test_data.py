@@ -342,7 +342,7 @@ def test_files_that_are_not_utf8_text_or_not_files_are_named(tmp_path):
     from s2moe_ds.train import TrainConfig
     latin = tmp_path / "latin1.txt"
     latin.write_bytes(("caf\u00e9 " * 2000).encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+    with pytest.raises(ConfigError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at offset 3, line 1\)"):
         prepare_corpus(_cfg(tmp_path, dataset="path", path=str(latin)))
     folder = tmp_path / "corpus"
     (folder / "notes.txt").mkdir(parents=True)

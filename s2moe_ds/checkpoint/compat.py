@@ -10,7 +10,9 @@ Format 2: `moe.block`, `moe.router`, `moe.block_config`, `moe.router_config`; th
 layout apart (`ep_size` in the checkpoint's meta, never in the model config).
 """
 
-from typing import Any, Dict
+import json
+import os
+from typing import Any, Dict, Sequence
 
 from ..config import ConfigError
 
@@ -23,11 +25,64 @@ def format_version(state: Dict[str, Any]) -> int:
     return int(state.get("format_version", 1))
 
 
+_POSITIVE_INTS = ("format_version", "world_size", "ep_size", "global_batch")
+_OBJECTS = ("model_config", "tokenizer")
+META_KEYS = ("model_config", "tokenizer", "world_size", "ep_size")
+"""What every meta.json of a training run holds, in every format."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_problem(meta: Dict[str, Any]) -> str:
+    """Why the known keys of `meta` do not have the types s2moe-ds writes ('' when they do)."""
+    for key in _POSITIVE_INTS:
+        if key in meta and not (_is_int(meta[key]) and meta[key] >= 1):
+            return f"{key!r} is {meta[key]!r}, not a positive integer"
+    for key in _OBJECTS:
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key!r} is {type(meta[key]).__name__}, not an object"
+    tokenizer = meta.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        for key, kind, name in (("kind", str, "a string"), ("sha256", str, "a string"), ("vocab_size", int, "an integer")):
+            if key in tokenizer and not (isinstance(tokenizer[key], kind) and not isinstance(tokenizer[key], bool)):
+                return f"'tokenizer.{key}' is {tokenizer[key]!r}, not {name}"
+    if "expert_ranks" in meta and not isinstance(meta["expert_ranks"], list):
+        return f"'expert_ranks' is {type(meta['expert_ranks']).__name__}, not a list"
+    return ""
+
+
+def read_meta_file(step_dir: str, where: str, required: Sequence[str] = META_KEYS) -> Dict[str, Any]:
+    """A step folder's meta.json in the current format: JSON, an object, `required` keys present
+    and every known key of the type s2moe-ds writes; ConfigError naming the file otherwise."""
+    path = os.path.join(step_dir, "meta.json")
+    fix = "the file was edited or damaged: restore it from a copy of the run, or use another step folder"
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path} is missing; {fix}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: {path} is unreadable ({e.strerror or e}); fix its permissions") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: {path} is not JSON ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{where}: {path} holds {type(meta).__name__}, not an object; {fix}")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ConfigError(f"{where}: {path} has no {', '.join(map(repr, missing))}; {fix}")
+    return upgrade_meta(meta, f"{where} ({path})")
+
+
 def upgrade_model_config(model_config: Dict[str, Any], where: str) -> Dict[str, Any]:
     """A model config dict of any known format as format 2 writes it (every field present)."""
     from ..models import model_config_from_dict
     from ..moe import BLOCKS
     from ..moe.config import BLOCK_OF_OLD_ROUTER
+    if not isinstance(model_config, dict) or not isinstance(model_config.get("moe") or {}, dict):
+        raise ConfigError(f"{where}: its model config (or its 'moe') is not an object; the checkpoint is damaged "
+                          "or was edited: restore it from a copy of the run")
     cfg = dict(model_config)
     moe = dict(cfg.get("moe") or {})
     if "block" not in moe:
@@ -45,13 +100,20 @@ def upgrade_model_config(model_config: Dict[str, Any], where: str) -> Dict[str, 
         cfg["moe"] = moe
     try:
         return model_config_from_dict(cfg).to_dict()
-    except (ConfigError, TypeError) as e:
+    except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise ConfigError(f"{where}: its model config cannot be read by this version ({e}); evaluate or resume it "
                           "with the version that wrote it") from None
 
 
 def upgrade_meta(meta: Dict[str, Any], where: str) -> Dict[str, Any]:
     """meta.json (or the client state's same keys) in format 2."""
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{where}: its meta data is {type(meta).__name__}, not an object; the checkpoint is "
+                          "damaged or not one of ours: restore it from a copy, or use another step folder")
+    why = _type_problem(meta)
+    if why:
+        raise ConfigError(f"{where}: its meta data's {why}; the file was edited or damaged: restore it from a copy "
+                          "of the run, or use another step folder")
     version = format_version(meta)
     if version > FORMAT_VERSION:
         raise ConfigError(f"{where}: written in checkpoint format {version} by a newer s2moe-ds; this version reads "

@@ -1,18 +1,31 @@
 """Each checkpoint's manifest: the size and SHA-256 of every file of its step folder, written
-before COMPLETE, so that a truncated, missing or altered file is found, and named, before anything
-reads it. The ranks hash their shares of the files in parallel. Step folders written before
-manifests existed have none and are not verified."""
+before COMPLETE, so that a truncated, missing, altered or added file is found, and named, before
+anything reads it. The ranks hash their shares of the files in parallel. Step folders written
+before manifests existed have none and are not verified.
+
+A manifest detects damage, not tampering: whoever can rewrite a file can rewrite the manifest too
+(safe_load.py is what keeps a crafted file from running code). It is strict all the same, so that
+it cannot be satisfied by accident: it lists exactly the folder's regular files but COMPLETE and
+itself, by base name, with a non-negative integer size and a 64-hex-digit SHA-256 each; a folder
+entry that is no regular file (a symlink, a FIFO, a subfolder) is refused."""
 
 import hashlib
 import json
 import os
+import re
+import stat
 from typing import Dict, List, Sequence
 
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 
 MANIFEST = "MANIFEST.json"
+COMPLETE = "COMPLETE"
+UNLISTED = (COMPLETE, MANIFEST)
+"""The step folder's files the manifest does not list: COMPLETE is written after it."""
 _CHUNK = 1 << 22
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RESTORE = "restore the step folder from a copy, or use an earlier one"
 
 
 class CorruptCheckpointError(ConfigError):
@@ -32,9 +45,35 @@ def file_digest(path: str) -> Dict[str, object]:
     return {"size": size, "sha256": h.hexdigest()}
 
 
+def _kind(path: str) -> str:
+    """'' for a regular file (not followed through a symlink), else what the entry is."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return ""
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_regular(where: str, kind: str) -> str:
+    return (f"{where}: {kind}, not a regular file; a step folder holds only the regular files a save writes "
+            "(a link could point anywhere): remove it, or copy the real file in its place")
+
+
 def _files(step_dir: str, exclude: Sequence[str]) -> List[str]:
-    return sorted(n for n in os.listdir(step_dir) if n not in exclude and n != MANIFEST
-                  and os.path.isfile(os.path.join(step_dir, n)))
+    """The folder's files to list; OSError for an entry that is no regular file (a save that lists
+    it could never verify)."""
+    names = []
+    for name in sorted(os.listdir(step_dir)):
+        if name in exclude or name in UNLISTED:
+            continue
+        kind = _kind(os.path.join(step_dir, name))
+        if kind:
+            raise OSError(_not_regular(os.path.join(step_dir, name), kind))
+        names.append(name)
+    return names
 
 
 def digests(step_dir: str, exclude: Sequence[str], rank: int = 0, world: int = 1) -> Dict[str, Dict[str, object]]:
@@ -46,30 +85,104 @@ def write_manifest(step_dir: str, entries: Dict[str, Dict[str, object]]) -> None
     atomic_write_text(os.path.join(step_dir, MANIFEST), json.dumps({"files": entries}, indent=1, sort_keys=True))
 
 
-def problems(step_dir: str, rank: int = 0, world: int = 1) -> List[str]:
-    """What is wrong with this rank's share of the manifest's files ([] when they match, or when
-    the folder predates manifests)."""
+def _bad_name(name) -> str:
+    """Why `name` cannot be a manifest entry ('' when it can): only a plain base name of the folder."""
+    if not isinstance(name, str) or not name:
+        return "is not a file name"
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name) \
+            or os.path.basename(name) != name:
+        return "is not a plain file name of the step folder (a path, '..' or absolute)"
+    if name in UNLISTED:
+        return f"is never listed ({COMPLETE} is written after the manifest, which cannot hash itself)"
+    return ""
+
+
+def _bad_entry(entry) -> str:
+    if not isinstance(entry, dict):
+        return f"is {type(entry).__name__}, not an object with 'size' and 'sha256'"
+    size, digest = entry.get("size"), entry.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"has size {size!r}, not a non-negative integer"
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        return f"has sha256 {digest!r}, not 64 lowercase hexadecimal digits"
+    return ""
+
+
+def read_manifest(step_dir: str) -> Dict[str, Dict[str, object]]:
+    """The manifest's files, every name and entry checked; CorruptCheckpointError naming what is wrong."""
     path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
+
+    def refuse(why: str):
+        return CorruptCheckpointError(f"{path}: {why}; the manifest is not as s2moe-ds writes it (damaged or "
+                                      f"edited): {_RESTORE}")
+    kind = _kind(path)
+    if kind:
+        raise refuse(f"{kind}, not a regular file")
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise refuse(f"not JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise refuse(f"unreadable ({e.strerror or e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("files"), dict):
+        raise refuse("no object 'files' (name: size and SHA-256)")
+    files = obj["files"]
+    if not files:
+        raise refuse("'files' lists no file, so it would verify anything")
+    for name, entry in sorted(files.items()):
+        why = _bad_name(name) or _bad_entry(entry)
+        if why:
+            raise refuse(f"entry {name!r} {why}")
+    return files
+
+
+def _listing_problems(step_dir: str, files: Dict[str, Dict[str, object]]) -> List[str]:
+    """Entries of the folder that are no regular file, and regular files the manifest does not list."""
+    found = []
+    for name in sorted(os.listdir(step_dir)):
+        where = os.path.join(step_dir, name)
+        kind = _kind(where)
+        if kind:
+            found.append(_not_regular(where, kind))
+        elif name not in files and name not in UNLISTED:
+            found.append(f"{where}: not in the manifest (a file added after the save, or the manifest lost an "
+                         f"entry): remove the file if it does not belong, else {_RESTORE}")
+    return found
+
+
+def _file_problem(step_dir: str, name: str, want: Dict[str, object]) -> str:
+    where = os.path.join(step_dir, name)
+    if not os.path.lexists(where):
+        return f"{where}: missing (the manifest lists it)"
+    kind = _kind(where)
+    if kind:
+        return _not_regular(where, kind)
+    size = os.path.getsize(where)
+    if size != want["size"]:
+        return f"{where}: {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
+    if file_digest(where)["sha256"] != want["sha256"]:
+        return f"{where}: its SHA-256 differs from the manifest's (the file was altered or corrupted)"
+    return ""
+
+
+def problems(step_dir: str, rank: int = 0, world: int = 1) -> List[str]:
+    """What is wrong with the folder (rank 0: the manifest and the folder's listing) and with this
+    rank's share of the manifest's files ([] when all match, or when the folder predates manifests)."""
+    if not os.path.lexists(os.path.join(step_dir, MANIFEST)):
         return []
     try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-        names = sorted(files)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{path}: unreadable manifest ({e})"] if rank == 0 else []
-    found = []
-    for name in names[rank::world]:
-        where = os.path.join(step_dir, name)
-        want = files[name]
-        if not os.path.isfile(where):
-            found.append(f"{where}: missing (the manifest lists it)")
-            continue
-        size = os.path.getsize(where)
-        if size != want["size"]:
-            found.append(f"{where}: {size} bytes, the manifest says {want['size']} (truncated or overwritten)")
-        elif file_digest(where)["sha256"] != want["sha256"]:
-            found.append(f"{where}: its SHA-256 differs from the manifest's (the file was altered or corrupted)")
+        files = read_manifest(step_dir)
+    except CorruptCheckpointError as e:
+        return [str(e)] if rank == 0 else []
+    found = _listing_problems(step_dir, files) if rank == 0 else []
+    for name in sorted(files)[rank::world]:
+        try:
+            problem = _file_problem(step_dir, name, files[name])
+        except OSError as e:  # unreadable (permissions, an I/O error)
+            problem = f"{os.path.join(step_dir, name)}: unreadable ({e.strerror or e}); {_RESTORE}"
+        if problem:
+            found.append(problem)
     return found
 
 
@@ -78,11 +191,11 @@ _verified = set()
 
 
 def _state(step_dir: str):
-    """The folder as it is now: its files' names, sizes and modification times."""
+    """The folder as it is now: its entries' names, kinds, sizes and modification times."""
     entries = []
     for name in sorted(os.listdir(step_dir)):
-        st = os.stat(os.path.join(step_dir, name))
-        entries.append((name, st.st_size, st.st_mtime_ns))
+        st = os.lstat(os.path.join(step_dir, name))
+        entries.append((name, st.st_mode, st.st_size, st.st_mtime_ns))
     return os.path.realpath(step_dir), tuple(entries)
 
 

@@ -8,7 +8,9 @@ UnsafeCheckpointError naming the file and what it asked for, before the rest of 
 
 import os
 import pickle
-from typing import List, Optional
+import re
+import stat
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,11 +34,44 @@ def allowed_globals() -> List[type]:
     return [*ds.checkpoint_globals(), *numpy_globals]
 
 
-def _refuse(path: str, why: str) -> UnsafeCheckpointError:
+def _refuse(path: str, asked: Sequence[str]) -> UnsafeCheckpointError:
+    """The one refusal every entry point gives (resume, evaluate, consolidate, generate, finetune)."""
+    what = ", ".join(asked) if asked else "a global outside the allowlist"
     return UnsafeCheckpointError(
-        f"checkpoint file {path}: refused to unpickle it, it needs {why}, which a checkpoint of ours never "
+        f"checkpoint file {path}: refused to unpickle it: its pickle asks for {what}, which a checkpoint of ours never "
         "holds (weights, optimizer states, RNG states, configs); opening it could run its code. Use a checkpoint "
         "written by s2moe_ds, or one whose origin you trust re-saved as plain tensors")
+
+
+def _unreadable(path: str, error: BaseException) -> ConfigError:
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]
+    why = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return ConfigError(f"checkpoint file {path}: cannot be read ({why}); it is truncated, damaged or no torch "
+                       "file: restore it from a copy, or use an earlier step folder of the run")
+
+
+def _damaged_file(error: RuntimeError) -> bool:
+    """torch's own words for a file that is no (whole) torch file."""
+    return any(w in str(error) for w in ("PytorchStreamReader", "zip archive", "torch.save", "corrupted"))
+
+
+def _forbidden(path: str) -> List[str]:
+    """The globals the file's pickle names outside the allowlist (reads the pickle only)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
+    return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
+
+
+def _regular_file(path: str) -> None:
+    """A checkpoint file must be a regular file: opening a FIFO or a device would block or read for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {path}: missing; the checkpoint is incomplete or was moved") from None
+    except OSError as e:
+        raise ConfigError(f"checkpoint file {path}: unreadable ({e.strerror or e}); fix its permissions") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"checkpoint file {path}: not a regular file (a FIFO, device or folder); put the "
+                          "checkpoint's real file there")
 
 
 SAFE_TORCH = "2.10"
@@ -60,26 +95,37 @@ def check_file(path: str) -> None:
     """Refuse `path` if its pickle names a global outside the allowlist (reads only the pickle,
     not the tensor data), so that every rank can check every file before any rank loads one."""
     check_torch_version()
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
+    _regular_file(path)
     try:
-        asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (RuntimeError, pickle.UnpicklingError, ValueError) as e:
-        raise UnsafeCheckpointError(f"checkpoint file {path}: not a readable torch file ({e})") from e
-    unknown = sorted(set(asked) - allowed)
+        unknown = _forbidden(path)
+    except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError, OSError) as e:
+        raise _unreadable(path, e) from None
     if unknown:
-        raise _refuse(path, ", ".join(unknown))
+        raise _refuse(path, unknown)
+
+
+def _asked_in(message: str) -> List[str]:
+    """The globals torch's refusal names ("Unsupported global: GLOBAL posix.system ...")."""
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
 
 
 def load_file(path: str, map_location: Optional[object] = "cpu"):
     """torch.load with weights_only=True and our allowlist; UnsafeCheckpointError otherwise."""
     check_torch_version()
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint file {path}: missing; the checkpoint is incomplete or was moved")
+    _regular_file(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _refuse(path, str(e).split("\n")[0][:300]) from None
+        try:
+            asked = _forbidden(path)
+        except Exception:  # noqa: BLE001 - the refusal stands; only its detail is lost
+            asked = []
+        raise _refuse(path, asked or _asked_in(str(e))) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, RuntimeError) and not _damaged_file(e):
+            raise  # e.g. a device the tensors cannot go to: not the file's fault
+        raise _unreadable(path, e) from None
 
 
 def check_step_folder(step_dir: str) -> None:

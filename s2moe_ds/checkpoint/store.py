@@ -42,7 +42,7 @@ from ..fileio import TMP_SUFFIX, atomic_write_text
 from ..models import model_config_from_dict
 from ..parallel import deepspeed_internals as ds
 from . import manifest
-from .compat import upgrade_meta
+from .compat import read_meta_file
 from .safe_load import check_step_folder, load_file
 
 LATEST = "latest"
@@ -415,8 +415,7 @@ LAYOUT_KEYS = ("world_size", "ep_size", "expert_ranks")
 
 def read_meta(step_dir: str) -> Dict[str, Any]:
     """A step folder's meta.json in the current format."""
-    with open(os.path.join(step_dir, META)) as f:
-        return upgrade_meta(json.load(f), f"--resume: checkpoint {step_dir}")
+    return read_meta_file(step_dir, f"--resume: checkpoint {step_dir}")
 
 
 def verified_step(ckpt_dir: str, step: int, what: str) -> str:

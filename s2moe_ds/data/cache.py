@@ -13,7 +13,7 @@ import numpy as np
 from ..config import ConfigError
 from ..fileio import atomic_write_text
 from ..progress import counter
-from .config import DataConfig
+from .config import DataConfig, check_output_folder
 from .corpora import SPLITS, CorpusSource, Text, count_units, locate
 from .tokenization import (ByteTokenizer, CharTokenizer, SubwordTokenizer, Tokenizer, iter_chunks,
                            load_tokenizer)
@@ -152,7 +152,13 @@ def prepare_corpus(cfg: DataConfig) -> PreparedCorpus:
     folder = cache_folder(cfg, source)
     if os.path.isfile(os.path.join(folder, COMPLETE)):
         return _open(folder)
-    os.makedirs(folder, exist_ok=True)
+    # A cache that must be filled: a read-only or foreign --cache-dir is named before the corpus is read.
+    check_output_folder(cfg.cache_dir, "data.cache_dir", "--cache-dir")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot create {folder} ({e.strerror or e}); pass --cache-dir a folder "
+                          "you can write to") from None
     texts = source.read()
     corpus_key = _sha256(source.identity)
     tokenizer = _build_tokenizer(cfg, texts["train"], corpus_key, source.name)

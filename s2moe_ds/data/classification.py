@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -159,35 +160,76 @@ def truncate(ids_N: np.ndarray, max_len: int, rule: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------- sources
 # Each returns {split: (texts, raw labels, where)} and the dataset's own label names (or None).
 
+def _read_text_file(path: str) -> str:
+    """A data file as UTF-8 text: a regular, readable file (checked before it is opened), read
+    within the hang bound (corpora.read_input)."""
+    from .config import check_input_file
+    from .corpora import decode_utf8, read_input
+    check_input_file(path, "finetune.data.path", "--path")
+    return decode_utf8(read_input(path, "finetune.data.path"), path, "finetune.data.path")
+
+
+def _csv_rows(path: str, text: str) -> Tuple[List[dict], List[str], List[int]]:
+    """(rows, columns, each row's line number) of a CSV file with a header line."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, lines = [], []
+    try:
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise ConfigError(f"finetune.data.path: {path} line {reader.line_num} is not valid CSV ({e}); fix the "
+                          "quoting of that line") from None
+    columns = reader.fieldnames or []
+    if not columns:
+        raise ConfigError(f"finetune.data.path: {path} is empty; write a header line (e.g. text,label) and one "
+                          "example per line")
+    if not rows:
+        raise ConfigError(f"finetune.data.path: {path} has a header line ({','.join(columns)}) but no rows; add "
+                          "one example per line below it")
+    return rows, list(columns), lines
+
+
+def _jsonl_rows(path: str, text: str) -> Tuple[List[dict], List[int]]:
+    rows, lines = [], []
+    for n, line in enumerate(io.StringIO(text, newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"finetune.data.path: {path} line {n} is not JSON ({e.msg}); write one "
+                              "object per line, e.g. {\"text\": ..., \"label\": ...}") from e
+        if not isinstance(row, dict):
+            raise ConfigError(f"finetune.data.path: {path} line {n} is not a JSON object")
+        rows.append(row)
+        lines.append(n)
+    if not rows:
+        raise ConfigError(f"finetune.data.path: {path} holds no examples; write one JSON object per line, e.g. "
+                          "{\"text\": ..., \"label\": ...}")
+    return rows, lines
+
+
 def _read_file(path: str, text_col: str, label_col: str) -> Tuple[List[str], List[object]]:
-    rows: List[dict] = []
+    text = _read_text_file(path)
     if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = reader.fieldnames or []
+        rows, columns, lines = _csv_rows(path, text)
     else:
-        columns = None
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"finetune.data.path: {path} line {n} is not JSON ({e.msg}); write one "
-                                      "object per line, e.g. {\"text\": ..., \"label\": ...}") from e
-                if not isinstance(row, dict):
-                    raise ConfigError(f"finetune.data.path: {path} line {n} is not a JSON object")
-                rows.append(row)
+        (rows, lines), columns = _jsonl_rows(path, text), None
     for col, what in ((text_col, "text_column"), (label_col, "label_column")):
-        missing = [i for i, r in enumerate(rows, 1) if col not in r] if columns is None else \
-            ([1] if col not in columns else [])
-        if missing or not rows:
-            have = columns if columns is not None else sorted(rows[missing[0] - 1]) if rows else []
-            where = "" if columns is not None or not rows else f" (row {missing[0]})"
+        missing = [i for i, r in enumerate(rows) if col not in r] if columns is None else \
+            ([0] if col not in columns else [])
+        if missing:
+            have = columns if columns is not None else sorted(rows[missing[0]])
+            where = "" if columns is not None else f" (line {lines[missing[0]]})"
             raise ConfigError(f"finetune.data.{what}: {path} has no column {col!r}{where}; its columns are "
                               f"{list(have)}; pass --{what.replace('_', '-')} with the right one")
+    for row, line in zip(rows, lines):
+        label = row[label_col]
+        # csv gives '' for an empty cell and None for a missing one: neither may become a class.
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise ConfigError(f"finetune.data.label_column: {path} line {line}: the label (column {label_col!r}) "
+                              "is empty; fill it in or remove the row")
     return [r[text_col] for r in rows], [r[label_col] for r in rows]
 
 
@@ -197,7 +239,7 @@ def _split_files(folder: str) -> Dict[str, str]:
     for split, stems in SPLIT_NAMES.items():
         for name in names:
             stem, ext = os.path.splitext(name)
-            if stem in stems and ext in FILE_KINDS:
+            if stem in stems and ext in FILE_KINDS and not os.path.isdir(os.path.join(folder, name)):
                 if split in found:
                     raise ConfigError(f"finetune.data.path: {folder} holds two {split} files "
                                       f"({os.path.basename(found[split])}, {name}); keep one")
@@ -251,8 +293,7 @@ def _from_hf(splits: Dict[str, object], where: str, text_col: str, label_col: st
 
 def _speeches(path: str, speakers: int):
     """tinyshakespeare's speeches: blocks 'NAME:\\nlines' between blank lines, labelled with NAME."""
-    with open(path, encoding="utf-8") as f:
-        blocks = re.split(r"\n\s*\n", f.read())
+    blocks = re.split(r"\n\s*\n", _read_text_file(path))
     pairs = []
     for block in blocks:
         head, _, body = block.strip("\n").partition("\n")

@@ -3,10 +3,67 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
 from ..config import check_choice, fail
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_file(path: str, field: str, flag: str) -> None:
+    """A file the run reads: present, a regular file, readable. A FIFO or a device is refused here,
+    on every rank before any process group exists: opening one blocks until a writer comes (or
+    reads without end), which no rank could tell from a slow read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        fail(field, f"file not found: {path}; pass {flag} an existing file")
+    except OSError as e:
+        fail(field, f"{path} cannot be examined ({e.strerror or e}); fix its permissions or pass another {flag}")
+    if stat.S_ISDIR(mode):
+        fail(field, f"{path} is a folder, not a file; pass {flag} the file itself")
+    for test, name in _KINDS:
+        if test(mode):
+            fail(field, f"{path} is {name}, not a regular file: reading it could block for ever; copy the data "
+                        f"into a regular file and pass {flag} that")
+    if not os.access(path, os.R_OK):
+        fail(field, f"{path} is not readable (permission denied); make it readable (chmod a+r) or pass {flag} a "
+                    "copy you can read")
+
+
+def check_readable_folder(path: str, field: str, flag: str) -> None:
+    """A folder the run lists and reads."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        fail(field, f"folder {path} is not readable (permission denied); make it readable (chmod a+rx) or pass "
+                    f"{flag} a copy you can read")
+
+
+def check_output_folder(path: str, field: str, flag: str) -> None:
+    """A folder the run writes (created if missing): the folder, or else its nearest existing
+    parent, must be a folder this process may write to. Checked before any compute, so that a
+    read-only mount or a folder of another user is named at once, not at the first save."""
+    folder = os.path.abspath(os.path.expanduser(path))
+    while not os.path.lexists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if not os.path.isdir(folder):
+        fail(field, f"{folder} is a file, not a folder, so {path} cannot be created; pass {flag} a folder path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only_mount(folder) else "permission denied"
+        what = "" if folder == os.path.abspath(os.path.expanduser(path)) else f" (to create {path} in)"
+        fail(field, f"folder {folder}{what} is not writable ({why}); pass {flag} a folder you can write to")
+
+
+def _read_only_mount(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 DATASETS = ("embedded", "enwik8", "text8", "wikitext-103", "path")
 TOKENIZER_KINDS = ("auto", "byte", "char", "subword")
@@ -84,8 +141,7 @@ class DataConfig:
             if self.path is not None:
                 fail("data.path", "give either data.path or data.train_file/valid_file/test_file, not both")
             for name, value in given.items():
-                if not os.path.isfile(value):
-                    fail(f"data.{name}", f"file not found: {value}")
+                check_input_file(value, f"data.{name}", f"--{name.replace('_', '-')}")
             return
         if self.path is None:
             if self.dataset == "path":
@@ -94,9 +150,17 @@ class DataConfig:
             return
         if not os.path.exists(self.path):
             fail("data.path", f"not found: {self.path}")
+        if os.path.isdir(self.path):
+            check_readable_folder(self.path, "data.path", "--path")
+        else:
+            check_input_file(self.path, "data.path", "--path")
         if self.dataset == "path" and os.path.isdir(self.path):
-            if not any(n.endswith(".txt") for n in os.listdir(self.path)):
+            texts = [os.path.join(self.path, n) for n in sorted(os.listdir(self.path)) if n.endswith(".txt")]
+            texts = [t for t in texts if not os.path.isdir(t)]
+            if not texts:
                 fail("data.path", f"folder {self.path} holds no *.txt files")
+            for text in texts:  # a FIFO or an unreadable file among them: named now, not while reading
+                check_input_file(text, "data.path", "--path")
         if self.dataset == "wikitext-103" and os.path.isfile(self.path):
             fail("data.path", f"{self.path} is a file; wikitext-103 needs a folder saved with datasets' "
                   "save_to_disk, or its raw files as data.train_file/valid_file/test_file")
@@ -108,11 +172,12 @@ class DataConfig:
                   f"file, got {tok!r}")
         if tok in TOKENIZER_KINDS:
             return
-        if not os.path.isfile(tok):
+        if not os.path.exists(tok):
             looks_like_path = tok.endswith(".json") or os.sep in tok
             what = "file not found" if looks_like_path else "unknown tokenizer"
             fail("data.tokenizer", f"{what}: {tok!r}; use one of {', '.join(map(repr, TOKENIZER_KINDS))} or the path "
                   "of a saved tokenizer JSON file")
+        check_input_file(tok, "data.tokenizer", "--tokenizer")
 
     @property
     def tokenizer_kind(self) -> str:

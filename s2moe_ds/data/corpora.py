@@ -9,8 +9,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from ..config import ConfigError
 from .config import DataConfig
@@ -95,20 +97,89 @@ def _folder_stamp(folder: str) -> List[Dict[str, object]]:
     return [_file_stamp(p) for p in files]
 
 
-def _read_text(path: str) -> str:
-    """The file as UTF-8; anything else is refused rather than trained on as U+FFFD."""
-    with open(path, "rb") as f:
-        data = f.read()
+_READ_CHUNK = 1 << 22
+
+
+def stall_bound_s() -> Optional[float]:
+    """How long reading an input may go without receiving a byte: the collective timeout that
+    init_distributed derived from --hang-timeout-s (rank 0 prepares the data while the others wait
+    in collectives); None without a process group, where the one process may wait as long as it takes."""
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    from torch.distributed import distributed_c10d as c10d
+    return c10d.default_pg_timeout.total_seconds()
+
+
+def _read_chunks(path: str, field: str, progress: Dict[str, float]) -> bytes:
+    parts = []
+    try:
+        with open(path, "rb") as f:
+            progress["opened"] = 1.0
+            while True:
+                block = f.read(_READ_CHUNK)
+                progress["last"] = time.monotonic()
+                if not block:
+                    break
+                parts.append(block)
+    except PermissionError:
+        raise ConfigError(f"{field}: {path} is not readable (permission denied); make it readable (chmod a+r) or "
+                          "pass a copy you can read") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{field}: {path} is a folder, not a file; pass the file itself") from None
+    except OSError as e:
+        raise ConfigError(f"{field}: {path} cannot be read ({e.strerror or e}); check the file and its file "
+                          "system, or pass a copy") from None
+    return b"".join(parts)
+
+
+def read_input(path: str, field: str = "data.path") -> bytes:
+    """The whole file. With a process group its open and reads run in a helper thread, and a read
+    that receives nothing for stall_bound_s() (a FIFO with no writer, a hung network mount) ends
+    with ConfigError naming the file and the bound, so that rank 0's data preparation fails, and
+    every rank with it, instead of keeping them all waiting."""
+    bound = stall_bound_s()
+    progress = {"last": time.monotonic()}
+    if bound is None:
+        return _read_chunks(path, field, progress)
+    outcome: Dict[str, object] = {}
+
+    def run():
+        try:
+            outcome["data"] = _read_chunks(path, field, progress)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            outcome["error"] = e
+    reader = threading.Thread(target=run, name=f"read {os.path.basename(path)}", daemon=True)
+    reader.start()
+    while reader.is_alive():
+        reader.join(min(1.0, bound))
+        if reader.is_alive() and time.monotonic() - progress["last"] > bound:
+            where = "reading" if "opened" in progress else "opening"
+            raise ConfigError(f"{field}: {where} {path} gave no data for {bound:.0f} s (the bound set by "
+                              "--hang-timeout-s): a FIFO with no writer or a hung network mount; pass a regular "
+                              "file on a file system that responds")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
+def decode_utf8(data: bytes, path: str, field: str = "data") -> str:
+    """The bytes as UTF-8; anything else is refused (with the line) rather than read as U+FFFD."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"data: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                          "convert it (e.g. iconv -f latin1 -t utf-8) or give a UTF-8 file") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{field}: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line "
+                          f"{line}); convert it (e.g. iconv -f latin1 -t utf-8) or give a UTF-8 file") from None
+
+
+def _read_text(path: str) -> str:
+    """The file as UTF-8; anything else is refused rather than trained on as U+FFFD."""
+    return decode_utf8(read_input(path), path)
 
 
 def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    return read_input(path)
 
 
 def embedded_text() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Dict, Iterable, Iterator, List, Sequence, Union
 
 import numpy as np
@@ -204,8 +203,8 @@ def build_tokenizer_from_payload(obj: dict) -> Tokenizer:
 def load_tokenizer(path: str) -> Tokenizer:
     """Read back a tokenizer written by `Tokenizer.save`; its identity must match what the file
     records (a hand-edited file is refused rather than silently changing ids)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.tokenizer: file not found: {path}")
+    from .config import check_input_file
+    check_input_file(path, "data.tokenizer", "--tokenizer")
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)

@@ -18,7 +18,7 @@ from ..checkpoint import consolidate, model_config_for_inference, model_from_sta
 from ..checkpoint.store import TOKENIZER
 from ..config import ConfigError, check_int, check_known_fields, check_optional_int, require
 from ..data import DataConfig, check_tokenizer_matches, prepare_corpus
-from ..data.config import TOKENIZER_KINDS
+from ..data.config import TOKENIZER_KINDS, check_output_folder
 from ..parallel.deepspeed_internals import MODEL_STATES
 from ..fileio import atomic_write_text
 from ..tables import markdown_table
@@ -68,6 +68,8 @@ class EvalConfig:
         check_int(self.batch_size, "eval.batch_size", 1)
         check_optional_int(self.max_batches, "eval.max_batches", 1)
         check_int(self.analysis_tokens, "eval.analysis_tokens", 2)
+        if self.out_dir is not None:
+            check_output_folder(self.out_dir, "eval.out_dir", "--out-dir")
 
 
 def default_out_dir(step_dir: str) -> str:

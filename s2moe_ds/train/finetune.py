@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 
 from ..checkpoint import consolidate, load_global_state, resolve_checkpoint
-from ..checkpoint.compat import upgrade_meta
+from ..checkpoint.compat import read_meta_file
 from ..checkpoint.consolidate import check_config_fits, stored_shapes
 from ..checkpoint.store import META, TOKENIZER
 from ..config import ConfigError, check_choice, check_int, check_number, require
@@ -91,8 +91,7 @@ def pretrained_meta(path: str) -> Dict[str, Any]:
         step_dir = resolve_checkpoint(path)
     except ConfigError as e:
         raise ConfigError(str(e).replace("--checkpoint", "finetune.pretrained")) from None
-    with open(os.path.join(step_dir, META)) as f:
-        meta = upgrade_meta(json.load(f), f"finetune.pretrained: {step_dir}")
+    meta = read_meta_file(step_dir, f"finetune.pretrained: {step_dir}", required=())
     if "model_config" not in meta:
         raise ConfigError(f"finetune.pretrained: {step_dir} records no model config; pass a checkpoint of "
                           "launch/pretrain.py")
