@@ -25,7 +25,6 @@ UNLISTED = (COMPLETE, MANIFEST)
 """The step folder's files the manifest does not list: COMPLETE is written after it."""
 _CHUNK = 1 << 22
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_RESTORE = "restore the step folder from a copy, or use an earlier one"
 
 
 class CorruptCheckpointError(ConfigError):
@@ -114,7 +113,7 @@ def read_manifest(step_dir: str) -> Dict[str, Dict[str, object]]:
 
     def refuse(why: str):
         return CorruptCheckpointError(f"{path}: {why}; the manifest is not as s2moe-ds writes it (damaged or "
-                                      f"edited): {_RESTORE}")
+                                      "edited)")
     kind = _kind(path)
     if kind:
         raise refuse(f"{kind}, not a regular file")
@@ -147,7 +146,7 @@ def _listing_problems(step_dir: str, files: Dict[str, Dict[str, object]]) -> Lis
             found.append(_not_regular(where, kind))
         elif name not in files and name not in UNLISTED:
             found.append(f"{where}: not in the manifest (a file added after the save, or the manifest lost an "
-                         f"entry): remove the file if it does not belong, else {_RESTORE}")
+                         "entry): remove the file if it does not belong")
     return found
 
 
@@ -180,8 +179,8 @@ def problems(step_dir: str, rank: int = 0, world: int = 1) -> List[str]:
         try:
             problem = _file_problem(step_dir, name, files[name])
         except OSError as e:  # unreadable (permissions, an I/O error)
-            problem = f"{os.path.join(step_dir, name)}: unreadable ({e.strerror or e}); {_RESTORE}"
-        if problem:
+            problem = f"{os.path.join(step_dir, name)}: unreadable ({e.strerror or e})"
+        if problem and problem not in found:  # a link is both unlisted-kind and a listed file's problem
             found.append(problem)
     return found
 
