@@ -26,10 +26,11 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
         # The Hugging Face export (launch/consolidate.py --format hf) and loading it in Transformers;
-        # 5.x reworked the tokenizer and model base classes our adapters subclass.
-        "hf": ["transformers>=4.45,<5", "safetensors>=0.4"],
+        # tested on 4.57 and 5.25 (5.x reworked the tokenizer and model base classes our adapters
+        # subclass; a 6.x must be checked before widening).
+        "hf": ["transformers>=4.45,<6", "safetensors>=0.4"],
         # lm-evaluation-harness on the export; its own 'hf' extra brings accelerate, which its
         # Transformers model needs.
-        "lm-eval": ["transformers>=4.45,<5", "safetensors>=0.4", "lm_eval[hf]>=0.4.5,<0.5"],
+        "lm-eval": ["transformers>=4.45,<6", "safetensors>=0.4", "lm_eval[hf]>=0.4.5,<0.5"],
     },
 )

@@ -19,13 +19,18 @@ def _export_hf(args, state, client) -> None:
         raise ConfigError(f"--lm-eval-text: file not found: {args.lm_eval_text}")
     config = model_config_for_inference(client).to_dict()
     tokenizer = os.path.join(resolve_checkpoint(args.checkpoint, args.tag), "tokenizer.json")
-    export_hf(state, config, tokenizer, args.out, meta={"step": client.get("step")})
+    export_hf(state, config, tokenizer, args.out, meta={"step": client.get("step")},
+              remote_code_shims=args.remote_code_shims)
     print(f"wrote {args.out}: model.safetensors ({sum(t.numel() for t in state.values()):,} parameters, fp32), "
-          "config.json, tokenizer; load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+          f"config.json, tokenizer{', trust_remote_code shims' if args.remote_code_shims else ''}; load with\n"
+          "  import s2moe_ds.hf  # registers our classes with Transformers' Auto classes\n"
+          f"  AutoModelForCausalLM.from_pretrained({args.out!r})  # no trust_remote_code\n"
+          "Never pass trust_remote_code=True for an export you did not write: it runs the Python files "
+          "in the folder, whoever put them there.")
     if args.lm_eval_text is not None:
         tasks = write_lm_eval_task(args.lm_eval_text, args.out)
         print(f"lm-evaluation-harness task {LM_EVAL_TASK} in {tasks}; run:\n"
-              f"  lm_eval --model hf --model_args pretrained={args.out},trust_remote_code=True,dtype=float32 "
+              f"  python -m s2moe_ds.hf.lm_eval --model s2moe --model_args pretrained={args.out},dtype=float32 "
               f"--include_path {tasks} --tasks {LM_EVAL_TASK} --device cpu --batch_size 8")
 
 
@@ -34,6 +39,8 @@ def main(argv=None) -> int:
     try:
         if args.lm_eval_text is not None and args.format != "hf":
             raise ConfigError("--lm-eval-text: needs --format hf (lm-evaluation-harness loads the Hugging Face export)")
+        if args.remote_code_shims and args.format != "hf":
+            raise ConfigError("--remote-code-shims: needs --format hf (the shims are files of the Hugging Face export)")
         check_output(args.out, args.checkpoint, args.format, args.force)
         state, client = consolidate(args.checkpoint, args.tag)
         if args.format == "hf":

@@ -350,9 +350,10 @@ a Hugging Face export that Transformers and lm-evaluation-harness load.
 --format pt: one file {"format", "state_dict", "model_config", "tokenizer"}; load it with
 s2moe_ds.models.build_model(model_config_from_dict(model_config)).load_state_dict(state_dict).
 --format hf (needs pip install -e '.[hf]'): a folder with model.safetensors, config.json and the
-tokenizer; AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) gives our logits
-(from_pretrained(..., eval_k=2) for two experts per token). --lm-eval-text adds an
-lm-evaluation-harness perplexity task on that file and prints the command that runs it.
+tokenizer, and no Python; after `import s2moe_ds.hf`, AutoModelForCausalLM.from_pretrained(folder)
+gives our logits (from_pretrained(..., eval_k=2) for two experts per token), with no
+trust_remote_code. --lm-eval-text adds an lm-evaluation-harness perplexity task on that file and
+prints the command that runs it (python -m s2moe_ds.hf.lm_eval --model s2moe ...).
 """
 
 
@@ -369,6 +370,10 @@ def consolidate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     parser.add_argument("--lm-eval-text", default=None,
                         help="with --format hf: a text file to score with lm-evaluation-harness "
                              "(writes <out>/lm_eval_tasks/s2moe_text.yaml)")
+    parser.add_argument("--remote-code-shims", action="store_true",
+                        help="with --format hf: also write the .py files and auto_map that "
+                             "trust_remote_code=True loads, for tools that never import s2moe_ds "
+                             "(default: an export without Python, loaded after import s2moe_ds.hf)")
     return parser
 
 

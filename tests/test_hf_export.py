@@ -1,10 +1,13 @@
-"""The Hugging Face export (launch/consolidate.py --format hf): Transformers loads it through
-trust_remote_code in a process that never imports s2moe_ds itself, its logits equal ours with one
-and with two experts per token (Transformer-XL over several segments too), its tokenizer gives our
-ids, greedy generation matches ours, and lm-evaluation-harness scores a local text file with it."""
+"""The Hugging Face export (launch/consolidate.py --format hf), loaded the documented way, which
+runs no Python of the folder: Transformers' Auto classes after `import s2moe_ds.hf`, with no
+trust_remote_code, give our logits with one and with two experts per token (Transformer-XL over
+several segments too), our ids and our greedy continuation; lm-evaluation-harness's model `s2moe`
+gives our log-likelihoods and scores a local text file. The export holds no .py file unless asked
+(--remote-code-shims), and a folder with planted .py files is loaded without running them."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +29,8 @@ STEPS = 12
 STEP = f"step{STEPS:08d}"
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+# The export's files as Transformers' trust_remote_code knows them, and what of them we write.
+SHIMS = ("configuration_s2moe.py", "modeling_s2moe.py", "tokenization_s2moe.py")
 
 
 @pytest.mark.parametrize("kind", ["byte", "char", "subword"])
@@ -61,6 +66,12 @@ def _consolidate(*args):
                           timeout=300)
 
 
+def _python(code_or_module, *args, cwd, env=None, module=False):
+    flag = "-m" if module else "-c"
+    return subprocess.run([sys.executable, flag, code_or_module, *map(str, args)], capture_output=True, text=True,
+                          env=env or OFFLINE, timeout=600, cwd=str(cwd))
+
+
 @pytest.fixture(scope="module", params=["gpt", "txl"])
 def export(request, tmp_path_factory):
     """(run folder, export folder, corpus path) of a 2-rank ep_size-2 run, exported."""
@@ -71,20 +82,24 @@ def export(request, tmp_path_factory):
     out = root / "hf"
     done = _consolidate(str(root / "run"), "--format", "hf", "--out", str(out), "--lm-eval-text", str(corpus))
     assert done.returncode == 0, done.stderr
+    # What the user reads: the safe way to load, and the warning.
+    assert "import s2moe_ds.hf" in done.stdout and "no trust_remote_code" in done.stdout, done.stdout
+    assert "python -m s2moe_ds.hf.lm_eval --model s2moe" in done.stdout, done.stdout
     return root / "run", out, corpus, final
 
 
-# Run in a fresh interpreter that imports only transformers: the export must carry what it needs.
-# One interpreter per export loads it with each eval_k.
+# The documented way, in a fresh interpreter: import s2moe_ds.hf, then Transformers' Auto classes
+# with no trust_remote_code. One interpreter per export loads it with each eval_k.
 _LOAD = r"""
 import json, sys, torch
+import s2moe_ds.hf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path, text, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(path)
 ids = tok(text, return_tensors="pt").input_ids
 out = {"ids": ids[0].tolist(), "decoded": tok.decode(ids[0]), "eos": tok.eos_token_id}
 for eval_k in (1, 2):
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, eval_k=eval_k)
+    model = AutoModelForCausalLM.from_pretrained(path, eval_k=eval_k)
     with torch.no_grad():
         logits = model(ids).logits
     out[eval_k] = {"logits": logits[0].tolist(), "training": model.training}
@@ -101,8 +116,7 @@ def loaded(export):
     run, out, _, _ = export
     memory = load_model(str(run))[0].cfg.has_memory
     text = TEXT[: 3 * 32 if memory else 32]
-    done = subprocess.run([sys.executable, "-c", _LOAD, str(out), text, "0" if memory else "12"],
-                          capture_output=True, text=True, env=OFFLINE, timeout=300, cwd=str(out.parent))
+    done = _python(_LOAD, out, text, 0 if memory else 12, cwd=out.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     theirs = json.loads(done.stdout)
     return text, {**theirs, 1: theirs["1"], 2: theirs["2"]}
@@ -139,6 +153,114 @@ def test_one_and_two_experts_differ(loaded):
     assert torch.tensor(theirs[1]["logits"]).sub(torch.tensor(theirs[2]["logits"])).abs().max() > 1e-4
 
 
+def _our_model(run, eval_k):
+    model, _ = load_model(str(run), eval_k=eval_k)
+    tokenizer = load_tokenizer(os.path.join(run, "checkpoints", STEP, "tokenizer.json"))
+    return model, tokenizer
+
+
+def test_export_holds_no_python(export):
+    _, out, _, _ = export
+    assert not [f for f in os.listdir(out) if f.endswith(".py")], os.listdir(out)
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((out / name).read_text()), name
+
+
+def test_remote_code_shims_are_opt_in(export, tmp_path):
+    """--remote-code-shims writes the files trust_remote_code loads, and a process that never
+    imports s2moe_ds gets our model and tokenizer through them."""
+    run, out, _, _ = export
+    shimmed = tmp_path / "shimmed"
+    done = _consolidate(str(run), "--format", "hf", "--out", str(shimmed), "--remote-code-shims")
+    assert done.returncode == 0, done.stderr
+    assert sorted(f for f in os.listdir(shimmed) if f.endswith(".py")) == sorted(SHIMS)
+    assert "AutoModelForCausalLM" in json.loads((shimmed / "config.json").read_text())["auto_map"]
+    assert "AutoTokenizer" in json.loads((shimmed / "tokenizer_config.json").read_text())["auto_map"]
+    code = ("import sys, transformers as t; p = sys.argv[1]; "
+            "m = t.AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True); "
+            "k = t.AutoTokenizer.from_pretrained(p, trust_remote_code=True); "
+            "print(type(m).__module__, type(k).__module__, 's2moe_ds' in sys.modules)")
+    done = _python(code, shimmed, cwd=tmp_path, env={**OFFLINE, "HF_HOME": str(tmp_path / "hf_home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["s2moe_ds.hf.modeling", "s2moe_ds.hf.tokenizer", "True"], done.stdout
+
+
+def _plant(out, folder, marker):
+    """A copy of the export as someone else might hand it over: auto_map entries and .py files
+    that would write `marker` when run."""
+    shutil.copytree(out, folder)
+    payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    for name, cls in zip(SHIMS, ("S2MoEConfig", "S2MoEForCausalLM", "S2MoETokenizer")):
+        module = "tokenizer" if name.startswith("tokenization") else "modeling"
+        (folder / name).write_text(payload + f"from s2moe_ds.hf.{module} import {cls}\n")
+    for name, auto_map in (("config.json", {"AutoConfig": "configuration_s2moe.S2MoEConfig",
+                                            "AutoModelForCausalLM": "modeling_s2moe.S2MoEForCausalLM"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_s2moe.S2MoETokenizer", None]})):
+        cfg = json.loads((folder / name).read_text())
+        cfg["auto_map"] = auto_map
+        (folder / name).write_text(json.dumps(cfg))
+
+
+def test_planted_python_is_not_run(export, loaded, tmp_path):
+    """The documented ways (the Auto classes after import s2moe_ds.hf; lm_eval's --model s2moe)
+    load a folder with planted .py files and auto_map without running them, and give the same
+    logits; --model s2moe refuses trust_remote_code=True."""
+    run, out, _, _ = export
+    if load_model(str(run))[0].cfg.has_memory:
+        pytest.skip("the folder's files, not the backbone, are under test: shown on GPT")
+    text, clean = loaded
+    folder, marker = tmp_path / "theirs", tmp_path / "payload_ran"
+    _plant(out, folder, marker)
+    env = {**OFFLINE, "HF_HOME": str(tmp_path / "hf_home")}
+    done = _python(_LOAD, folder, text, 0, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not marker.exists()
+    assert json.loads(done.stdout)["1"]["logits"] == clean[1]["logits"]
+    done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args", f"pretrained={folder},dtype=float32",
+                   "--include_path", out / "lm_eval_tasks", "--tasks", "s2moe_text", "--device", "cpu",
+                   "--batch_size", "4", "--limit", "1", cwd=tmp_path, env=env, module=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not marker.exists()
+    done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args",
+                   f"pretrained={folder},trust_remote_code=True", "--tasks", "s2moe_text", "--include_path",
+                   out / "lm_eval_tasks", cwd=tmp_path, env=env, module=True)
+    assert done.returncode == 2 and "trust_remote_code" in done.stderr, done.stderr[-3000:]
+    assert not marker.exists()
+    # The planted code is live: trust_remote_code=True runs it.
+    done = _python("import sys, transformers as t; t.AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)",
+                   folder, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and marker.exists(), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("eval_k", [1, 2])
+def test_lm_eval_gives_our_loglikelihoods(export, eval_k):
+    """lm_eval's model `s2moe` (registered by importing s2moe_ds.hf.lm_eval), batched with right
+    padding: each continuation's log-likelihood and greediness are ours."""
+    pytest.importorskip("lm_eval")
+    import s2moe_ds.hf.lm_eval  # noqa: F401
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    run, out, _, _ = export
+    lm = get_model("s2moe")(pretrained=str(out), dtype="float32", device="cpu", batch_size=3, eval_k=eval_k)
+    pairs = [("It was the", " best of"), ("it was the age of", " wisdom, it was"), ("the worst of times, it", " w"),
+             ("", "It was")]
+    theirs = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    model, tokenizer = _our_model(run, eval_k)
+    eos = int(tokenizer.encode("\n")[0])
+    for (context, continuation), (logp, greedy) in zip(pairs, theirs):
+        # lm_eval's split: the ids of the whole text after those of the context; an empty context
+        # is the newline that stands for a text's start.
+        ctx = tokenizer.encode(context).tolist()
+        cont = tokenizer.encode(context + continuation).tolist()[len(ctx):] if ctx else tokenizer.encode(continuation).tolist()
+        ctx = ctx or [eos]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp_TV = torch.log_softmax(model(ids[:, :-1]).logits[0, len(ctx) - 1:].double(), dim=-1)
+        ours = float(logp_TV[torch.arange(len(cont)), cont].sum())
+        assert logp == pytest.approx(ours, abs=1e-4), (context, continuation)
+        assert greedy == bool((logp_TV.argmax(-1) == torch.tensor(cont)).all())
+
+
 def test_lm_eval_scores_a_local_file(export):
     pytest.importorskip("lm_eval")
     run, out, corpus, _ = export
@@ -146,32 +268,30 @@ def test_lm_eval_scores_a_local_file(export):
         pytest.skip("lm_eval reads windows without memory: compared on the memoryless backbone")
     tasks = out / "lm_eval_tasks"
     results = out.parent / "lm_eval_results"
-    done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={out},trust_remote_code=True,dtype=float32", "--include_path", str(tasks),
-         "--tasks", "s2moe_text", "--device", "cpu", "--batch_size", "4", "--output_path", str(results)],
-        capture_output=True, text=True, env=OFFLINE, timeout=600, cwd=str(out.parent))
+    done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args", f"pretrained={out},dtype=float32,eval_k=1",
+                   "--include_path", tasks, "--tasks", "s2moe_text", "--device", "cpu", "--batch_size", "4",
+                   "--output_path", results, cwd=out.parent, module=True)
     assert done.returncode == 0, done.stderr[-4000:]
     files = [os.path.join(d, f) for d, _, fs in os.walk(results) for f in fs if f.endswith(".json")]
     assert files, done.stdout[-2000:]
     scores = json.load(open(files[0]))["results"]["s2moe_text"]
     bpb = scores["bits_per_byte,none"]
-    # Our own evaluation of the same model on the same text, in the same disjoint windows of the
-    # context length (lm_eval's first window starts from the newline that stands for the text's
-    # start; ours from the text's first character): near, not identical.
-    model, _ = load_model(str(run))
-    tokenizer = load_tokenizer(os.path.join(run, "checkpoints", STEP, "tokenizer.json"))
-    ids = torch.as_tensor(tokenizer.encode(corpus.read_text()))
-    nll = []
+    # Our model's log-likelihood of the file in lm_eval's windows (its own window function): the
+    # first starts from the newline that stands for the text's start, each later one predicts the
+    # next max_seq_len tokens given the token before them.
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    model, tokenizer = _our_model(run, eval_k=1)
+    text = corpus.read_text()
+    ids = tokenizer.encode(text).tolist()
+    windows = get_rolling_token_windows(ids, prefix_token=int(tokenizer.encode("\n")[0]), max_seq_len=32, context_len=1)
+    ll = 0.0
     with torch.no_grad():
-        for start in range(0, len(ids) - 1, 32):
-            x = ids[start:start + 32][None]
-            y = ids[start + 1:start + 33][None]
-            x = x[:, :y.shape[1]]
-            nll.append(torch.nn.functional.cross_entropy(model(x).logits[0], y[0], reduction="sum"))
-    ours = float(sum(nll)) / (len(ids) - 1) / 0.6931471805599453
-    print(f"lm_eval bits_per_byte {bpb:.4f}, ours {ours:.4f}")
-    assert 1.0 < bpb < 8.0 and bpb == pytest.approx(ours, rel=0.01), (bpb, ours)
+        for ctx, cont in map(make_disjoint_window, windows):
+            logp_TV = torch.log_softmax(model(torch.tensor([(ctx + cont)[:-1]])).logits[0, len(ctx) - 1:].double(), -1)
+            ll += float(logp_TV[torch.arange(len(cont)), cont].sum())
+    ours = -ll / len(text.encode()) / 0.6931471805599453
+    print(f"lm_eval bits_per_byte {bpb:.6f}, ours {ours:.6f}")
+    assert 1.0 < bpb < 8.0 and bpb == pytest.approx(ours, rel=1e-6), (bpb, ours)
 
 
 def test_export_refuses_what_it_cannot_write(export, tmp_path):
@@ -186,3 +306,6 @@ def test_export_refuses_what_it_cannot_write(export, tmp_path):
     done = _consolidate(str(run), "--format", "hf", "--out", str(tmp_path / "x"), "--lm-eval-text",
                         str(tmp_path / "missing.txt"))
     assert done.returncode == 2 and "missing.txt" in done.stderr and not (tmp_path / "x").exists()
+    done = _consolidate(str(run), "--out", str(tmp_path / "m.pt"), "--remote-code-shims")
+    assert done.returncode == 2 and "--remote-code-shims" in done.stderr and "--format hf" in done.stderr
+    assert not (tmp_path / "m.pt").exists()

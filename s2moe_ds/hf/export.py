@@ -1,7 +1,12 @@
-"""An export Transformers loads: model.safetensors and config.json (S2MoEForCausalLM), the
-tokenizer (s2moe_tokenizer.json, tokenizer_config.json), and three one-line files that name the
-classes for `trust_remote_code=True`, so that a tool that never imports s2moe_ds itself
-(lm-evaluation-harness, a notebook) still gets our model, given s2moe_ds is installed."""
+"""An export Transformers loads: model.safetensors and config.json (S2MoEForCausalLM) and the
+tokenizer (s2moe_tokenizer.json, tokenizer_config.json). It holds no Python: a process that has
+imported s2moe_ds.hf loads it through the Auto classes without trust_remote_code, and
+lm-evaluation-harness through `python -m s2moe_ds.hf.lm_eval --model s2moe`.
+
+`remote_code_shims=True` (consolidate's --remote-code-shims) adds three one-line files that name
+our classes, and the auto_map entries pointing at them, for a tool that can only load with
+`trust_remote_code=True` and never imports s2moe_ds; that flag runs whatever .py files the
+folder holds, so it is safe only on a folder one wrote oneself."""
 
 import json
 import os
@@ -32,12 +37,14 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def export_hf(state: Dict[str, torch.Tensor], model_config: dict, tokenizer_path: str, out_dir: str,
-              meta: Optional[dict] = None) -> S2MoEForCausalLM:
+              meta: Optional[dict] = None, remote_code_shims: bool = False) -> S2MoEForCausalLM:
     """Write the export of an ep_size-1 fp32 state dict (checkpoint.consolidate's) to `out_dir`,
-    built in a sibling folder and renamed into place. Returns the model as exported."""
+    built in a sibling folder and renamed into place. Returns the model as exported.
+    `remote_code_shims`: also write the trust_remote_code files and auto_map (module docstring)."""
     check_out_dir(out_dir)
-    config = S2MoEConfig(s2moe_model=model_config, auto_map=AUTO_MAP, architectures=["S2MoEForCausalLM"],
-                         torch_dtype="float32", s2moe_meta=meta or {})
+    shims = {"auto_map": AUTO_MAP} if remote_code_shims else {}
+    config = S2MoEConfig(s2moe_model=model_config, architectures=["S2MoEForCausalLM"],
+                         torch_dtype="float32", s2moe_meta=meta or {}, **shims)
     model = S2MoEForCausalLM(config)
     prefix = S2MoEForCausalLM.base_model_prefix
     model.load_state_dict({f"{prefix}.{k}": v for k, v in state.items()}, strict=True)
@@ -49,16 +56,8 @@ def export_hf(state: Dict[str, torch.Tensor], model_config: dict, tokenizer_path
     # A backbone without memory has a longest input; with memory any length reads in segments.
     tokenizer = S2MoETokenizer(vocab_file=tokenizer_path, **({} if cfg.has_memory else {"model_max_length": cfg.max_seq_len}))
     tokenizer.save_pretrained(tmp)
-    tok_cfg_path = os.path.join(tmp, "tokenizer_config.json")
-    with open(tok_cfg_path) as f:
-        tok_cfg = json.load(f)
-    tok_cfg["auto_map"] = TOKENIZER_AUTO_MAP
-    with open(tok_cfg_path, "w") as f:
-        json.dump(tok_cfg, f, indent=2)
-    for name, (module, cls) in REMOTE_CODE.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            f.write(f"# Loaded by trust_remote_code; the class is s2moe_ds's (pip install 's2moe-ds[hf]').\n"
-                    f"from {module} import {cls}  # noqa: F401\n")
+    if remote_code_shims:
+        _write_shims(tmp)
     _swap_in(tmp, out_dir)
     return model
 
@@ -76,6 +75,19 @@ def _swap_in(staged: str, out_dir: str) -> None:
     os.replace(out_dir, old)  # onto an empty folder: rename(2) replaces it
     os.replace(staged, out_dir)
     shutil.rmtree(old)
+
+
+def _write_shims(folder: str) -> None:
+    tok_cfg_path = os.path.join(folder, "tokenizer_config.json")
+    with open(tok_cfg_path) as f:
+        tok_cfg = json.load(f)
+    tok_cfg["auto_map"] = TOKENIZER_AUTO_MAP
+    with open(tok_cfg_path, "w") as f:
+        json.dump(tok_cfg, f, indent=2)
+    for name, (module, cls) in REMOTE_CODE.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(f"# Loaded by trust_remote_code; the class is s2moe_ds's (pip install 's2moe-ds[hf]').\n"
+                    f"from {module} import {cls}  # noqa: F401\n")
 
 
 def write_lm_eval_task(text_path: str, out_dir: str) -> str:

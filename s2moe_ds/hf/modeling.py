@@ -113,8 +113,10 @@ class S2MoEForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def register() -> None:
-    """Make AutoConfig and AutoModelForCausalLM know model_type 's2moe' in this process (an
-    export also loads without it, through trust_remote_code and the files it carries)."""
+    """Make AutoConfig, AutoModelForCausalLM and AutoTokenizer know model_type 's2moe' in this
+    process (`import s2moe_ds.hf` calls it), so that an export loads with no trust_remote_code.
+    Without trust_remote_code, a registered model_type wins over a folder's auto_map and its .py
+    files are never run; with trust_remote_code=True Transformers prefers the folder's code."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .tokenizer import S2MoETokenizer
