@@ -277,7 +277,7 @@ def test_a_read_only_file_system_is_named(tmp_path):
     try:
         from s2moe_ds.data import prepare_corpus
         for field, flag, make in (("data.cache_dir", "--cache-dir", lambda p: prepare_corpus(DataConfig(cache_dir=p))),
-                                  ("train.out_dir", "--out-dir", lambda p: _train_config(out_dir=p))):
+                                  ("train.out_dir", "--out-dir", _train_setup)):
             with pytest.raises(ConfigError) as e:
                 make(str(mount / "run"))
             assert str(e.value).startswith(f"{field}: folder {mount} (to create {mount / 'run'} in) is not writable "
@@ -286,9 +286,12 @@ def test_a_read_only_file_system_is_named(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def _train_config(**kw):
-    from s2moe_ds.train import TrainConfig
-    return TrainConfig(**kw)
+def _train_setup(out_dir):
+    """Trainer.setup up to its first check of the out-dir, which comes before any process group."""
+    from s2moe_ds.train import ExperimentConfig, TrainConfig
+    from s2moe_ds.train.trainer import Trainer
+    from .test_pretrain import _ds_config
+    Trainer(ExperimentConfig(train=TrainConfig(out_dir=out_dir)), _ds_config()).setup()
 
 
 NOBODY = 65534
@@ -325,8 +328,8 @@ def _as_nobody(cases):
 
 def test_unreadable_and_unwritable_paths_are_named_before_compute():
     """A corpus without read permission, a folder of someone else as --out-dir or --cache-dir."""
+    from s2moe_ds.cli import experiment_from_args, pretrain_parser
     from s2moe_ds.data import prepare_corpus
-    from s2moe_ds.train import TrainConfig
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user")
     root = tempfile.mkdtemp(prefix="s2moe-perm-")
@@ -340,10 +343,15 @@ def test_unreadable_and_unwritable_paths_are_named_before_compute():
         with open(os.path.join(root, "closed", "a.txt"), "w") as f:
             f.write(TEXT)
         os.mkdir(os.path.join(root, "theirs"), 0o755)
+        os.mkdir(os.path.join(root, "mine"))
+        os.chmod(os.path.join(root, "mine"), 0o777)
         got = _as_nobody({
             "unreadable --path": lambda: DataConfig(dataset="path", path=os.path.join(root, "secret.txt")),
             "unreadable folder": lambda: DataConfig(dataset="path", path=os.path.join(root, "closed")),
-            "unwritable --out-dir": lambda: TrainConfig(out_dir=os.path.join(root, "theirs", "run")),
+            "unwritable --out-dir": lambda: _train_setup(os.path.join(root, "theirs", "run")),
+            # The preset's own out_dir (runs/tiny under an unwritable cwd) is no concern once --out-dir replaces it.
+            "preset, writable --out-dir": lambda: (os.chdir(os.path.join(root, "theirs")), experiment_from_args(
+                pretrain_parser().parse_args(["--preset", "tiny", "--out-dir", os.path.join(root, "mine", "run")]))),
             "unwritable --cache-dir": lambda: prepare_corpus(DataConfig(
                 dataset="path", path=os.path.join(root, "ok.txt"), cache_dir=os.path.join(root, "theirs", "cache"))),
         })
@@ -354,6 +362,7 @@ def test_unreadable_and_unwritable_paths_are_named_before_compute():
         assert got["unwritable --out-dir"].startswith("train.out_dir: folder ") and \
             "(to create" in got["unwritable --out-dir"] and "pass --out-dir a folder you can write to" in \
             got["unwritable --out-dir"], got
+        assert got["preset, writable --out-dir"] == "accepted", got
         assert got["unwritable --cache-dir"].startswith("data.cache_dir: folder ") and \
             "not writable (permission denied); pass --cache-dir" in got["unwritable --cache-dir"], got
     finally:

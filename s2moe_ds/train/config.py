@@ -6,7 +6,6 @@ from typing import Any, Dict, Optional
 
 from ..config import ConfigError, check_bool, check_choice, check_int, check_number, check_optional_int, require
 from ..data import DataConfig
-from ..data.config import check_output_folder
 from ..models import ModelConfig, check_backbone, model_config_from_dict
 from ..parallel import ParallelConfig, check_expert_parallel
 from ..progress import MODES as PROGRESS_MODES
@@ -75,7 +74,6 @@ class TrainConfig:
         require(isinstance(self.out_dir, str) and self.out_dir != "", p + "out_dir", "must be a folder path")
         require(not os.path.isfile(self.out_dir), p + "out_dir",
                 f"{self.out_dir} is a file; name a folder (it is created if missing)")
-        check_output_folder(self.out_dir, p + "out_dir", "--out-dir")
         check_int(self.max_steps, p + "max_steps", 1)
         check_int(self.seq_len, p + "seq_len", 1)
         if self.lr is not None:

@@ -23,6 +23,7 @@ from ..checkpoint import (FORMAT_VERSION, CheckpointWriteError, check_resumable,
                           consolidate, load, load_global_state, load_rank_state, read_meta, reshard, save, set_aside,
                           tag_step)
 from ..config import ConfigError
+from ..data.config import check_output_folder
 from ..fileio import atomic_write_text
 from ..moe import expert_blocks, init_expert_weights
 from ..parallel import ExpertLayout, check_ds_batch, check_ds_config, init_distributed, initialize, keep_global_batch, load_ds_config
@@ -114,6 +115,8 @@ class Trainer:
         exp, train = self.experiment, self.train_cfg
         ds_config = load_ds_config(self._ds_config_source)
         check_ds_config(ds_config)
+        # Here, not in TrainConfig: presets build one with their own out_dir before the flags replace it.
+        check_output_folder(train.out_dir, "train.out_dir", "--out-dir")
         init_distributed(timeout_s=collective_timeout_s(train.hang_timeout_s),
                          expected_world_size=train.expect_world_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
