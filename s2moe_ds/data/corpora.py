@@ -155,8 +155,8 @@ def read_input(path: str, field: str = "data.path") -> bytes:
         reader.join(min(1.0, bound))
         if reader.is_alive() and time.monotonic() - progress["last"] > bound:
             where = "reading" if "opened" in progress else "opening"
-            raise ConfigError(f"{field}: {where} {path} gave no data for {bound:.0f} s (the bound set by "
-                              "--hang-timeout-s): a FIFO with no writer or a hung network mount; pass a regular "
+            raise ConfigError(f"{field}: {where} {path} gave no data for {bound:.0f} s (the collective timeout "
+                              "that --hang-timeout-s sets): a FIFO with no writer or a hung network mount; pass a regular "
                               "file on a file system that responds")
     if "error" in outcome:
         raise outcome["error"]
