@@ -147,6 +147,8 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     """Evaluate, write <out_dir>/eval.json (and the analysis files), and return the report."""
     step_dir = resolve_checkpoint(cfg.checkpoint)
     out_dir = cfg.out_dir or default_out_dir(step_dir)
+    if cfg.out_dir is None:  # a given one was checked with the flags
+        check_output_folder(out_dir, "eval.out_dir", "--out-dir")
     state, client = consolidate(step_dir)
     run = client.get("run") or {}
     if "data" not in run or "train" not in run:
