@@ -65,6 +65,7 @@ def _read_only_mount(folder: str) -> bool:
     except OSError:
         return False
 
+
 DATASETS = ("embedded", "enwik8", "text8", "wikitext-103", "path")
 TOKENIZER_KINDS = ("auto", "byte", "char", "subword")
 
