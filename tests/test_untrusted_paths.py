@@ -1,10 +1,12 @@
 """A received checkpoint is data, not instructions: evaluate never opens a corpus, tokenizer or cache
 folder its settings name outside its run folder (it says which, and the flag that passes it), a
-model config that its weights do not fit is refused before any model is built, and bad flags of
-evaluate and generate stop the command before the checkpoint is read."""
+model config that its weights do not fit is refused before any model is built, evaluate writes
+neither into a checkpoint nor through a link the received folder holds, and bad flags of evaluate
+and generate stop the command before the checkpoint is read."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,3 +199,130 @@ def test_an_evaluate_out_dir_that_cannot_be_written_is_named_first(tmp_path, cap
         where = str(tmp_path / "report" / "eval")
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--out-dir", where]) == 2
     assert "eval.out_dir" in capsys.readouterr().err
+
+
+def _received_copy(trained, tmp_path):
+    copy = tmp_path / "received"
+    shutil.copytree(trained / "run", copy)
+    return copy
+
+
+def _evaluate_here(main, trained, checkpoint, *flags):
+    """launch/evaluate.py in this process on the real corpus (passed, so that only the out-dir can stop it)."""
+    return main(["--checkpoint", str(checkpoint), "--splits", "valid", "--eval-k", "1", "--max-batches", "1",
+                 "--path", str(trained / "corpus.txt"), "--cache-dir", str(trained / "cache"), *flags])
+
+
+def test_evaluate_analysis_replaces_links_planted_in_its_default_out_dir(trained, tmp_path, capsys):
+    """The default out-dir is <run>/eval/<step>, inside the received folder: a link planted under a
+    name evaluate writes is replaced by the new file, its target left as it was."""
+    from launch.evaluate import main
+    received = _received_copy(trained, tmp_path)
+    victim = tmp_path / "bashrc"
+    victim.write_text("mine\n")
+    plots = received / "eval" / STEP / "plots"
+    plots.mkdir(parents=True)
+    planted = [plots / "layer0_routing.png", received / "eval" / STEP / "eval.json",
+               received / "eval" / STEP / "analysis.json"]
+    for link in planted:
+        link.symlink_to(victim)
+    status = _evaluate_here(main, trained, received, "--analysis", "--analysis-tokens", "64")
+    assert status == 0, capsys.readouterr().err
+    assert victim.read_bytes() == b"mine\n"
+    for path in planted:
+        assert not path.is_symlink() and path.stat().st_size > 100, path
+    # Its own eval/<step> of before is no checkpoint folder: evaluated again, it is written again.
+    assert _evaluate_here(main, trained, received) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("link, out_dir", [
+    ("eval", None), (f"eval/{STEP}", None), (f"eval/{STEP}/plots", None), (f"eval/{STEP}/tensorboard", None),
+    ("eval", "eval/mine"),
+])
+def test_an_out_dir_through_a_link_in_the_run_folder_is_refused(trained, tmp_path, capsys, link, out_dir):
+    """A planted `eval -> anywhere` would send eval.json, analysis.json, plots and TensorBoard files
+    there: refused before the weights are read, naming the link and --out-dir."""
+    from launch.evaluate import main
+    received = _received_copy(trained, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (received / link).parent.mkdir(parents=True, exist_ok=True)
+    (received / link).symlink_to(elsewhere, target_is_directory=True)
+    flags = ["--analysis", "--analysis-tokens", "64"] + (["--out-dir", str(received / out_dir)] if out_dir else [])
+    assert _evaluate_here(main, trained, received, *flags) == 2
+    err = capsys.readouterr().err
+    assert f"eval.out_dir: {received / link} is a symbolic link" in err and "pass --out-dir" in err, err
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize("where", ["step", "checkpoints", "lone step"])
+def test_evaluate_never_writes_into_a_checkpoint(trained, tmp_path, capsys, where):
+    """An eval.json in a step folder would fail its manifest (a resume then skips the step)."""
+    from launch.evaluate import main
+    received = _received_copy(trained, tmp_path)
+    checkpoint, flags = received, []
+    if where == "step":
+        out = received / "checkpoints" / STEP / "eval"
+        flags = ["--out-dir", str(out)]
+    elif where == "checkpoints":
+        out = received / "checkpoints" / "eval"
+        flags = ["--out-dir", str(out)]
+    else:  # a step folder alone in a folder of step folders: the default out-dir would be <that folder>/eval
+        lone = tmp_path / "saved"
+        lone.mkdir()
+        shutil.copytree(received / "checkpoints" / STEP, lone / STEP)
+        checkpoint, out = lone / STEP, lone / "eval"
+    assert _evaluate_here(main, trained, checkpoint, *flags) == 2
+    err = capsys.readouterr().err
+    assert "eval.out_dir:" in err and "inside the checkpoint folder" in err and "pass --out-dir" in err, err
+    assert not out.exists()
+
+
+def _fake_step(folder):
+    step = folder / "checkpoints" / STEP
+    step.mkdir(parents=True)
+    return str(step)
+
+
+def test_the_folder_above_checkpoints_is_the_run_only_with_its_run_config(tmp_path):
+    """A received checkpoints/ tree unpacked into a home folder does not make the home folder the run's."""
+    from s2moe_ds.eval.evaluate import data_settings
+    home = tmp_path / "home"
+    step = _fake_step(home)
+    secret = str(home / ".ssh" / "id_rsa")
+    with pytest.raises(ConfigError, match=re.escape(f"data.path={secret!r}, outside its run folder {step};")):
+        data_settings({"dataset": "path", "path": secret}, {}, step)
+    (home / "run_config.json").write_text("{}")
+    assert data_settings({"dataset": "path", "path": secret}, {}, step)["path"] == secret
+
+
+def test_relative_recorded_paths_name_no_folder_of_the_run(tmp_path, monkeypatch):
+    """They would resolve against the folder evaluate runs in, whatever it is."""
+    from s2moe_ds.eval.evaluate import data_settings
+    run = tmp_path / "run"
+    step = _fake_step(run)
+    (run / "run_config.json").write_text("{}")
+    (run / "corpus.txt").write_text(TEXT)
+    monkeypatch.chdir(run)
+    with pytest.raises(ConfigError, match=r"data.path: .*'corpus.txt', a relative path, which names no folder"):
+        data_settings({"dataset": "path", "path": "corpus.txt"}, {}, step)
+    notes = []
+    settings = data_settings({"dataset": "path", "path": str(run / "corpus.txt"), "tokenizer": "tok.json"}, {},
+                             step, notes.append)
+    assert settings["tokenizer"] == os.path.join(step, "tokenizer.json")
+    assert "data.tokenizer='tok.json', a relative path" in notes[0]
+
+
+def test_a_recorded_tokenizer_since_pruned_falls_back_to_the_step_folders_own(tmp_path):
+    from s2moe_ds.eval.evaluate import data_settings
+    run = tmp_path / "run"
+    step = _fake_step(run)
+    (run / "run_config.json").write_text("{}")
+    pruned = str(run / "checkpoints" / "step00000001" / "tokenizer.json")
+    notes = []
+    settings = data_settings({"dataset": "path", "path": str(run / "corpus.txt"), "tokenizer": pruned}, {},
+                             step, notes.append)
+    assert settings["tokenizer"] == os.path.join(step, "tokenizer.json")
+    assert f"data.tokenizer={pruned!r}, which no longer exists" in notes[0]
+    # One the user passes is theirs to get wrong: no fallback.
+    assert data_settings({"dataset": "path"}, {"tokenizer": pruned}, step)["tokenizer"] == pruned

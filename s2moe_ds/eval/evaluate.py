@@ -7,6 +7,7 @@ identical from run to run: fixed windows in order, no sampling, no token drops, 
 
 import json
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..checkpoint import consolidate, model_config_for_inference, model_from_state, resolve_checkpoint
-from ..checkpoint.store import TOKENIZER
+from ..checkpoint.output import _check_not_in_checkpoint
+from ..checkpoint.manifest import MANIFEST
+from ..checkpoint.store import COMPLETE, LATEST, TOKENIZER, step_of_name
 from ..config import ConfigError, check_int, check_known_fields, check_optional_int, require
 from ..data import DataConfig, check_tokenizer_matches, prepare_corpus
 from ..data.config import TOKENIZER_KINDS, check_output_folder
@@ -72,25 +75,125 @@ class EvalConfig:
             check_output_folder(self.out_dir, "eval.out_dir", "--out-dir")
 
 
-def default_out_dir(step_dir: str) -> str:
+RUN_CONFIG = "run_config.json"
+"""What the trainer writes in its run folder at start (train/trainer.py): the mark of a run folder."""
+
+
+def _out_base(step_dir: str) -> str:
+    """The folder the default out-dir goes in: the one holding checkpoints/, else the step folder's."""
     parent = os.path.dirname(os.path.abspath(step_dir))
-    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-    return os.path.join(run_dir, "eval", os.path.basename(os.path.abspath(step_dir)))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+
+
+def default_out_dir(step_dir: str) -> str:
+    return os.path.join(_out_base(step_dir), "eval", os.path.basename(os.path.abspath(step_dir)))
 
 
 def run_folder(step_dir: str) -> str:
-    """The run folder holding checkpoints/step..., or a lone step folder itself: the files the user
-    handed over, and so the only place a path recorded in the checkpoint may point to."""
+    """The files the user handed over, and so the only place a path recorded in the checkpoint may
+    point to: the folder holding checkpoints/step... when it also holds the run_config.json its
+    trainer wrote, else the step folder alone (a checkpoints/ tree unpacked into a home folder
+    must not make all of it the run's)."""
     step = os.path.abspath(step_dir)
     parent = os.path.dirname(step)
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else step
+    if os.path.basename(parent) == "checkpoints":
+        run_config = os.path.join(os.path.dirname(parent), RUN_CONFIG)
+        if os.path.isfile(run_config) and not os.path.islink(run_config):
+            return os.path.dirname(parent)
+    return step
+
+
+def _outside_reason(path: object, folder: str) -> Optional[str]:
+    """Why a recorded path is not one of the run's (None: it lies inside `folder`)."""
+    if not isinstance(path, str) or not path:
+        return f"outside its run folder {folder}"
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path):  # it would resolve against whatever folder evaluate runs in
+        return f"a relative path, which names no folder of the run {folder}"
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return None if os.path.commonpath([real, root]) == root else f"outside its run folder {folder}"
 
 
 def _inside(path: object, folder: str) -> bool:
-    if not isinstance(path, str) or not path:
+    return _outside_reason(path, folder) is None
+
+
+def check_out_dir(out_dir: str, checkpoint: str, step_dir: str, given: bool, subfolders: Sequence[str] = ()) -> None:
+    """Refuse an out-dir that would write through a symbolic link a received run folder may hold
+    (`eval` -> anywhere) or into a checkpoint: checked before the weights are read and again before
+    writing. `subfolders`: the folders of out_dir that will be written (plots, tensorboard)."""
+    what = f"--out-dir {out_dir}" if given else f"the default out-dir {out_dir}"
+    _check_no_links(out_dir, _out_base(step_dir) if not given else run_folder(step_dir), given, subfolders, what)
+    try:
+        _check_not_in_checkpoint(_first_not_ours(out_dir), checkpoint)
+    except ConfigError as e:
+        found = re.search(r"inside the checkpoint folder (.+?); ", str(e))
+        folder = found.group(1) if found else "a checkpoint folder"
+        raise ConfigError(f"eval.out_dir: {what} is inside the checkpoint folder {folder}; evaluate never writes "
+                          "into checkpoints (a file there fails the step's manifest, and a resume skips that step): "
+                          "pass --out-dir a folder outside checkpoints/, e.g. the run folder's eval/") from None
+
+
+def _check_no_links(out_dir: str, root: str, given: bool, subfolders: Sequence[str], what: str) -> None:
+    """No symbolic link below `root` (the received folder) on the way to out_dir or its subfolders;
+    a default out-dir must also resolve inside it. A given out-dir outside the run is the user's own
+    folder, links and all."""
+    path = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.commonpath([path, root]) != root:
+        return
+    for folder in [*_folders_between(root, path), *(os.path.join(path, s) for s in subfolders)]:
+        if os.path.islink(folder):
+            raise ConfigError(f"eval.out_dir: {folder} is a symbolic link (to {os.readlink(folder)!r}) in the "
+                              f"checkpoint's folder {root}, on the way to {what}; evaluate does not write through "
+                              "a link a received folder may hold: pass --out-dir a folder of your own (or remove the "
+                              "link if you made it)")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    real, real_root = os.path.realpath(existing), os.path.realpath(root)
+    if not given and os.path.commonpath([real, real_root]) != real_root:
+        raise ConfigError(f"eval.out_dir: {what} resolves to {real}, outside {root}: pass --out-dir a folder of "
+                          "your own")
+
+
+def _holds_checkpoint_files(folder: str) -> bool:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return True  # unknown: not ours
+    return any(n in (MANIFEST, COMPLETE, LATEST) or n.endswith(".pt") for n in names)
+
+
+def _ours(folder: str) -> bool:
+    """Whether `folder` is evaluate's to write: one still to be made, a step-named folder holding no
+    checkpoint file (an earlier <run>/eval/step<N>), or an eval/ folder holding only such. The name
+    rule of the checkpoint check would take these for step and checkpoints/ folders."""
+    if not os.path.lexists(folder):
+        return True
+    if not os.path.isdir(folder) or os.path.islink(folder) or _holds_checkpoint_files(folder):
         return False
-    real, root = os.path.realpath(os.path.expanduser(path)), os.path.realpath(folder)
-    return os.path.commonpath([real, root]) == root
+    if step_of_name(os.path.basename(folder)) is not None:
+        return True
+    steps = [os.path.join(folder, d) for d in os.listdir(folder) if step_of_name(d) is not None]
+    return os.path.basename(folder) != "checkpoints" and bool(steps) and all(_ours(d) for d in steps)
+
+
+def _first_not_ours(out_dir: str) -> str:
+    """out_dir less its trailing folders that evaluate makes or made: what the checkpoint check judges."""
+    path = os.path.abspath(os.path.expanduser(out_dir))
+    while _ours(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _folders_between(root: str, path: str) -> List[str]:
+    """The folders below `root` down to `path` itself, outermost first."""
+    folders, current = [], root
+    for part in os.path.relpath(path, root).split(os.sep):
+        if part not in ("", "."):
+            current = os.path.join(current, part)
+            folders.append(current)
+    return folders
 
 
 SOURCE_FIELDS = ("path", "train_file", "valid_file", "test_file")
@@ -122,31 +225,48 @@ def data_settings(recorded: object, overrides: Dict[str, object], step_dir: str,
         flags = " ".join(f"--{f.replace('_', '-')} {shlex.quote(str(v))}" for f, v in outside.items())
         hub = (f", or --dataset {settings['dataset']} for the hub's copy" if settings.get("dataset") not in
                ("path", "embedded", None) else "")
-        raise ConfigError(f"data.{next(iter(outside))}: the checkpoint records {recorded_text}, outside its run "
-                          f"folder {run_dir}; not opened (a checkpoint's settings could name any file): pass "
-                          f"{flags} to evaluate on it{hub}")
-    tokenizer = settings.get("tokenizer")
-    if ("tokenizer" not in overrides and isinstance(tokenizer, str) and tokenizer not in TOKENIZER_KINDS
-            and not _inside(tokenizer, run_dir)):
-        settings["tokenizer"] = os.path.join(step_dir, TOKENIZER)
-        log(f"note: the checkpoint records data.tokenizer={tokenizer!r}, outside its run folder; it was not opened: "
-            f"using the checkpoint's own {settings['tokenizer']} (pass --tokenizer {shlex.quote(tokenizer)} to use "
-            "that file)")
+        reason = _outside_reason(next(iter(outside.values())), run_dir)
+        raise ConfigError(f"data.{next(iter(outside))}: the checkpoint records {recorded_text}, {reason}; not "
+                          f"opened (a checkpoint's settings could name any file): pass {flags} to evaluate on it{hub}")
+    _choose_tokenizer(settings, overrides, step_dir, run_dir, log)
     cache = settings.get("cache_dir")
     if "cache_dir" not in overrides and cache is not None and not _inside(cache, run_dir):
         default = DataConfig.cache_dir
         settings["cache_dir"] = default
         if not (isinstance(cache, str) and os.path.abspath(os.path.expanduser(cache))
                 == os.path.abspath(os.path.expanduser(default))):
-            log(f"note: the checkpoint records data.cache_dir={cache!r}, outside its run folder; it was not used: "
-                f"tokenized splits go to {default} (pass --cache-dir {shlex.quote(str(cache))} to use that folder)")
+            log(f"note: the checkpoint records data.cache_dir={cache!r}, {_outside_reason(cache, run_dir)}; it was "
+                f"not used: tokenized splits go to {default} (pass --cache-dir {shlex.quote(str(cache))} to use that "
+                "folder)")
     return {**settings, **overrides}
+
+
+def _choose_tokenizer(settings: Dict[str, object], overrides: Dict[str, object], step_dir: str, run_dir: str,
+                      log) -> None:
+    """A recorded tokenizer file outside the run, or one inside it that is gone (the step folder
+    it named was pruned), becomes the step folder's own tokenizer.json: the user never passed the
+    recorded one, and the step's own gives the checkpoint's ids (checked after)."""
+    tokenizer = settings.get("tokenizer")
+    if "tokenizer" in overrides or not isinstance(tokenizer, str) or tokenizer in TOKENIZER_KINDS:
+        return
+    own = os.path.join(step_dir, TOKENIZER)
+    reason = _outside_reason(tokenizer, run_dir)
+    if reason is not None:
+        settings["tokenizer"] = own
+        log(f"note: the checkpoint records data.tokenizer={tokenizer!r}, {reason}; it was not opened: using the "
+            f"checkpoint's own {own} (pass --tokenizer {shlex.quote(tokenizer)} to use that file)")
+    elif not os.path.exists(os.path.expanduser(tokenizer)):
+        settings["tokenizer"] = own
+        log(f"note: the checkpoint records data.tokenizer={tokenizer!r}, which no longer exists (a step folder "
+            f"pruned since?): using the checkpoint's own {own}")
 
 
 def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     """Evaluate, write <out_dir>/eval.json (and the analysis files), and return the report."""
     step_dir = resolve_checkpoint(cfg.checkpoint)
     out_dir = cfg.out_dir or default_out_dir(step_dir)
+    subfolders = ("plots", "tensorboard") if cfg.analysis else ()
+    check_out_dir(out_dir, cfg.checkpoint, step_dir, cfg.out_dir is not None, subfolders)
     if cfg.out_dir is None:  # a given one was checked with the flags
         check_output_folder(out_dir, "eval.out_dir", "--out-dir")
     state, client = consolidate(step_dir)
@@ -196,7 +316,10 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
         analyzer = ExpertAnalyzer(models[k], cfg.analysis_tokens, corpus.tokenizer.vocab_size)
         with analyzer:
             _run_split(cfg, corpus, split, seq_len, device, models[k], analyzer)
+        # Again before writing: a folder or link may have appeared while the model ran.
+        check_out_dir(out_dir, cfg.checkpoint, step_dir, cfg.out_dir is not None, subfolders)
         report["analysis"] = _write_analysis(analyzer, corpus.tokenizer, out_dir, client.get("step") or 0, split, k)
+    check_out_dir(out_dir, cfg.checkpoint, step_dir, cfg.out_dir is not None, subfolders)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
     report["out_dir"] = out_dir

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..fileio import atomic_write  # noqa: E402
+
 
 def _label(token) -> str:
     text = repr(token)[1:-1] if isinstance(token, str) else str(token)
@@ -84,12 +86,18 @@ def analysis_figures(report: Dict) -> List[Tuple[str, object]]:
     return figures
 
 
+def _write_png(fig, path: str, dpi: Optional[int]) -> None:
+    # Through a temporary file of ours renamed over `path`: a symbolic link planted under the name
+    # (a received run folder's eval/.../plots/x.png -> ~/.bashrc) is replaced, never written through.
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 def save_figures(figures: Sequence[Tuple[str, object]], folder: str) -> List[str]:
     os.makedirs(folder, exist_ok=True)
     paths = []
     for name, fig in figures:
         path = os.path.join(folder, f"{name}.png")
-        fig.savefig(path, dpi=110)
+        _write_png(fig, path, 110)
         paths.append(path)
     return paths
 
@@ -143,6 +151,8 @@ def curves_figure(curves: Dict[str, List[List[Tuple[int, float]]]], ylabel: str,
 
 def save_figure(fig, path: str, dpi: Optional[int] = 110) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        _write_png(fig, path, dpi)
+    finally:
+        plt.close(fig)
     return path
