@@ -426,3 +426,85 @@ def test_a_fifo_path_is_refused_at_once_on_every_rank(tmp_path):
         assert p.returncode == 2, out[-2000:] + err[-2000:]
         assert err.startswith(f"error: data.path: {fifo} is a FIFO (named pipe), not a regular file"), err[-2000:]
     assert seconds < 60
+
+
+# ------------------------------------------------------------------------------------ review of issue 24
+
+def _unblock_later(fifo, seconds=20.0):
+    """Should the code under test open the FIFO, a writer comes and goes after `seconds`: the test
+    then fails on what was read instead of waiting for ever."""
+    import threading
+
+    def open_and_close():
+        time.sleep(seconds)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing waits on it
+            pass
+    threading.Thread(target=open_and_close, daemon=True).start()
+
+
+def test_a_meta_json_that_is_no_regular_file_is_named_unopened(meta_step, tmp_path):
+    from s2moe_ds.train.finetune import pretrained_meta
+    meta = meta_step / "meta.json"
+    os.remove(meta)
+    os.mkfifo(meta)
+    _unblock_later(meta)
+    start = time.monotonic()
+    for read in (read_meta, pretrained_meta):  # --resume, finetune --pretrained <step folder>
+        with pytest.raises(ConfigError, match="meta.json is a FIFO \\(named pipe\\), not a regular file"):
+            read(str(meta_step))
+    assert time.monotonic() - start < 10
+    os.remove(meta)
+    outside = tmp_path / "meta.json"
+    shutil.copyfile(os.path.join(OLD_STEP, "meta.json"), outside)
+    os.symlink(outside, meta)  # the right bytes, but a link could point anywhere
+    with pytest.raises(ConfigError, match="meta.json is a symbolic link, not a regular file"):
+        read_meta(str(meta_step))
+    os.remove(meta)
+    os.mkdir(meta)
+    with pytest.raises(ConfigError, match="meta.json is a folder, not a regular file"):
+        read_meta(str(meta_step))
+
+
+def _folders_of_someone_else_worker(rank, world_size, ckpt):
+    from s2moe_ds.checkpoint import CheckpointWriteError, complete_tags
+    from s2moe_ds.checkpoint import store
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    tags = complete_tags(ckpt)
+    with pytest.raises(CheckpointWriteError) as e:
+        store.save(None, ckpt, 6, {}, keep=3)  # clearing the way fails before the engine is used
+    return tags, str(e.value)
+
+
+def test_checkpoint_folders_one_may_not_read_or_move_are_named(capfd):
+    """Step folders of another user in checkpoints/: one whose COMPLETE cannot be read is ignored
+    with a note naming the error; a save that must set one aside says to fix permissions."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    root = tempfile.mkdtemp(prefix="s2moe-perm-")
+    try:
+        os.chmod(root, 0o755)
+        ckpt = os.path.join(root, "checkpoints")
+        for step, mode in ((3, 0o755), (5, 0o700), (6, 0o755)):
+            folder = os.path.join(ckpt, f"step{step:08d}")
+            os.makedirs(folder)
+            with open(os.path.join(folder, "COMPLETE"), "w") as f:
+                f.write(f"{step}\n")
+            os.chmod(folder, mode)
+        with open(os.path.join(ckpt, "latest"), "w") as f:
+            f.write("step00000006")
+        [(tags, message)] = run_distributed(_folders_of_someone_else_worker, 1, (ckpt,))
+        out = capfd.readouterr().out
+        assert tags == ["step00000006", "step00000003"]
+        assert (f"checkpoints: ignored {ckpt}/step00000005: its COMPLETE cannot be read (PermissionError: "
+                "Permission denied)") in out, out
+        step_dir = os.path.join(ckpt, "step00000006")
+        assert message.startswith(f"checkpoint {step_dir}: writing failed on rank 0: clearing the earlier "
+                                  f"{step_dir} out of the way: PermissionError"), message
+        assert f"You may not move or remove {step_dir}: give yourself write permission" in message, message
+        assert "Free space" not in message
+        assert sorted(os.listdir(ckpt)) == ["latest", "step00000003", "step00000005", "step00000006"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -289,3 +289,93 @@ def test_hf_export_leaves_folders_beside_its_output_alone(trained, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "s2moe"
     assert sorted(os.listdir(tmp_path)) == ["hf", "hf.old", "hf.tmp"]
     assert all((tmp_path / n / "keep.txt").read_text() == n for n in ("hf.old", "hf.tmp"))
+
+# ------------------------------------------------------------------------------------ review of issue 24
+
+@pytest.mark.parametrize("tokenizer", ["char", "subword"])  # ids written into a memory map / by np.save
+def test_the_token_cache_writes_through_no_planted_link(tmp_path, tokenizer):
+    """The cache's .npy files go through a new file of ours: a link at the temporary name the cache
+    used to take (<split>.npy.tmp.<pid>) or at a split's own name leaves its target unchanged."""
+    import numpy as np
+
+    from s2moe_ds.data import DataConfig, prepare_corpus
+    from s2moe_ds.data.cache import cache_folder
+    from s2moe_ds.data.corpora import SPLITS, locate
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    kw = dict(dataset="path", path=str(corpus), tokenizer=tokenizer, subword_vocab_size=300)
+    clean = prepare_corpus(DataConfig(cache_dir=str(tmp_path / "clean"), **kw))
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
+    folder = cache_folder(cfg, locate(cfg))
+    os.makedirs(folder)
+    targets = {}
+    for split in SPLITS:
+        for link in (f"{split}.npy.tmp.{os.getpid()}", f"{split}.npy"):
+            targets[link] = tmp_path / f"someone's {link}"
+            targets[link].write_text("someone's file\n")
+            os.symlink(targets[link], os.path.join(folder, link))
+    prepared = prepare_corpus(cfg)
+    assert all(target.read_text() == "someone's file\n" for target in targets.values())
+    for split in SPLITS:
+        assert not os.path.islink(os.path.join(folder, f"{split}.npy"))
+        assert np.array_equal(prepared.splits[split], clean.splits[split])
+    left = sorted(n for n in os.listdir(folder) if not n.endswith(f".tmp.{os.getpid()}"))
+    assert left == sorted(["COMPLETE", "meta.json", "tokenizer.json"] + [f"{s}.npy" for s in SPLITS])
+
+
+def test_latest_is_read_only_as_a_regular_file_holding_a_step_name(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints"
+    _complete(ckpt / "step00000003", 3)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("step00000003 password=hunter2\n")
+    os.symlink(secret, ckpt / "latest")
+    with pytest.raises(ConfigError) as e:
+        store.latest_tag(str(ckpt))
+    assert f"{ckpt / 'latest'} is a symbolic link, not the file a save writes" in str(e.value)
+    assert store.newest_verified(str(ckpt)) == "step00000003"
+    os.remove(ckpt / "latest")
+    shutil.copyfile(secret, ckpt / "latest")  # a regular file, but no step folder's name
+    with pytest.raises(ConfigError, match="latest names no step folder") as e:
+        store.latest_tag(str(ckpt))
+    assert store.newest_verified(str(ckpt)) == "step00000003"
+    out = capsys.readouterr().out
+    assert "is a symbolic link" in out and "latest' names no step folder" in out
+    assert "hunter2" not in out + str(e.value)
+    (ckpt / "latest").write_text("step00000009")
+    with pytest.raises(ConfigError, match="names step00000009, which is not a complete checkpoint"):
+        store.latest_tag(str(ckpt))
+
+
+def test_a_lock_that_is_a_folder_is_named_as_one(tmp_path):
+    (tmp_path / "run" / "LOCK").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="the run lock .*LOCK is a folder; remove or rename it") as e:
+        lock_mod.RunLock().try_acquire(str(tmp_path / "run"))
+    assert "writable" not in str(e.value)
+
+
+def _run_with_checkpoints(ckpt, last_saved):
+    """What Trainer._set_aside_from needs of a trainer, on one process."""
+    from types import SimpleNamespace
+    return SimpleNamespace(ckpt_dir=str(ckpt), last_saved=last_saved,
+                           _set_aside=lambda tags, why: store.set_aside(str(ckpt), tags, why) if tags else [])
+
+
+@pytest.mark.parametrize("bad_from, poisoned", [(5, []), (4, ["step00000004"])],
+                         ids=["non-finite weights after step 5", "non-finite loss at step 5"])
+def test_only_the_runs_own_checkpoint_is_set_aside_as_poisoned(tmp_path, bad_from, poisoned):
+    """A run resumed from step 2 saved step 4; step 6 is left from a continuation the resume did
+    not take. Its weights are not this run's: it is superseded, not poisoned."""
+    from s2moe_ds.train.trainer import Trainer
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _complete(ckpt / f"step{step:08d}", step)
+    got, moved, advice = Trainer._set_aside_from(_run_with_checkpoints(ckpt, last_saved=4), bad_from)
+    assert got == poisoned
+    expected = ["step00000002", "superseded_step00000006"]
+    expected += ["poisoned_step00000004"] if poisoned else ["step00000004"]
+    assert sorted(os.listdir(ckpt)) == sorted(expected + ["latest"])
+    assert moved[0].endswith("poisoned_step00000004" if poisoned else "superseded_step00000006")
+    healthy = "step00000002" if poisoned else "step00000004"
+    assert f"the last healthy checkpoint is {ckpt / healthy}" in advice
+    assert (ckpt / "latest").read_text() == healthy
+

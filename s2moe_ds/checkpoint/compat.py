@@ -12,6 +12,7 @@ layout apart (`ep_size` in the checkpoint's meta, never in the model config).
 
 import json
 import os
+import stat
 from typing import Any, Dict, Sequence
 
 from ..config import ConfigError
@@ -53,18 +54,43 @@ def _type_problem(meta: Dict[str, Any]) -> str:
     return ""
 
 
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _read_regular_file(path: str, where: str) -> bytes:
+    """The bytes of `path` if it is a regular file (not through a link); ConfigError naming what
+    it is otherwise, before an open that could wait for ever (a FIFO with no writer, a device)."""
+    def refuse(mode: int) -> ConfigError:
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        return ConfigError(f"{where}: {path} is {kind}, not a regular file; a step folder's meta.json is the "
+                           "regular file a save wrote: put that file in its place (from a copy of the run), or "
+                           "use another step folder")
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise refuse(mode)
+    # Non-blocking and not through a link: the entry could be swapped after the lstat.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise refuse(mode)
+        return f.read()
+
+
 def read_meta_file(step_dir: str, where: str, required: Sequence[str] = META_KEYS) -> Dict[str, Any]:
     """A step folder's meta.json in the current format: JSON, an object, `required` keys present
     and every known key of the type s2moe-ds writes; ConfigError naming the file otherwise."""
     path = os.path.join(step_dir, "meta.json")
     fix = "the file was edited or damaged: restore it from a copy of the run, or use another step folder"
     try:
-        with open(path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
+        data = _read_regular_file(path, where)
     except FileNotFoundError:
         raise ConfigError(f"{where}: {path} is missing; {fix}") from None
     except OSError as e:
         raise ConfigError(f"{where}: {path} is unreadable ({e.strerror or e}); fix its permissions") from None
+    try:
+        meta = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: {path} is not JSON ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
     if not isinstance(meta, dict):

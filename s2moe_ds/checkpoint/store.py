@@ -24,13 +24,14 @@ complete folder: one already holding its step (from a continuation that a resume
 set aside as `superseded_<tag>`; only a folder a killed save left without COMPLETE is replaced.
 """
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
 import stat
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import deepspeed.comm as dist
 import numpy as np
@@ -88,7 +89,8 @@ def _ours_silently(name: str) -> bool:
 
 
 def _recorded_step(step_dir: str) -> Optional[str]:
-    """What COMPLETE records (a save writes the step); None without a COMPLETE file."""
+    """What COMPLETE records (a save writes the step); None without a COMPLETE file; OSError when
+    it cannot be read."""
     path = os.path.join(step_dir, COMPLETE)
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
@@ -111,10 +113,17 @@ def _complete_step(ckpt_dir: str, name: str) -> Optional[int]:
     elif os.path.islink(path) or not os.path.isdir(path):
         why = "a symbolic link or a file, not a folder a save wrote"
     else:
-        recorded = _recorded_step(path)
+        try:
+            recorded = _recorded_step(path)
+        except OSError as e:
+            recorded = e
         if recorded is None or recorded == str(step):
             return step if recorded is not None else None  # no COMPLETE: a save that did not finish
-        why = f"its {COMPLETE} records step {recorded[:20]!r}, not {step}: a copy or rename of another folder"
+        if isinstance(recorded, OSError):
+            why = (f"its {COMPLETE} cannot be read ({type(recorded).__name__}: {recorded.strerror or recorded}); if "
+                   "it is a checkpoint of the run, give yourself read permission on the folder and its files")
+        else:
+            why = f"its {COMPLETE} records step {recorded[:20]!r}, not {step}: a copy or rename of another folder"
     _note_once((os.path.realpath(ckpt_dir), name, why),
                f"checkpoints: ignored {path}: {why}; only the run's own step folders are resumed, pruned or "
                "consolidated")
@@ -143,18 +152,39 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def _read_latest(ckpt_dir: str) -> Tuple[Optional[str], Optional[str]]:
+    """(the step folder name `latest` holds, why it holds none); (None, None) without a `latest`.
+    Only a regular file is read (a save writes one; a link could point at any file, a FIFO would
+    block), and what is no step folder's name is never quoted back."""
+    path = os.path.join(ckpt_dir, LATEST)
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            return None, f"is {kind}, not the file a save writes"
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            name = f.read(64).decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read ({type(e).__name__}: {e.strerror or e})"
+    if step_of_name(name) is None:
+        return None, "names no step folder (a save writes step + the 8-digit step there)"
+    return name, None
+
+
 def latest_tag(ckpt_dir: str) -> Optional[str]:
     """The tag `latest` names, if it names a complete checkpoint; None when there is none yet."""
     path = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isfile(path):
+    tag, why = _read_latest(ckpt_dir)
+    if tag is None and why is None:
         return None
-    with open(path) as f:
-        tag = f.read().strip()
-    if tag not in complete_tags(ckpt_dir):
-        raise ConfigError(f"{path} names {tag!r}, which is not a complete checkpoint of the run (no {COMPLETE} "
-                          "file, or not a step folder's name); "
-                          "--resume (and evaluate, consolidate) take the newest complete step folder that "
-                          "verifies instead; delete nothing")
+    if why is None and tag not in complete_tags(ckpt_dir):
+        why = f"names {tag}, which is not a complete checkpoint of the run (no {COMPLETE} file)"
+    if why is not None:
+        raise ConfigError(f"{path} {why}; --resume (and evaluate, consolidate) take the newest complete step folder "
+                          "that verifies instead; delete nothing")
     return tag
 
 
@@ -162,12 +192,14 @@ class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed on some rank (a full disk, a lost mount): raised on every rank."""
 
 
-def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str, remove: bool = True) -> None:
+def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str, remove: bool = True,
+                     advice: Optional[str] = None) -> None:
     """A collective: every rank learns whether any rank's writes failed; then all raise together
     (none is left waiting in the next barrier), after rank 0 removed the incomplete folder (when
-    `remove`: the save had started writing it)."""
+    `remove`: the save had started writing it). `advice`, the failing rank's sentence on what to
+    do, replaces the one for a write (free space)."""
     failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
+    dist.all_gather_object(failures, None if failure is None else (failure, advice))
     bad = [(r, f) for r, f in enumerate(failures) if f is not None]
     if not bad:
         return
@@ -180,9 +212,9 @@ def _all_ranks_wrote(failure: Optional[str], step_dir: str, ckpt_dir: str, remov
         pass
     kept = f"the previous checkpoint {os.path.join(ckpt_dir, previous)} and '{LATEST}' are unchanged" if previous \
         else "no earlier checkpoint exists"
-    rank, why = bad[0]
-    raise CheckpointWriteError(f"checkpoint {step_dir}: writing failed on rank {rank}: {why}; {kept}. Free space "
-                               f"on {ckpt_dir}'s file system (or point --out-dir elsewhere) and resume")
+    rank, (why, advice) = bad[0]
+    advice = advice or f"Free space on {ckpt_dir}'s file system (or point --out-dir elsewhere) and resume"
+    raise CheckpointWriteError(f"checkpoint {step_dir}: writing failed on rank {rank}: {why}; {kept}. {advice}")
 
 
 def complete_tags(ckpt_dir: str) -> List[str]:
@@ -221,13 +253,12 @@ def newest_verified(ckpt_dir: str, what: str = "--resume") -> Optional[str]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     skipped = []
     pointer = os.path.join(ckpt_dir, LATEST)
-    named = None
-    if os.path.isfile(pointer):
-        with open(pointer, errors="replace") as f:
-            named = f.read().strip()
+    named, why = _read_latest(ckpt_dir)
     tags = complete_tags(ckpt_dir)
-    if named is not None and tags and named != tags[0]:
-        skipped.append(f"'{pointer}' names {named[:40]!r}, not the newest complete step folder {tags[0]}")
+    if why is not None and tags:
+        skipped.append(f"'{pointer}' {why}")
+    elif named is not None and tags and named != tags[0]:
+        skipped.append(f"'{pointer}' names {named}, not the newest complete step folder {tags[0]}")
     chosen = None
     for tag in tags:
         found = _problems_on_all_ranks(os.path.join(ckpt_dir, tag))
@@ -259,13 +290,14 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     tag = step_tag(step)
     rank = dist.get_rank()
     step_dir = os.path.join(ckpt_dir, tag)
-    failure = None
+    failure, advice = None, None
     if rank == 0:
         try:
             _make_room(ckpt_dir, tag)
         except OSError as e:
-            failure = f"{type(e).__name__}: {e}"
-    _all_ranks_wrote(failure, step_dir, ckpt_dir, remove=False)
+            failure = f"clearing the earlier {step_dir} out of the way: {type(e).__name__}: {e}"
+            advice = _make_room_advice(e, step_dir)
+    _all_ranks_wrote(failure, step_dir, ckpt_dir, remove=False, advice=advice)
     ds.skip_recovery_scripts(engine)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
@@ -324,6 +356,18 @@ def _make_room(ckpt_dir: str, tag: str) -> None:
             "copy)") if folder else "a symbolic link or a file"
     moved = _move_aside(ckpt_dir, tag, "superseded")
     print(f"checkpoint: {path} was {what}; set aside as {moved}, not overwritten", flush=True)
+
+
+def _make_room_advice(e: OSError, path: str) -> str:
+    """What to do when `_make_room` could not move or remove what was at `path`."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"You may not move or remove {path}: give yourself write permission on it and its folder, or move "
+                "it out of checkpoints/ yourself, and resume")
+    if e.errno == errno.EROFS:
+        return f"{os.path.dirname(path)} is on a read-only file system: point --out-dir at a writable one and resume"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"Free space on {os.path.dirname(path)}'s file system (or point --out-dir elsewhere) and resume"
+    return f"Move {path} out of checkpoints/ yourself (a save sets a complete one aside, never deletes it) and resume"
 
 
 def _remove_recovery_scripts(folder: str) -> None:

@@ -11,7 +11,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..config import ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, temp_beside
 from ..progress import counter
 from .config import DataConfig, check_output_folder
 from .corpora import SPLITS, CorpusSource, Text, count_units, locate
@@ -79,42 +79,56 @@ def _build_tokenizer(cfg: DataConfig, train_text: Text, corpus_key: str, name: s
 
 
 def _encode_to_npy(tokenizer: Tokenizer, text: Text, path: str, desc: str) -> int:
-    """Encode in chunks (bounded memory, progress on large splits) straight into a .npy file."""
-    dtype = _token_dtype(tokenizer.vocab_size)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Encode in chunks (bounded memory, progress on large splits) straight into a .npy file,
+    written through a new file of ours beside `path` (an unpredictable name, so a link planted
+    in the cache folder is never written through) and renamed over it."""
+    dtype = np.dtype(_token_dtype(tokenizer.vocab_size))
     if tokenizer.kind == "byte" and isinstance(text, str):
         text = text.encode("utf-8")
     elif tokenizer.kind != "byte" and isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     # A bar on a terminal for large splits only; in a log, a line per tenth and one when done.
     bar = counter(len(text), desc, "B" if isinstance(text, bytes) else "char", quiet_below=8 * CHUNK_CHARS)
-    if tokenizer.kind in ("byte", "char"):
-        # One id per byte / per character: the length is known, so write into a memory map.
-        n = len(text)
-        out_N = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,))
-        pos = 0
-        for chunk in iter_chunks(text, CHUNK_CHARS):
-            ids = tokenizer.encode(chunk)
-            out_N[pos:pos + len(ids)] = ids
-            pos += len(ids)
-            bar.update(len(chunk))
-        assert pos == n, (pos, n)
-        out_N.flush()
-        del out_N
-    else:
-        pieces: List[np.ndarray] = []
-        chunks = list(iter_chunks(text, CHUNK_CHARS, at_newline=True))
-        for start in range(0, len(chunks), 16):
-            batch = chunks[start:start + 16]
-            pieces.extend(ids.astype(dtype) for ids in tokenizer.encode_batch(batch))
-            bar.update(sum(len(c) for c in batch))
-        tokens_N = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-        n = len(tokens_N)
-        with open(tmp, "wb") as f:
-            np.save(f, tokens_N)
-    bar.close()
-    os.replace(tmp, path)
+    with temp_beside(path) as (f, tmp):
+        if tokenizer.kind in ("byte", "char"):
+            n = _encode_one_per_unit(tokenizer, text, f, dtype, bar)
+        else:
+            n = _encode_batched(tokenizer, text, f, dtype, bar)
+        bar.close()
+        os.replace(tmp, path)
     return n
+
+
+def _encode_one_per_unit(tokenizer: Tokenizer, text: Text, f, dtype: np.dtype, bar) -> int:
+    """One id per byte / per character: the length is known, so the ids go into a memory map of
+    `f` behind the header open_memmap would write."""
+    n = len(text)
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                             "fortran_order": False, "shape": (n,)})
+    f.flush()
+    out_N = np.memmap(f, dtype=dtype, mode="r+", offset=f.tell(), shape=(n,))
+    pos = 0
+    for chunk in iter_chunks(text, CHUNK_CHARS):
+        ids = tokenizer.encode(chunk)
+        out_N[pos:pos + len(ids)] = ids
+        pos += len(ids)
+        bar.update(len(chunk))
+    assert pos == n, (pos, n)
+    out_N.flush()
+    del out_N
+    return n
+
+
+def _encode_batched(tokenizer: Tokenizer, text: Text, f, dtype: np.dtype, bar) -> int:
+    pieces: List[np.ndarray] = []
+    chunks = list(iter_chunks(text, CHUNK_CHARS, at_newline=True))
+    for start in range(0, len(chunks), 16):
+        batch = chunks[start:start + 16]
+        pieces.extend(ids.astype(dtype) for ids in tokenizer.encode_batch(batch))
+        bar.update(sum(len(c) for c in batch))
+    tokens_N = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    np.save(f, tokens_N)
+    return len(tokens_N)
 
 
 def _write_json(path: str, obj) -> None:

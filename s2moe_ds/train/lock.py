@@ -74,6 +74,9 @@ def _open_lock_file(path: str) -> int:
     except OSError as e:
         if os.path.islink(path):
             raise refuse(f"a symbolic link (to {os.readlink(path)})") from e
+        if e.errno == errno.EISDIR:
+            raise ConfigError(f"train.out_dir: the run lock {path} is a folder; remove or rename it (the run "
+                              "creates its lock file there) and run again") from e
         raise ConfigError(f"train.out_dir: cannot open the run lock {path}: {e.strerror}; make its folder "
                           "writable or choose another --out-dir") from e
     info = os.fstat(fd)

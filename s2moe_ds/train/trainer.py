@@ -340,12 +340,15 @@ class Trainer:
         raise error(f"{kind} at step {step}: {mine}{aside}{advice}")
 
     def _set_aside_from(self, step: int):
-        """Collective: sets aside every checkpoint of step `step` or later (weights known bad);
-        (those tags, their new paths on rank 0, the sentence naming the last healthy one)."""
+        """Collective: sets aside every checkpoint of step `step` or later: as poisoned those this
+        run saved (weights known bad), as superseded those newer than its last save (left by a
+        continuation a resume did not take); (the poisoned tags, every new path on rank 0, the
+        sentence naming the last healthy one)."""
         tags = complete_tags(self.ckpt_dir)
-        poisoned = [t for t in tags if tag_step(t) >= step]
+        poisoned = [t for t in tags if step <= tag_step(t) <= self.last_saved]
+        leftover = [t for t in tags if tag_step(t) >= step and tag_step(t) > self.last_saved]
         healthy = next((t for t in tags if tag_step(t) < step), None)
-        moved = self._set_aside(poisoned, "poisoned")
+        moved = self._set_aside(poisoned, "poisoned") + self._set_aside(leftover, "superseded")
         if healthy is not None:
             advice = (f"; the last healthy checkpoint is {os.path.join(self.ckpt_dir, healthy)} (step "
                       f"{tag_step(healthy)}), which --resume takes: resume with a lower --lr")
