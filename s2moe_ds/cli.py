@@ -369,7 +369,7 @@ def consolidate_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
                         help="pt: one torch file of ours; hf: a Hugging Face Transformers folder (default: pt)")
     parser.add_argument("--lm-eval-text", default=None,
                         help="with --format hf: a text file to score with lm-evaluation-harness "
-                             "(writes <out>/lm_eval_tasks/s2moe_text.yaml)")
+                             "(writes <out>-lm_eval_tasks/s2moe_text.yaml, beside the export)")
     parser.add_argument("--remote-code-shims", action="store_true",
                         help="with --format hf: also write the .py files and auto_map that "
                              "trust_remote_code=True loads, for tools that never import s2moe_ds "

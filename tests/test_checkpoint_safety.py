@@ -290,6 +290,7 @@ def test_hf_export_leaves_folders_beside_its_output_alone(trained, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf", "hf.old", "hf.tmp"]
     assert all((tmp_path / n / "keep.txt").read_text() == n for n in ("hf.old", "hf.tmp"))
 
+
 # ------------------------------------------------------------------------------------ review of issue 24
 
 @pytest.mark.parametrize("tokenizer", ["char", "subword"])  # ids written into a memory map / by np.save
@@ -379,3 +380,126 @@ def test_only_the_runs_own_checkpoint_is_set_aside_as_poisoned(tmp_path, bad_fro
     assert f"the last healthy checkpoint is {ckpt / healthy}" in advice
     assert (ckpt / "latest").read_text() == healthy
 
+
+# ------------------------------------------------------------ consolidate and export (issue 24 review)
+
+
+def _crafted_client(monkeypatch, script, **sizes):
+    """consolidate() as the script calls it, with the checkpoint's model config altered."""
+    real = script.consolidate
+
+    def crafted(*args, **kwargs):
+        state, client = real(*args, **kwargs)
+        client = {**client, "model_config": {**client["model_config"], **sizes}}
+        return state, client
+    monkeypatch.setattr(script, "consolidate", crafted)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "pt"])
+def test_consolidate_refuses_a_model_config_its_weights_do_not_fit(trained, tmp_path, capsys, monkeypatch, fmt):
+    """A checkpoint whose recorded model_config asks for d_model 1e6 is refused (status 2, naming the
+    field) before any model is built or file written, by both formats."""
+    import launch.consolidate as script
+    import s2moe_ds.models as models
+    _crafted_client(monkeypatch, script, d_model=10 ** 6)
+    if fmt == "hf":
+        pytest.importorskip("transformers")
+        import s2moe_ds.hf.modeling as modeling
+
+        def no_build(*args, **kwargs):
+            raise AssertionError("a model was built from the crafted config")
+        monkeypatch.setattr(modeling, "build_model", no_build)
+    out = tmp_path / ("hf" if fmt == "hf" else "m.pt")
+    assert script.main([str(trained / "run"), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model_config.d_model=1000000 exceeds every dimension of the stored weights" in err, err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == []
+    assert models.build_model  # the real one is untouched for the other tests
+
+
+def _export(trained, out):
+    assert _consolidate(trained / "run", "--format", "hf", "--out", out) == 0
+
+
+def test_loading_an_export_checks_its_config_against_its_weights(trained, tmp_path):
+    """An export whose config.json was altered to d_model 1e6 is refused, naming config.json and the
+    field, by the Auto classes (after import s2moe_ds.hf) and by lm_eval's model `s2moe`, before
+    anything is built."""
+    pytest.importorskip("transformers")
+    import s2moe_ds.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from s2moe_ds.config import ConfigError
+    from s2moe_ds.hf import S2MoEForCausalLM
+    out = tmp_path / "hf"
+    _export(trained, out)
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.s2moe_model["d_model"] < 10 ** 6
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["s2moe_model"]["d_model"] = 10 ** 6
+    (out / "config.json").write_text(json.dumps(cfg))
+    expected = rf"{out / 'config.json'}: model_config.d_model=1000000 exceeds every dimension of the stored weights"
+    for load in (AutoModelForCausalLM.from_pretrained, S2MoEForCausalLM.from_pretrained):
+        with pytest.raises(ConfigError, match=expected):
+            load(str(out))
+    pytest.importorskip("lm_eval")
+    import s2moe_ds.hf.lm_eval  # noqa: F401
+    from lm_eval.api.registry import get_model
+    with pytest.raises(ConfigError, match=expected):
+        get_model("s2moe")(pretrained=str(out), dtype="float32", device="cpu", batch_size=1)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_hf_export_replaces_only_a_folder_of_its_own_files(trained, tmp_path, capsys):
+    """Re-exporting over an earlier export to which someone added results or notes is refused, naming
+    them; nothing is deleted. Every file an export writes (with the shims) is one it may replace."""
+    pytest.importorskip("transformers")
+    from s2moe_ds.checkpoint.output import HF_EXPORT_FILES
+    out = tmp_path / "hf"
+    assert _consolidate(trained / "run", "--format", "hf", "--out", out, "--remote-code-shims") == 0
+    assert set(os.listdir(out)) <= HF_EXPORT_FILES, os.listdir(out)
+    assert _consolidate(trained / "run", "--format", "hf", "--out", out) == 0
+    (out / "results").mkdir()
+    (out / "results" / "lm_eval.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = _digests(out)
+    capsys.readouterr()
+    assert _consolidate(trained / "run", "--format", "hf", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier export and also notes.txt, results (2 entries no export of ours writes" in err, err
+    assert "name another --out" in err
+    assert _digests(out) == before and sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_consolidate_names_an_unwritable_out_and_leaves_no_temporary_folder(trained, tmp_path, capsys, monkeypatch):
+    """--out in a folder that refuses writes (checked first; a failure while writing, as on /proc/sys
+    for root, is named too); a failed save_pretrained leaves no hidden folder behind; a non-ASCII
+    digit --tag and a FIFO named `latest` above --out get a message, not a traceback or a hang."""
+    import launch.consolidate as script
+    from s2moe_ds.checkpoint import output
+    monkeypatch.setattr(output, "check_output_folder", lambda *a: None)  # as root on /proc/sys: access() says yes
+    if os.path.isdir("/proc/sys/kernel"):
+        assert script.main([str(trained / "run"), "--out", "/proc/sys/kernel/model.pt"]) == 2
+        assert "--out: could not write /proc/sys/kernel/model.pt" in capsys.readouterr().err
+    monkeypatch.undo()
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.path.realpath(path) != str(readonly))
+    assert script.main([str(trained / "run"), "--out", str(readonly / "m.pt")]) == 2
+    assert f"--out: folder {readonly} is not writable" in capsys.readouterr().err
+    monkeypatch.undo()
+    pytest.importorskip("transformers")
+    from s2moe_ds.hf import S2MoEForCausalLM
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(S2MoEForCausalLM, "save_pretrained", full_disk)
+    assert script.main([str(trained / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "--out: could not write" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["readonly"]  # no '.hf.<random>.tmp' left
+    monkeypatch.undo()
+    assert script.main([str(trained / "run"), "--tag", "²", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "--tag: '²' is not a step number in ASCII digits" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "latest")
+    assert script.main([str(trained / "run"), "--out", str(tmp_path / "m.pt")]) == 0  # did not block on the FIFO

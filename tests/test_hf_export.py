@@ -85,6 +85,8 @@ def export(request, tmp_path_factory):
     # What the user reads: the safe way to load, and the warning.
     assert "import s2moe_ds.hf" in done.stdout and "no trust_remote_code" in done.stdout, done.stdout
     assert "python -m s2moe_ds.hf.lm_eval --model s2moe" in done.stdout, done.stdout
+    # The task folder lies beside the export, never in it (a task folder can run Python).
+    assert f"--include_path {root / 'hf-lm_eval_tasks'} " in done.stdout and "lm_eval_tasks" not in os.listdir(out)
     return root / "run", out, corpus, final
 
 
@@ -210,6 +212,7 @@ def test_planted_python_is_not_run(export, loaded, tmp_path):
         pytest.skip("the folder's files, not the backbone, are under test: shown on GPT")
     text, clean = loaded
     folder, marker = tmp_path / "theirs", tmp_path / "payload_ran"
+    tasks = out.parent / f"{out.name}-lm_eval_tasks"  # ours, beside the export we wrote
     _plant(out, folder, marker)
     env = {**OFFLINE, "HF_HOME": str(tmp_path / "hf_home")}
     done = _python(_LOAD, folder, text, 0, cwd=tmp_path, env=env)
@@ -217,13 +220,13 @@ def test_planted_python_is_not_run(export, loaded, tmp_path):
     assert not marker.exists()
     assert json.loads(done.stdout)["1"]["logits"] == clean[1]["logits"]
     done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args", f"pretrained={folder},dtype=float32",
-                   "--include_path", out / "lm_eval_tasks", "--tasks", "s2moe_text", "--device", "cpu",
+                   "--include_path", tasks, "--tasks", "s2moe_text", "--device", "cpu",
                    "--batch_size", "4", "--limit", "1", cwd=tmp_path, env=env, module=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not marker.exists()
     done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args",
                    f"pretrained={folder},trust_remote_code=True", "--tasks", "s2moe_text", "--include_path",
-                   out / "lm_eval_tasks", cwd=tmp_path, env=env, module=True)
+                   tasks, cwd=tmp_path, env=env, module=True)
     assert done.returncode == 2 and "trust_remote_code" in done.stderr, done.stderr[-3000:]
     assert not marker.exists()
     # The planted code is live: trust_remote_code=True runs it.
@@ -266,7 +269,7 @@ def test_lm_eval_scores_a_local_file(export):
     run, out, corpus, _ = export
     if (run / "checkpoints").exists() and load_model(str(run))[0].cfg.has_memory:
         pytest.skip("lm_eval reads windows without memory: compared on the memoryless backbone")
-    tasks = out / "lm_eval_tasks"
+    tasks = out.parent / f"{out.name}-lm_eval_tasks"
     results = out.parent / "lm_eval_results"
     done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args", f"pretrained={out},dtype=float32,eval_k=1",
                    "--include_path", tasks, "--tasks", "s2moe_text", "--device", "cpu", "--batch_size", "4",
@@ -309,3 +312,89 @@ def test_export_refuses_what_it_cannot_write(export, tmp_path):
     done = _consolidate(str(run), "--out", str(tmp_path / "m.pt"), "--remote-code-shims")
     assert done.returncode == 2 and "--remote-code-shims" in done.stderr and "--format hf" in done.stderr
     assert not (tmp_path / "m.pt").exists()
+
+
+# ------------------------------------------------------------------- received files (issue 24 review)
+
+
+@pytest.mark.parametrize("plant", ["python", "function", "python_tag", "include_outside", "link"])
+def test_lm_eval_refuses_a_task_folder_that_would_run_python(tmp_path, plant):
+    """A task folder as it might come with someone's export: python -m s2moe_ds.hf.lm_eval refuses it
+    (status 2, naming the file) before lm_eval loads any task, and its Python never runs."""
+    pytest.importorskip("lm_eval")
+    tasks, marker = tmp_path / "their_tasks", tmp_path / "payload_ran"
+    tasks.mkdir()
+    payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ndef fn(x):\n    return x\n"
+    task = "task: planted\ndataset_path: text\noutput_type: loglikelihood_rolling\n"
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text("doc_to_text: !function mod.fn\n")
+    (tmp_path / "mod.py").write_text(payload)
+    if plant == "python":
+        (tasks / "mod.py").write_text(payload)
+        (tasks / "planted.yaml").write_text(task)
+        culprit = "mod.py"
+    elif plant == "function":
+        (tasks / "planted.yaml").write_text(task + "process_docs: !function os.system\n")
+        culprit = "planted.yaml"
+    elif plant == "python_tag":
+        (tasks / "planted.yaml").write_text(task + f"x: !!python/object/apply:os.system ['touch {marker}']\n")
+        culprit = "planted.yaml"
+    elif plant == "include_outside":
+        (tasks / "planted.yaml").write_text(f"include: {outside}\n" + task)
+        culprit = "planted.yaml"
+    else:
+        (tasks / "planted.yaml").symlink_to(outside)
+        culprit = "planted.yaml"
+    done = _python("s2moe_ds.hf.lm_eval", "--model", "s2moe", "--model_args", f"pretrained={tmp_path / 'nowhere'}",
+                   "--include_path", tasks, "--tasks", "planted", "--device", "cpu", cwd=tmp_path, module=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: --include_path:" in done.stderr and culprit in done.stderr, done.stderr[-3000:]
+    assert "task folder you wrote" in done.stderr
+    assert not marker.exists()
+
+
+def test_the_task_folder_is_written_beside_the_export_and_passes_the_check(tmp_path):
+    """--lm-eval-text's folder is <out>-lm_eval_tasks, not inside the export, and is one the
+    lm_eval command accepts; a folder of that name holding someone's files is not written into."""
+    from s2moe_ds.config import ConfigError
+    from s2moe_ds.hf import write_lm_eval_task
+    from s2moe_ds.hf.lm_eval.task_sources import check_task_sources
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    folder = write_lm_eval_task(str(text), str(tmp_path / "hf"))
+    assert folder == str(tmp_path / "hf-lm_eval_tasks") and os.listdir(folder) == ["s2moe_text.yaml"]
+    assert not (tmp_path / "hf").exists()
+    check_task_sources(folder)
+    (tmp_path / "hf-lm_eval_tasks" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="hf-lm_eval_tasks holds notes.txt, which consolidate did not write"):
+        write_lm_eval_task(str(text), str(tmp_path / "hf"))
+
+
+def test_a_tokenizer_config_cannot_point_outside_its_folder(tmp_path):
+    """tokenizer_config.json's vocab_file naming a file elsewhere (here a valid vocabulary, so
+    only the check stops it; a FIFO would hang the open) is refused, by our class and by
+    AutoTokenizer, naming the file and the fix."""
+    from transformers import AutoTokenizer
+
+    from s2moe_ds.config import ConfigError
+    from s2moe_ds.data import ByteTokenizer
+    from s2moe_ds.hf import S2MoETokenizer
+    ByteTokenizer().save(str(tmp_path / "elsewhere.json"))
+    S2MoETokenizer(vocab_file=str(tmp_path / "elsewhere.json")).save_pretrained(str(tmp_path / "export"))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "export")).vocab_size == 256  # its own file: fine
+    cfg_path = tmp_path / "export" / "tokenizer_config.json"
+    for target in (str(tmp_path / "elsewhere.json"), "../elsewhere.json"):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["vocab_file"] = target
+        cfg_path.write_text(json.dumps(cfg))
+        for load in (S2MoETokenizer.from_pretrained, AutoTokenizer.from_pretrained):
+            with pytest.raises(ConfigError, match=r"tokenizer_config.json: vocab_file .* is outside the tokenizer's "
+                                                  r"folder .*remove vocab_file from tokenizer_config.json"):
+                load(str(tmp_path / "export"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cfg["vocab_file"] = str(fifo)
+    cfg_path.write_text(json.dumps(cfg))
+    code = "import sys, s2moe_ds.hf, transformers as t; t.AutoTokenizer.from_pretrained(sys.argv[1])"
+    done = _python(code, tmp_path / "export", cwd=tmp_path)  # a blocked open would time out (600 s)
+    assert done.returncode != 0 and "is outside the tokenizer's folder" in done.stderr, done.stderr[-2000:]

@@ -15,9 +15,10 @@ from typing import Dict, Optional
 
 import torch
 
-from ..checkpoint.output import check_export_folder
+from ..checkpoint.output import (HF_EXPORT_FILES, HF_REMOTE_CODE_FILES, LM_EVAL_TASK_FILE, check_export_folder,
+                                 check_lm_eval_tasks_dir, lm_eval_tasks_dir, write_failed)
 from ..config import ConfigError
-from ..fileio import new_folder_beside
+from ..fileio import atomic_write_text, new_folder_beside
 from .modeling import S2MoEConfig, S2MoEForCausalLM
 from .tokenizer import S2MoETokenizer
 
@@ -29,6 +30,8 @@ REMOTE_CODE = {
 AUTO_MAP = {"AutoConfig": "configuration_s2moe.S2MoEConfig", "AutoModelForCausalLM": "modeling_s2moe.S2MoEForCausalLM"}
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_s2moe.S2MoETokenizer", None]}
 LM_EVAL_TASK = "s2moe_text"
+# What a rerun may replace is listed once, in checkpoint.output (it must not import Transformers).
+assert set(REMOTE_CODE) == set(HF_REMOTE_CODE_FILES) <= HF_EXPORT_FILES and LM_EVAL_TASK_FILE == f"{LM_EVAL_TASK}.yaml"
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -49,17 +52,30 @@ def export_hf(state: Dict[str, torch.Tensor], model_config: dict, tokenizer_path
     prefix = S2MoEForCausalLM.base_model_prefix
     model.load_state_dict({f"{prefix}.{k}": v for k, v in state.items()}, strict=True)
     # Built in a new folder of our own beside out_dir ('.<name>.<random>.tmp'): no fixed name
-    # that could be another's folder or a planted link.
-    tmp = new_folder_beside(out_dir, "tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    # that could be another's folder or a planted link. Removed if anything fails (it is ours).
+    try:
+        tmp = new_folder_beside(out_dir, "tmp")
+    except OSError as e:
+        raise write_failed(out_dir, e) from None
+    try:
+        _write_export(model, tokenizer_path, tmp, remote_code_shims)
+        _swap_in(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(out_dir, e) from None
+        raise
+    return model
+
+
+def _write_export(model: S2MoEForCausalLM, tokenizer_path: str, folder: str, remote_code_shims: bool) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
     cfg = model.model.cfg
     # A backbone without memory has a longest input; with memory any length reads in segments.
     tokenizer = S2MoETokenizer(vocab_file=tokenizer_path, **({} if cfg.has_memory else {"model_max_length": cfg.max_seq_len}))
-    tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(folder)
     if remote_code_shims:
-        _write_shims(tmp)
-    _swap_in(tmp, out_dir)
-    return model
+        _write_shims(folder)
 
 
 def _swap_in(staged: str, out_dir: str) -> None:
@@ -72,7 +88,11 @@ def _swap_in(staged: str, out_dir: str) -> None:
         os.replace(staged, out_dir)
         return
     old = new_folder_beside(out_dir, "old")
-    os.replace(out_dir, old)  # onto an empty folder: rename(2) replaces it
+    try:
+        os.replace(out_dir, old)  # onto an empty folder: rename(2) replaces it
+    except OSError:
+        os.rmdir(old)  # ours, still empty
+        raise
     os.replace(staged, out_dir)
     shutil.rmtree(old)
 
@@ -93,15 +113,25 @@ def _write_shims(folder: str) -> None:
 def write_lm_eval_task(text_path: str, out_dir: str) -> str:
     """An lm-evaluation-harness task (its folder, for --include_path) that scores `text_path`
     whole as one document with rolling log-likelihoods: word and byte perplexity and bits per
-    byte. Returns the folder."""
+    byte. The folder is `<out_dir>-lm_eval_tasks`, beside the export and never inside it: lm_eval
+    runs what a task folder names, so one that travels with an export must never be included.
+    Returns the folder."""
     if not os.path.isfile(text_path):
         raise ConfigError(f"--lm-eval-text: file not found: {text_path}")
-    folder = os.path.join(out_dir, "lm_eval_tasks")
-    os.makedirs(folder, exist_ok=True)
+    folder = lm_eval_tasks_dir(out_dir)
+    check_lm_eval_tasks_dir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(os.path.join(folder, LM_EVAL_TASK_FILE), _task_yaml(text_path))
+    except OSError as e:
+        raise write_failed(folder, e) from None
+    return folder
+
+
+def _task_yaml(text_path: str) -> str:
     # JSON strings are valid YAML scalars, so any path quotes safely.
     path = json.dumps(os.path.abspath(text_path))
-    with open(os.path.join(folder, f"{LM_EVAL_TASK}.yaml"), "w") as f:
-        f.write(f"""task: {LM_EVAL_TASK}
+    return f"""task: {LM_EVAL_TASK}
 dataset_path: text
 dataset_kwargs:
   data_files:
@@ -123,5 +153,4 @@ metric_list:
     higher_is_better: false
 metadata:
   version: 1.0
-""")
-    return folder
+"""

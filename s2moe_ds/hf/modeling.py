@@ -11,14 +11,18 @@ as our evaluation reads a stream.
 Shapes: B sequences, T tokens, V vocabulary.
 """
 
+import json
+import os
 from dataclasses import replace
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..checkpoint.consolidate import check_config_fits
+from ..config import ConfigError
 from ..models import ModelConfig, build_model, model_config_from_dict
 
 MODEL_TYPE = "s2moe"
@@ -63,6 +67,21 @@ class S2MoEForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = build_model(config.model_config())
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Transformers' from_pretrained (the Auto classes and lm_eval's model `s2moe` call it),
+        after checking config.json against model.safetensors' shapes (its header only): the model
+        is built from config.json, and its buffers are allocated even when its weights are not,
+        so an altered config.json could otherwise ask for any size."""
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            folder = os.path.join(path, kwargs.get("subfolder") or "")
+            config = kwargs.get("config")
+            if not isinstance(config, S2MoEConfig):
+                config = S2MoEConfig.from_pretrained(folder)
+            check_export_fits(config, folder)
+        return super().from_pretrained(path, *args, **kwargs)
 
     def _init_weights(self, module) -> None:
         """The backbone initialises itself (models/base.py); an export then overwrites every weight."""
@@ -110,6 +129,48 @@ class S2MoEForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, **kwargs):
         """No key-value cache: every step reads the whole sequence so far."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def stored_shapes(folder: str) -> Dict[str, Tuple[int, ...]]:
+    """{key: shape} of an export's weights, read from the safetensors headers (no tensor data),
+    keys without the `model.` prefix, as the backbone names them. ConfigError if there are none."""
+    from safetensors import safe_open
+    files = [WEIGHTS]
+    if not os.path.isfile(os.path.join(folder, WEIGHTS)) and os.path.isfile(os.path.join(folder, WEIGHTS_INDEX)):
+        with open(os.path.join(folder, WEIGHTS_INDEX)) as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+        if any(os.path.basename(n) != n for n in files):
+            raise ConfigError(f"{os.path.join(folder, WEIGHTS_INDEX)}: names files outside its folder; not an export "
+                              "of ours")
+    shapes = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{folder}: no {name}; an export of launch/consolidate.py --format hf holds its weights "
+                              f"in {WEIGHTS}: export again")
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise ConfigError(f"{path}: not a readable safetensors file ({e}); export again") from None
+    prefix = S2MoEForCausalLM.base_model_prefix + "."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()}
+
+
+def check_export_fits(config: S2MoEConfig, folder: str) -> None:
+    """Refuse an export whose config.json does not fit its weights' shapes, before anything is built."""
+    where = os.path.join(folder, "config.json")
+    if not config.s2moe_model:
+        raise ConfigError(f"{where}: no s2moe_model; not an export of launch/consolidate.py --format hf")
+    try:
+        cfg = config.model_config()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: its model config is not one of ours ({e})") from None
+    check_config_fits(cfg, stored_shapes(folder), where)
 
 
 def register() -> None:

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 from transformers import PreTrainedTokenizer
 
+from ..config import ConfigError
 from ..data.tokenization import load_tokenizer
 
 VOCAB_FILE = "s2moe_tokenizer.json"
@@ -24,6 +25,7 @@ class S2MoETokenizer(PreTrainedTokenizer):
     padding_side = "right"
 
     def __init__(self, vocab_file: str, **kwargs) -> None:
+        _check_inside_folder(vocab_file, kwargs.get("name_or_path"))
         self.ours = load_tokenizer(vocab_file)
         self._names: List[str] = self.ours.token_strings()
         self._ids: Dict[str, int] = {name: i for i, name in enumerate(self._names)}
@@ -70,3 +72,17 @@ class S2MoETokenizer(PreTrainedTokenizer):
         path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE)
         self.ours.save(path)
         return (path,)
+
+
+def _check_inside_folder(vocab_file: str, name_or_path) -> None:
+    """Loaded from a local folder, the vocabulary must be a file of that folder: Transformers takes
+    a `vocab_file` set in the folder's tokenizer_config.json over the folder's own file, so a
+    received export could otherwise make this open any path (a device, a FIFO, another's file)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.path.isdir(name_or_path):
+        return
+    folder = os.path.realpath(name_or_path)
+    real = os.path.realpath(vocab_file)
+    if os.path.commonpath([folder, real]) != folder:
+        raise ConfigError(f"{os.path.join(name_or_path, 'tokenizer_config.json')}: vocab_file {vocab_file!r} is "
+                          f"outside the tokenizer's folder {name_or_path}; an export's vocabulary is its own "
+                          f"{VOCAB_FILE}: remove vocab_file from tokenizer_config.json (or the link to outside)")

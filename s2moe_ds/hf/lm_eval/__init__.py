@@ -1,7 +1,7 @@
 """lm-evaluation-harness on our export without trust_remote_code: the model name `s2moe`.
 
     python -m s2moe_ds.hf.lm_eval --model s2moe --model_args pretrained=runs/tiny/hf,dtype=float32 \\
-        --include_path runs/tiny/hf/lm_eval_tasks --tasks s2moe_text --device cpu --batch_size 32
+        --include_path runs/tiny/hf-lm_eval_tasks --tasks s2moe_text --device cpu --batch_size 32
 
 runs lm_eval's own command line (every flag of `lm_eval`) with `s2moe` registered; from Python,
 `import s2moe_ds.hf.lm_eval` registers it for `lm_eval.simple_evaluate(model="s2moe", ...)`.
@@ -10,6 +10,12 @@ lm_eval has no plugin discovery of its own, so its bare `lm_eval` command does n
 `s2moe` is lm_eval's Hugging Face model (HFLM: batching, rolling windows, generation) with the
 config, model and tokenizer read by s2moe_ds's classes, never by Transformers' Auto classes: a .py
 file or auto_map in the folder is ignored, so an export from someone else runs none of its Python.
+Its config.json is checked against model.safetensors' shapes before the model is built (modeling).
+
+A task folder is another matter: lm_eval runs the Python its YAML names (`!function`). The task
+folder consolidate writes lies beside the export (<out>-lm_eval_tasks), never in it, and the command
+refuses an --include_path folder holding Python or YAML that runs it (task_sources). Never
+--include_path a task folder you did not write.
 """
 
 from lm_eval.api.registry import register_model
