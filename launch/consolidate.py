@@ -37,8 +37,6 @@ def main(argv=None) -> int:
         for flag, value in (("--lm-eval-text", args.lm_eval_text), ("--remote-code-shims", args.remote_code_shims)):
             if value not in (None, False) and args.format != "hf":
                 raise ConfigError(f"{flag}: needs --format hf (it concerns the Hugging Face export)")
-        if args.tag is not None and args.tag.isdigit() and not args.tag.isascii():  # int('²') fails
-            raise ConfigError(f"--tag: {args.tag!r} is not a step number in ASCII digits; name a step folder or number")
         check_output(args.out, args.checkpoint, args.format, args.force, args.lm_eval_text)
         state, client = consolidate(args.checkpoint, args.tag)
         # Checked against the weights' shapes before anything is built from it (a crafted size).

@@ -500,6 +500,6 @@ def test_consolidate_names_an_unwritable_out_and_leaves_no_temporary_folder(trai
     assert sorted(os.listdir(tmp_path)) == ["readonly"]  # no '.hf.<random>.tmp' left
     monkeypatch.undo()
     assert script.main([str(trained / "run"), "--tag", "²", "--out", str(tmp_path / "m.pt")]) == 2
-    assert "--tag: '²' is not a step number in ASCII digits" in capsys.readouterr().err
+    assert "holds no complete checkpoint '²'" in capsys.readouterr().err
     os.mkfifo(tmp_path / "latest")
     assert script.main([str(trained / "run"), "--out", str(tmp_path / "m.pt")]) == 0  # did not block on the FIFO

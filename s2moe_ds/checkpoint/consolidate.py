@@ -32,7 +32,7 @@ def _has_step_folders(path: str) -> bool:
 
 def _named_tag(ckpt_dir: str, tag: str) -> str:
     """--tag's step folder (its name, or the step number) among the complete ones; else ConfigError."""
-    name = step_tag(int(tag)) if tag.isdigit() else tag
+    name = step_tag(int(tag)) if tag.isascii() and tag.isdigit() else tag  # int('²') would raise
     tags = complete_tags(ckpt_dir)
     if name not in tags:
         have = ", ".join(reversed(tags)) or "none"

@@ -101,12 +101,19 @@ def _checkpoint_roots(checkpoint: str) -> Iterator[str]:
         yield real
 
 
-def _check_not_in_checkpoint(out: str, checkpoint: str) -> None:
+def checkpoint_folder_holding(out: str, checkpoint: str) -> Optional[str]:
+    """The checkpoint folder (a step folder, a checkpoints/ folder, or the tree `checkpoint` names)
+    that `out` lies in; None when it lies in none."""
     path = _real_out(out)
     inside = [f for f in (path, *_folders_above(path)) if _is_checkpoint_folder(f)]
     inside += [r for r in _checkpoint_roots(checkpoint) if path == r or path.startswith(r.rstrip(os.sep) + os.sep)]
-    if inside:
-        raise ConfigError(f"--out: {out} is inside the checkpoint folder {inside[0]}; consolidate never writes into "
+    return inside[0] if inside else None
+
+
+def _check_not_in_checkpoint(out: str, checkpoint: str) -> None:
+    folder = checkpoint_folder_holding(out, checkpoint)
+    if folder is not None:
+        raise ConfigError(f"--out: {out} is inside the checkpoint folder {folder}; consolidate never writes into "
                           "checkpoints (a file there would fail the step's manifest or replace its own files): name "
                           "a path outside checkpoints/, e.g. in the run folder")
 

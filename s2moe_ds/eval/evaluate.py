@@ -7,7 +7,6 @@ identical from run to run: fixed windows in order, no sampling, no token drops, 
 
 import json
 import os
-import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..checkpoint import consolidate, model_config_for_inference, model_from_state, resolve_checkpoint
-from ..checkpoint.output import _check_not_in_checkpoint
+from ..checkpoint.output import checkpoint_folder_holding
 from ..checkpoint.manifest import MANIFEST
 from ..checkpoint.store import COMPLETE, LATEST, TOKENIZER, step_of_name
 from ..config import ConfigError, check_int, check_known_fields, check_optional_int, require
@@ -124,14 +123,11 @@ def check_out_dir(out_dir: str, checkpoint: str, step_dir: str, given: bool, sub
     writing. `subfolders`: the folders of out_dir that will be written (plots, tensorboard)."""
     what = f"--out-dir {out_dir}" if given else f"the default out-dir {out_dir}"
     _check_no_links(out_dir, _out_base(step_dir) if not given else run_folder(step_dir), given, subfolders, what)
-    try:
-        _check_not_in_checkpoint(_first_not_ours(out_dir), checkpoint)
-    except ConfigError as e:
-        found = re.search(r"inside the checkpoint folder (.+?); ", str(e))
-        folder = found.group(1) if found else "a checkpoint folder"
+    folder = checkpoint_folder_holding(_first_not_ours(out_dir), checkpoint)
+    if folder is not None:
         raise ConfigError(f"eval.out_dir: {what} is inside the checkpoint folder {folder}; evaluate never writes "
                           "into checkpoints (a file there fails the step's manifest, and a resume skips that step): "
-                          "pass --out-dir a folder outside checkpoints/, e.g. the run folder's eval/") from None
+                          "pass --out-dir a folder outside checkpoints/, e.g. the run folder's eval/")
 
 
 def _check_no_links(out_dir: str, root: str, given: bool, subfolders: Sequence[str], what: str) -> None:
