@@ -57,7 +57,7 @@ def test_two_host_job_trains_requeues_and_resumes_on_both_hosts(hosts, tmp_path)
     job, out = _submit(hosts, tmp_path, "mn", ["--max-steps", str(steps), "--eval-interval", "0",
                                                "--save-interval", "100000"])
     rank0 = out / "logs" / f"job{job}-restart0-rank0.log"
-    hosts.wait(job, lambda s: _done(s) or (rank0.exists() and "loss=" in rank0.read_text(errors="replace")),
+    hosts.wait(job, lambda s: _done(s) or (rank0.exists() and "| loss " in rank0.read_text(errors="replace")),
                timeout=300)
     first = hosts.job(job)
     assert first["NumNodes"] == "2" and first["NodeList"] == "s2h[1-2]", first

@@ -80,7 +80,7 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     job, out = _submit(cluster, tmp_path, "requeue",
                        ["--max-steps", str(steps), "--eval-interval", "0", "--save-interval", "100000"])
     rank0 = out / "logs" / f"job{job}-restart0-rank0.log"
-    cluster.wait(job, lambda s: _done(s) or (rank0.exists() and "loss=" in rank0.read_text(errors="replace")),
+    cluster.wait(job, lambda s: _done(s) or (rank0.exists() and "| loss " in rank0.read_text(errors="replace")),
                  timeout=300)
     # What SLURM sends before the time limit (#SBATCH --signal=USR1@300), sent now to every task.
     signalled = cluster.run("scancel", "--signal=USR1", job)
