@@ -1,0 +1,140 @@
+"""The docs hold against the code: tables of config fields and of the DeepSpeed configs are the ones
+s2moe_ds.doctables writes from the dataclasses and ds_configs/*.json, every field of a router, block
+kind or backbone is in a table, and every file or s2moe_ds name the docs mention exists."""
+
+import dataclasses
+import importlib
+import pathlib
+import re
+
+import pytest
+
+from s2moe_ds import doctables
+from s2moe_ds.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+REGENERATE = "python -m s2moe_ds.doctables docs/"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_generated_tables_match_the_code(page):
+    text = page.read_text()
+    assert doctables.render(text) == text, f"docs/{page.name} has a stale table: {REGENERATE}"
+
+
+def test_every_router_block_and_backbone_field_is_in_a_table():
+    shown = {pair for page in PAGES for pair in doctables.documented_fields(page.read_text())}
+    promised = [name for name in doctables.configs() if name.split(".")[0] in ("router", "block", "backbone")]
+    assert promised, "the registries gave no router, block or backbone settings"
+    missing = [f"{name}.{f.name}" for name in promised for f in dataclasses.fields(doctables.configs()[name])
+               if (name, f.name) not in shown]
+    assert not missing, (f"fields in no docs table: {missing}; add them to a <!-- fields: ... --> marker "
+                         f"(docs/routers.md, method.md, backbones.md), then {REGENERATE}")
+
+
+def test_layer_md_lists_every_s2moe_field():
+    text = (ROOT / "docs" / "layer.md").read_text()
+    shown = {f for name, f in doctables.documented_fields(text) if name == "block.s2moe"}
+    assert shown == {f.name for f in dataclasses.fields(doctables.configs()["block.s2moe"])}
+
+
+def test_training_md_lists_every_deepspeed_config():
+    text = (ROOT / "docs" / "training.md").read_text()
+    assert "<!-- ds-configs -->" in text
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        assert f"`ds_configs/{path.name}`" in doctables.render(text), path.name
+
+
+def test_the_ds_configs_table_says_what_each_file_trains_with(tmp_path):
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "a.json").write_text(
+        '{"train_batch_size": 44, "gradient_clipping": 0.25, "zero_optimization": {"stage": 2},'
+        ' "optimizer": {"type": "Adam", "params": {"lr": 3.5e-4, "betas": [0.9, 0.999], "weight_decay": 0.0}},'
+        ' "scheduler": {"type": "WarmupLR"}}')
+    row = doctables.ds_configs_table(str(tmp_path)).splitlines()[-1]
+    assert row.startswith("| `ds_configs/a.json` | Adam (DeepSpeed's) | 0.00035 | 0.9/0.999 | 0.0 | global 44")
+    assert "| 0.25 | 2 |" in row and "WarmupLR" in row
+
+
+def test_a_marker_naming_an_unknown_config_or_field_is_refused():
+    with pytest.raises(ConfigError, match="no config named 'router.nope'"):
+        doctables.fields_table("router.nope")
+    with pytest.raises(ConfigError, match="S2MoEConfig has no field noise_sclae"):
+        doctables.fields_table("block.s2moe noise_sclae")
+
+
+def test_a_field_table_shows_name_type_default_and_docstring():
+    table = doctables.fields_table("block.s2moe noise_scale; moe k")
+    rows = table.splitlines()
+    assert rows[0] == "| field | type | default | meaning |"
+    assert rows[2].startswith("| `s2moe.noise_scale` | float | `1.0` | s in N1 = 1 + s\\*sigma")
+    assert rows[3].startswith("| `moe.k` | int | `2` | Experts per token")
+
+
+# A path the docs name: under a top-level folder of the repository, or under s2moe_ds/ (or its moe/)
+# written without the package, ending in a file name with an extension or in a '/'.
+TOP = ("s2moe_ds", "launch", "ds_configs", "tests", "bench", "tokenizers", ".ci", "docs", "checkpoint", "config",
+       "data", "eval", "experiments", "hf", "models", "moe", "parallel", "train", "routers", "blocks", "method", "fused")
+PATH = re.compile(r"(?<![\w./:<-])((?:%s)/(?:[\w.-]+/)*(?:[\w-]+\.(?:py|json|md|sh|png|txt|toml|cfg)\b|(?=[`\s)])))"
+                  % "|".join(re.escape(t) for t in TOP))
+
+
+def _named_paths(text: str):
+    for m in PATH.finditer(text):
+        yield m.group(1)
+
+
+def _exists(path: str) -> bool:
+    return any((base / path).exists() for base in (ROOT, ROOT / "s2moe_ds", ROOT / "s2moe_ds" / "moe"))
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: p.name)
+def test_every_file_the_docs_name_exists(page):
+    missing = sorted({p for p in _named_paths(page.read_text()) if not _exists(p)})
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
+
+
+def test_the_path_check_finds_paths():
+    found = list(_named_paths("see `s2moe_ds/moe/blocks/s2moe.py`, launch/nope.py, `moe/fused/`; "
+                              "train/loss is a tag, https://x.org/launch/a.py a link"))
+    assert found == ["s2moe_ds/moe/blocks/s2moe.py", "launch/nope.py", "moe/fused/"]
+    assert _exists(found[0]) and not _exists(found[1]) and _exists(found[2])
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda p: p.name)
+def test_every_s2moe_ds_name_the_docs_use_exists(page):
+    names = set(re.findall(r"\bs2moe_ds(?:\.\w+)+", page.read_text()))
+    missing = sorted(n for n in names if not _resolves(n))
+    assert not missing, f"{page.name} names what s2moe_ds does not have: {missing}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES, *sorted((ROOT / "docs" / "history").glob("*.md"))],
+                         ids=lambda p: p.name)
+def test_links_and_their_anchors_resolve(page):
+    for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", page.read_text()):
+        linked = (page.parent / target) if target else page
+        assert linked.exists(), f"{page.name} links {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{page.name} links {target}#{anchor}: no such heading"
