@@ -138,3 +138,38 @@ def test_links_and_their_anchors_resolve(page):
         if anchor and linked.suffix == ".md":
             headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page.name} links {target}#{anchor}: no such heading"
+
+
+# Names the docs quote that belong to other programs (DeepSpeed, SLURM, NCCL, the shell), or are
+# examples of a value; every other quoted name must occur somewhere in the project's files.
+FOREIGN_NAMES = {"adam_w_mode", "CUDA_VISIBLE_DEVICES", "GraceTime", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "eth0", "ib0"}
+FOREIGN_FLAGS = {"--gpus-per-task", "--gres", "--hostfile", "--num_nodes"}
+
+
+def _project_text() -> str:
+    text = []
+    for pattern in ("s2moe_ds/**/*.py", "launch/*", "bench/*", "tests/**/*.py", "ds_configs/*.json", "slurm/*",
+                    "tokenizers/**/*", ".ci/*", "Makefile", "setup.py", "docs/cli.md"):
+        for path in ROOT.glob(pattern):
+            if path.is_file():
+                text.append(path.read_text(errors="replace"))
+    return "\n".join(text)
+
+
+@pytest.fixture(scope="module")
+def project_words():
+    text = _project_text()
+    return text, set(re.findall(r"\w+", text))
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *[p for p in PAGES if p.name != "cli.md"]], ids=lambda p: p.name)
+def test_every_name_and_flag_the_docs_quote_exists(page, project_words):
+    text, words = project_words
+    quoted = re.findall(r"`([^`\n]+)`", page.read_text())
+    names = {c.strip() for c in quoted if re.fullmatch(r"[A-Za-z_][\w.]*", c.strip())}
+    missing = sorted(n for n in names if n.rstrip(".").split(".")[-1] not in words and n not in FOREIGN_NAMES
+                     and not re.fullmatch(r"step\d{8}", n))
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", page.read_text()))
+    missing += sorted(f for f in flags if f not in text and f[2:].replace("-", "_") not in words
+                      and f not in FOREIGN_FLAGS)
+    assert not missing, f"{page.name} quotes names or flags that no file of the project has: {missing}"
