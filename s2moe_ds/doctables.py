@@ -1,6 +1,6 @@
 """Tables in docs/ that are written from the code, so that they cannot drift from it.
 
-Two kinds of region, each between marker comments that a reader of the rendered page never sees:
+Three kinds of region, each between marker comments that a reader of the rendered page never sees:
 
     <!-- fields: block.s2moe noise_scale noise_stats -->      a config's fields: name, type,
     ...                                                      default and docstring (the same
@@ -9,6 +9,10 @@ Two kinds of region, each between marker comments that a reader of the rendered 
     <!-- ds-configs -->                                      ds_configs/*.json: optimizer,
     ...                                                      batch, clipping, ZeRO, bf16
     <!-- end ds-configs -->
+
+    <!-- presets -->                                         train/presets.py: each preset's
+    ...                                                      sizes, data and schedule
+    <!-- end presets -->
 
 A fields marker names a config (`moe`, `model`, `train`, `data`, `parallel`, `eval`, `finetune`,
 `block.<kind>`, `router.<name>`, `backbone.<name>`), then, optionally, which of its fields to show
@@ -30,6 +34,7 @@ from .config import ConfigError
 
 FIELDS = re.compile(r"(<!-- fields: (?P<spec>[^>]*?) -->\n).*?(<!-- end fields -->)", re.S)
 DS_CONFIGS = re.compile(r"(<!-- ds-configs -->\n).*?(<!-- end ds-configs -->)", re.S)
+PRESETS = re.compile(r"(<!-- presets -->\n).*?(<!-- end presets -->)", re.S)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -137,9 +142,25 @@ def ds_configs_table(root: str = ROOT) -> str:
     return "\n".join(rows) + "\n"
 
 
+def presets_table() -> str:
+    """One row per preset of train/presets.py: the experiment it starts from."""
+    from .train import PRESETS as presets
+    rows = ["| preset | backbone | layers | d_model | heads | d_inner | experts, k | block, router | dropout | "
+            "seq_len | data | steps | lr, warmup |", "| --- " * 13 + "|"]
+    for name, build in presets.items():
+        e = build()
+        m = e.model
+        lr = "the DeepSpeed config's" if e.train.lr is None else e.train.lr
+        rows.append(f"| `{name}` | {m.backbone} | {m.n_layer} | {m.d_model} | {m.n_head} | {m.d_inner} | "
+                    f"{m.moe.num_experts}, {m.moe.k} | {m.moe.block}, {m.moe.router} | {m.dropout} | {e.train.seq_len} | "
+                    f"{e.data.dataset} | {e.train.max_steps:,} | {lr}, {e.train.warmup_steps} |")
+    return "\n".join(rows) + "\n"
+
+
 def render(text: str) -> str:
     """The page with every marked region rewritten from the code."""
     text = FIELDS.sub(lambda m: m.group(1) + fields_table(m.group("spec")) + m.group(3), text)
+    text = PRESETS.sub(lambda m: m.group(1) + presets_table() + m.group(2), text)
     return DS_CONFIGS.sub(lambda m: m.group(1) + ds_configs_table() + m.group(2), text)
 
 

@@ -39,11 +39,13 @@ def test_layer_md_lists_every_s2moe_field():
     assert shown == {f.name for f in dataclasses.fields(doctables.configs()["block.s2moe"])}
 
 
-def test_training_md_lists_every_deepspeed_config():
-    text = (ROOT / "docs" / "training.md").read_text()
-    assert "<!-- ds-configs -->" in text
+def test_training_md_lists_every_deepspeed_config_and_preset():
+    from s2moe_ds.train import PRESETS
+    text = doctables.render((ROOT / "docs" / "training.md").read_text())
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
-        assert f"`ds_configs/{path.name}`" in doctables.render(text), path.name
+        assert f"| `ds_configs/{path.name}` |" in text, path.name
+    for name in PRESETS:
+        assert f"| `{name}` |" in text, name
 
 
 def test_the_ds_configs_table_says_what_each_file_trains_with(tmp_path):
