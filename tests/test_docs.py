@@ -175,3 +175,11 @@ def test_every_name_and_flag_the_docs_quote_exists(page, project_words):
     missing += sorted(f for f in flags if f not in text and f[2:].replace("-", "_") not in words
                       and f not in FOREIGN_FLAGS)
     assert not missing, f"{page.name} quotes names or flags that no file of the project has: {missing}"
+
+
+def test_architecture_md_names_every_package_and_module():
+    layout = re.search(r"```\nlaunch/.*?```", (ROOT / "docs" / "architecture.md").read_text(), re.S).group(0)
+    parts = [p.name for p in (ROOT / "s2moe_ds").iterdir() if p.name != "__init__.py"
+             and (p.suffix == ".py" or (p / "__init__.py").exists())]
+    missing = sorted(p for p in parts if not re.search(rf"(?<![\w/]){re.escape(p.removesuffix('.py'))}(/|\.py)", layout))
+    assert not missing, f"docs/architecture.md's layout leaves out s2moe_ds/{missing}; add a line for each"
