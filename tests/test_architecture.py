@@ -148,3 +148,27 @@ def test_launch_scripts_are_thin():
             code = open(os.path.join(ROOT, "launch", name)).read()
             assert "sys.path" not in code, name
             assert len(code.splitlines()) < 60, name
+
+
+# What reads or edits DeepSpeed's gating tuple (l_aux, capacity, E, indices, locations, gates,
+# exp_counts) by position, or asks a gate for it: only the adapter in deepspeed_internals may.
+GATING_TUPLE = [r"\bSPARSE_GATES\b", r"\bsparse_gates\b", r"\bwith_gates\b", r"\broute_indices\b",
+                r"\bwith_balance_loss\b", r"\btop1gating\b", r"\btop2gating\b", r"\btopkgating\b",
+                r"\bsparse_routes\s*=\s*True\b"]
+
+
+def test_nothing_outside_the_adapter_indexes_deepspeeds_gating_tuple():
+    offenders = []
+    for path in [*_library_files(), *_python_files("launch", "bench")]:
+        if path == INTERNALS:
+            continue
+        code = _code_without_strings(path)
+        offenders += [(os.path.relpath(path, ROOT), p) for p in GATING_TUPLE if re.search(p, code)]
+        # A subscript or tuple unpacking of what a deepspeed_internals call returns.
+        for node in ast.walk(ast.parse(open(path).read())):
+            value = node.value if isinstance(node, (ast.Subscript, ast.Assign)) else None
+            if (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+                    and getattr(value.func.value, "id", None) == "ds"
+                    and (isinstance(node, ast.Subscript) or isinstance(node.targets[0], ast.Tuple))):
+                offenders.append((os.path.relpath(path, ROOT), node.lineno, ast.unparse(node)[:60]))
+    assert not offenders, offenders

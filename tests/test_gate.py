@@ -6,18 +6,25 @@ from deepspeed.moe.layer import MoE
 
 from s2moe_ds.models import build_model
 from s2moe_ds.moe import FFN, TopKRouter
+from s2moe_ds.moe.routing import Routing
 from s2moe_ds.train import model_preset
 
 D, E = 16, 4
 
 
 def _moe(drop_tokens, capacity_factor=1.0):
+    """DeepSpeed's MoE with our top-k router as its gate, called by DeepSpeed's own forward."""
     torch.manual_seed(0)
     moe = MoE(D, FFN(D, 32), num_experts=E, k=1, drop_tokens=drop_tokens, use_rts=False,
               capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
-    moe.deepspeed_moe.gate = TopKRouter.from_deepspeed_gate(moe.deepspeed_moe.gate, eval_k=1,
-                                                            eval_drop_tokens=drop_tokens)
+    routing = Routing(E, k=1, eval_k=1, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                      drop_tokens=drop_tokens, eval_drop_tokens=drop_tokens, use_rts=False)
+    moe.deepspeed_moe.gate = TopKRouter(D, routing)
     return moe
+
+
+def _dropped_fraction(moe, x):
+    return float(moe.deepspeed_moe.gate.route(x).metrics["dropped_fraction"])
 
 
 def _skewed_tokens(T=64):
@@ -37,7 +44,7 @@ def test_top1_without_drops_routes_every_token_like_an_unbounded_capacity(traini
     ref, _, ref_counts = unbounded(x)
     torch.testing.assert_close(out, ref)
     assert int(counts.max()) > x.shape[0] // E  # the case where capacity 1.0 would drop routes
-    assert float(no_drop.deepspeed_moe.gate.last_dropped_fraction) == 0.0
+    assert _dropped_fraction(no_drop, x) == 0.0
     # The gate's own settings are restored after the call.
     assert no_drop.deepspeed_moe.gate.drop_tokens is False
     assert no_drop.deepspeed_moe.gate.capacity_factor == 1.0
@@ -46,7 +53,7 @@ def test_top1_without_drops_routes_every_token_like_an_unbounded_capacity(traini
 def test_dropping_gate_still_drops():
     moe = _moe(drop_tokens=True).eval()
     moe(_skewed_tokens())
-    assert float(moe.deepspeed_moe.gate.last_dropped_fraction) > 0.0
+    assert _dropped_fraction(moe, _skewed_tokens()) > 0.0
 
 
 def test_deepspeed_moe_model_evaluates_top1_with_padding():

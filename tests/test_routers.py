@@ -10,7 +10,6 @@ from s2moe_ds.moe import FFN, MoEConfig, build_block
 from s2moe_ds.moe.routers.smoe_dropout import scheduled_k
 from s2moe_ds.moe.spec import ModelContext
 from s2moe_ds.parallel import ExpertLayout
-from s2moe_ds.parallel import deepspeed_internals as ds
 
 from .harness import counting_all_to_all, run_distributed
 
@@ -34,8 +33,7 @@ def _routes(router, x_TD, ids_T=None):
     """[K, T] expert of every route the router picks for x (in its current mode; -1 where
     capacity dropped it), with the same draws of DeepSpeed's training randomness every call."""
     torch.manual_seed(1)
-    with router.tokens(ids_T):
-        return ds.route_indices(router(x_TD, sparse_routes=True)).clone()
+    return router.route(x_TD, ids_T).expert_ids_TK.t().clone()
 
 
 # ------------------------------------------------------------------------------------------- X-MoE

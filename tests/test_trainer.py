@@ -10,6 +10,7 @@ import pytest
 from s2moe_ds.models import BACKBONES, GPT, ModelConfig
 from s2moe_ds.models.registry import BackboneSpec
 from s2moe_ds.moe import ROUTERS, TopKRouter
+from s2moe_ds.moe.routing import Routing
 from s2moe_ds.moe.spec import RouterSpec
 from s2moe_ds.train import TrainerHook
 
@@ -30,8 +31,8 @@ class StepCountingRouter(TopKRouter):
         self.steps.append((step, max_steps))
 
 
-def build_step_counting(router_cfg, moe_cfg, deepspeed_gate, context):
-    return StepCountingRouter.from_deepspeed_gate(deepspeed_gate, moe_cfg.resolved_eval_k, moe_cfg.eval_drop_tokens)
+def build_step_counting(router_cfg, moe_cfg, d_model, context):
+    return StepCountingRouter(d_model, Routing.of(moe_cfg))
 
 
 class CountingGPT(GPT):

@@ -1,8 +1,8 @@
 """Block kinds and routers by name. A new one is a file that defines its spec plus one line here.
 
 A BlockSpec says how to build a feed-forward block from a MoEConfig, which settings of its own it
-has, which named losses it reports and what it costs; a RouterSpec says how to build a router for
-DeepSpeed's dispatch. Models, training, evaluation, FLOPs, analysis and comparisons ask these specs
+has, which named losses it reports and what it costs; a RouterSpec says how to build a router from
+its config. Models, training, evaluation, FLOPs, analysis and comparisons ask these specs
 (or the BlockOutput contract) and never switch on a kind themselves.
 """
 
@@ -29,15 +29,16 @@ ROUTERS: Dict[str, RouterSpec] = {
 def build_block(moe_cfg, kind: str, d_model: int, expert, ep_size: int = 1, context: ModelContext = ModelContext()):
     """A feed-forward block of `kind` ('dense' for the dense layers of a MoE model) with `expert`
     as its (per-expert) FFN, moe_cfg's router and its implementation of the experts."""
-    block = BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda gate: build_router(moe_cfg, gate, context))
+    block = BLOCKS[kind].build(moe_cfg, d_model, expert, ep_size, lambda: build_router(moe_cfg, d_model, context))
     if BLOCKS[kind].routed:
         block.use_expert_impl(moe_cfg.expert_impl)
     return block
 
 
-def build_router(moe_cfg, deepspeed_gate, context: ModelContext = ModelContext()):
-    """The configured router, in place of the gate DeepSpeed's MoE constructor made."""
-    return ROUTERS[moe_cfg.router].build(moe_cfg.router_config, moe_cfg, deepspeed_gate, context)
+def build_router(moe_cfg, d_model: int, context: ModelContext = ModelContext()):
+    """The configured router for tokens of width d_model, from moe_cfg (its routing settings and
+    router_config)."""
+    return ROUTERS[moe_cfg.router].build(moe_cfg.router_config, moe_cfg, d_model, context)
 
 
 def router_flops(moe_cfg, d_model: int, training: bool) -> int:

@@ -1,5 +1,8 @@
 """The routing settings every router shares, checked in one place: MoEConfig's fields, and the same
-arguments of the S2MoE drop-in layer."""
+arguments of the S2MoE drop-in layer; and Routing, those settings as a router is built from them."""
+
+from dataclasses import dataclass, fields
+from typing import Optional
 
 from ..config import check_bool, check_int, check_number, require
 
@@ -27,3 +30,34 @@ def check_routing(prefix: str, num_experts, k, eval_k, capacity_factor, eval_cap
     check_bool(drop_tokens, p + "drop_tokens")
     check_bool(eval_drop_tokens, p + "eval_drop_tokens")
     check_number(balance_coef, p + "balance_coef", 0.0, strict=False)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The settings a router is built from: MoEConfig's shared routing fields (Routing.of) or the
+    S2MoE drop-in's arguments of the same names, and DeepSpeed's gate randomness, which the top-k
+    router's config sets and the other routers keep at DeepSpeed MoE's defaults."""
+
+    num_experts: int
+    k: int
+    eval_k: int
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    eval_drop_tokens: bool = False
+    noisy_gate_policy: Optional[str] = None
+    """DeepSpeed's router noise in training: None, 'Jitter' or 'RSample'."""
+    use_rts: bool = True
+    """DeepSpeed's random token selection for top-1 in training."""
+    top2_2nd_expert_sampling: bool = True
+    """DeepSpeed's Gumbel sampling of the second expert in training."""
+
+    @classmethod
+    def of(cls, moe_cfg, router_cfg=None) -> "Routing":
+        """A MoEConfig's routing; DeepSpeed's gate randomness from router_cfg where it has those fields."""
+        randomness = {f.name: getattr(router_cfg, f.name) for f in fields(cls)[-3:] if hasattr(router_cfg, f.name)}
+        return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.k, eval_k=moe_cfg.resolved_eval_k,
+                   capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
+                   min_capacity=moe_cfg.min_capacity, drop_tokens=moe_cfg.drop_tokens,
+                   eval_drop_tokens=moe_cfg.eval_drop_tokens, **randomness)

@@ -16,7 +16,8 @@ class ModelContext:
 class BlockSpec:
     build: Callable
     """build(moe_cfg, d_model, expert, ep_size, router) -> the block module (see blocks/base.py);
-    router(deepspeed_gate) makes the configured router for a block built on DeepSpeed's MoE."""
+    router() makes the configured router (once, from its config) for a block built on DeepSpeed's
+    MoE, called after DeepSpeed's constructor."""
     config: Optional[type]
     """The dataclass of the kind's own settings (MoEConfig.block_config), or None."""
     routed: bool
@@ -37,13 +38,13 @@ def _linear_router_flops(router_cfg, moe_cfg, d_model: int, training: bool) -> i
 @dataclass(frozen=True)
 class RouterSpec:
     build: Callable
-    """build(router_cfg, moe_cfg, deepspeed_gate, context: ModelContext) -> the router DeepSpeed's
-    dispatch calls as its gate (routers/base.py)."""
+    """build(router_cfg, moe_cfg, d_model, context: ModelContext) -> the router (routers/base.py),
+    from its config alone."""
     config: Optional[type]
     """The dataclass of the router's own settings (MoEConfig.router_config), or None."""
     loss_terms: Callable = lambda router_cfg, moe_cfg: {}
     """loss_terms(router_cfg, moe_cfg) -> {name: LossTerm} of the losses of its own it reports
-    (Router.last_losses), besides the balance loss."""
+    (in its Route's losses), besides the balance loss."""
     flops: Callable = _linear_router_flops
     """flops(router_cfg, moe_cfg, d_model, training) -> forward FLOPs per token of one routing."""
     check: Callable = lambda router_cfg, moe_cfg: None

@@ -50,9 +50,8 @@ EXPERT_PARAM_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 
 
 def dispatcher(moe: MoE) -> nn.Module:
-    """The layer's MOELayer: routes with its gate, runs the all-to-all pair and the experts.
-    Call it as dispatcher(x_TD, used_token); after the call it holds the gate's l_aux and
-    exp_counts (read them with last_balance_loss and last_expert_counts)."""
+    """The layer's MOELayer: routes with its gate, runs the all-to-all pair and the experts (its
+    forward pre-hooks see each dispatch's input first; dispatch() below calls it)."""
     return moe.deepspeed_moe
 
 
@@ -90,21 +89,21 @@ def set_experts_module(moe: MoE, experts: nn.Module) -> None:
     moe.deepspeed_moe.experts = experts
 
 
+def last_expert_counts(moe: MoE) -> torch.Tensor:
+    """[E] routes per expert of the layer's last dispatch, as DeepSpeed's MOELayer keeps them (for
+    tools that see only the model; a block's own forward returns them in its metrics)."""
+    return moe.deepspeed_moe.exp_counts
+
+
 def gate(moe: MoE) -> nn.Module:
     return moe.deepspeed_moe.gate
 
 
-def set_gate(moe: MoE, new_gate: nn.Module) -> None:
-    """Replace the layer's router; it keeps its place in the module tree (and state-dict keys)."""
-    moe.deepspeed_moe.gate = new_gate
-
-
-def last_balance_loss(moe: MoE) -> torch.Tensor:
-    return moe.deepspeed_moe.l_aux
-
-
-def last_expert_counts(moe: MoE) -> torch.Tensor:
-    return moe.deepspeed_moe.exp_counts
+def set_gate(moe: MoE, new_gate: nn.Module) -> nn.Module:
+    """Replace the layer's gate (by our router: it keeps the gate's place in the module tree and its
+    state-dict keys); returns the gate it replaced."""
+    replaced, moe.deepspeed_moe.gate = moe.deepspeed_moe.gate, new_gate
+    return replaced
 
 
 class _PairedMOELayer(sharded_moe.MOELayer):
@@ -184,53 +183,82 @@ def jitter(x: torch.Tensor) -> torch.Tensor:
     return sharded_moe.multiplicative_jitter(x, device=x.device)
 
 
+# ----------------------------------------------------------------------------- routes and DeepSpeed's dispatch
+#
+# The one adapter between our typed routes (moe/routers/route.py's Route; parallel/ does not import
+# moe/, so a route is read by its field names here) and DeepSpeed's sparse-route gating tuple
+# (l_aux, capacity, num_experts, indices_KS, locations_KS, gates_KS, exp_counts). Nothing else
+# indexes that tuple: routers get its parts by name from gate_on_logits, and a route goes back into
+# DeepSpeed's MOELayer through dispatch (blocks) or gate_call (DeepSpeed calling the router).
+
+
 def gate_on_logits(logits_TE: torch.Tensor, *, k: int, capacity_factor: float, min_capacity: int,
                    used_token: Optional[torch.Tensor], noisy_gate_policy: Optional[str], drop_tokens: bool,
-                   use_rts: bool, ep_group, second_expert_sampling: bool, sparse_routes: bool, use_tutel: bool):
-    """DeepSpeed's gating of TopKGate.forward on given fp32 logits: its top-1, top-2 or top-k
-    function by k, so that every router keeps DeepSpeed's capacity, token dropping, balance loss
-    and dispatch. Returns what the gate returns to MOELayer (with sparse_routes: l_aux, capacity,
-    E, indices_KS, locations_KS, gates_KS, exp_counts)."""
+                   use_rts: bool, ep_group, second_expert_sampling: bool) -> Dict[str, object]:
+    """DeepSpeed's gating of TopKGate.forward on given fp32 logits (its top-1, top-2 or top-k
+    function by k), so that every router keeps DeepSpeed's capacity, token dropping, positions and
+    balance loss. Returns Route's fields expert_ids_TK, positions_TK, combine_weights_TK and
+    capacity, and 'balance' (DeepSpeed's balance loss) and 'expert_counts' ([E], before drops)."""
     if k == 1:
-        return sharded_moe.top1gating(logits_TE, capacity_factor, min_capacity, used_token, noisy_gate_policy,
-                                      drop_tokens, use_rts, ep_group, sparse_routes, use_tutel)
-    if k == 2:
-        return sharded_moe.top2gating(logits_TE, capacity_factor, min_capacity, drop_tokens, ep_group,
-                                      second_expert_sampling, sparse_routes)
-    return sharded_moe.topkgating(logits_TE, k, capacity_factor, min_capacity, drop_tokens, ep_group,
-                                  sparse_routes=sparse_routes)
+        out = sharded_moe.top1gating(logits_TE, capacity_factor, min_capacity, used_token, noisy_gate_policy,
+                                     drop_tokens, use_rts, ep_group, True, False)
+    elif k == 2:
+        out = sharded_moe.top2gating(logits_TE, capacity_factor, min_capacity, drop_tokens, ep_group,
+                                     second_expert_sampling, True)
+    else:
+        out = sharded_moe.topkgating(logits_TE, k, capacity_factor, min_capacity, drop_tokens, ep_group,
+                                     sparse_routes=True)
+    l_aux, capacity, _, indices_KT, locations_KT, gates_KT, counts_E = out
+    return dict(expert_ids_TK=indices_KT.t(), positions_TK=locations_KT.t(), combine_weights_TK=gates_KT.t(),
+                capacity=capacity, balance=l_aux, expert_counts=counts_E)
 
 
-SPARSE_GATES = 5
-"""Index of gates_KS (each route's combine weight) in the sparse-route gating output."""
+def _sparse_gating(route) -> tuple:
+    """The route as the sparse-route gating tuple MOELayer unpacks ([K, T] blocks, contiguous as
+    DeepSpeed's own gating makes them: for its routes, the same tensors)."""
+    return (route.losses["balance"], route.capacity, route.scores_TE.shape[1],
+            route.expert_ids_TK.t().contiguous(), route.positions_TK.t().contiguous(),
+            route.combine_weights_TK.t().contiguous(), route.metrics["expert_counts"])
 
 
-def sparse_gates(sparse_gate_output) -> torch.Tensor:
-    """[K, S] combine weight of every route."""
-    return sparse_gate_output[SPARSE_GATES]
+def _dense_gating(route) -> tuple:
+    """The route as the dense gating of TopKGate.forward(sparse_routes=False): (l_aux,
+    combine_weights_TEC, dispatch_mask_TEC, exp_counts), the form DeepSpeed's gate returns by default."""
+    kept_TK = route.expert_ids_TK >= 0
+    T, E = route.scores_TE.shape
+    token_TK = torch.arange(T, device=kept_TK.device).unsqueeze(1).expand_as(kept_TK)
+    combine_TEC = route.combine_weights_TK.new_zeros(T, E, int(route.capacity)).index_put(
+        (token_TK[kept_TK], route.expert_ids_TK[kept_TK].long(), route.positions_TK[kept_TK].long()),
+        route.combine_weights_TK[kept_TK])
+    return route.losses["balance"], combine_TEC, combine_TEC.bool(), route.metrics["expert_counts"]
 
 
-def with_gates(sparse_gate_output, gates_KS: torch.Tensor):
-    """The sparse-route gating output with other combine weights for the same routes."""
-    out = list(sparse_gate_output)
-    out[SPARSE_GATES] = gates_KS
-    return tuple(out)
+class _Routed:
+    """A route made before the dispatch. DeepSpeed's MOELayer hands its second argument (used_token)
+    to its gate untouched, so a block's route travels there to the router (gate_call): the router
+    keeps no state between the route and the dispatch, and DeepSpeed's dispatch (Tutel, tensor
+    parallelism, timers) runs unchanged."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route) -> None:
+        self.route = route
 
 
-def with_balance_loss(sparse_gate_output, l_aux: torch.Tensor):
-    """The gating output with another balance loss (its first entry)."""
-    return (l_aux, *sparse_gate_output[1:])
+def gate_call(route_fn, x_TD: torch.Tensor, used_token, sparse_routes: bool):
+    """A router's answer when DeepSpeed's MOELayer calls it as its gate: the ready route of
+    dispatch, else route_fn(x_TD, mask_T=used_token) (DeepSpeed's own forward, as the drop-in
+    MoE.forward runs it), as DeepSpeed's gating tuple (dense unless sparse_routes, as TopKGate)."""
+    route = used_token.route if isinstance(used_token, _Routed) else route_fn(x_TD, mask_T=used_token)
+    return _sparse_gating(route) if sparse_routes else _dense_gating(route)
 
 
-def route_indices(sparse_gate_output) -> torch.Tensor:
-    """[K, S] expert of every route (-1 where capacity dropped it)."""
-    return sparse_gate_output[3]
-
-
-def dropped_fraction(sparse_gate_output) -> torch.Tensor:
-    """Share of routes the capacity limit dropped, from the gate's sparse-route output
-    (l_aux, capacity, E, indices_KS, locations_KS, gates_KS, exp_counts): dropped routes carry -1."""
-    return (sparse_gate_output[3] < 0).float().mean().detach()
+def dispatch(moe: MoE, x: torch.Tensor, route, pair_weight_2S: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DeepSpeed's dispatch, all-to-all pair, experts and combine of x ([..., D], its tokens the
+    route's T) along `route`; the output has x's shape. pair_weight_2S: the paired combine of
+    _PairedMOELayer (can_pair says where it runs)."""
+    extra = {} if pair_weight_2S is None else {"pair_weight_2S": pair_weight_2S}
+    return moe.deepspeed_moe(x, _Routed(route), **extra)
 
 
 def capacity_factor_holding(tokens: int, num_tokens: int, num_experts: int) -> float:

@@ -3,7 +3,9 @@
 Every block kind (dense, moe, s2moe) offers
     forward_parts(x_BTD, mask_BT, token_ids_BT=None) -> BlockOutput(output, losses, metrics)
 with its named auxiliary losses (fp32 scalars, still in the graph) and detached metrics; the
-token ids reach routers that route by token (StableMoE's distilled router). The
+token ids reach routers that route by token (StableMoE's distilled router). A routed block's
+forward runs in phases: route (the router's Route, which carries the router's losses and metrics
+out), then DeepSpeed's dispatch, experts and combine along it. The
 blocks built on DeepSpeed's MoE (moe, s2moe) also keep its forward,
     forward(x, used_token) -> (output, l_aux, exp_counts)
 for code that uses them as a drop-in for deepspeed.moe.layer.MoE; the dense block is the FFN.
@@ -73,16 +75,22 @@ class ExpertBlock(Block):
         """Per-token values of the block's own, computed on router inputs, for the expert analysis."""
         return {}
 
-    def _dispatch(self, x_TD: torch.Tensor, used_token, token_ids_T=None, pair_weight_2T=None):
-        """DeepSpeed's dispatch: (output, losses {'balance': ..., the router's own}, metrics).
-        pair_weight_2T: the [a; b] input's output is the weighted sum of each pair (a_t, b_t)
-        (ds.can_pair says where DeepSpeed's dispatch allows it)."""
-        extra = {} if pair_weight_2T is None else {"pair_weight_2S": pair_weight_2T}
-        with self.router.tokens(token_ids_T):
-            out = ds.dispatcher(self)(x_TD, used_token, **extra)
-        losses = {"balance": ds.last_balance_loss(self).float(), **self.router.last_losses}
-        metrics = {"expert_counts": ds.last_expert_counts(self), "dropped_fraction": self.router.last_dropped_fraction}
-        return out, losses, metrics
+    def install_router(self, router: nn.Module) -> None:
+        """At build, after DeepSpeed's constructor: the router (built once, from its config) takes
+        the place and state-dict keys of the gate that constructor made, and its initial weights
+        where it has the same ones (Router.start_from)."""
+        router.start_from(ds.set_gate(self, router))
+
+    def route(self, x_TD: torch.Tensor, mask_T=None, token_ids_T=None):
+        """Phase 1: the router's Route of the [T, D] tokens (moe/routers/route.py)."""
+        return self.router.route(x_TD, token_ids_T, mask_T)
+
+    def dispatch_and_combine(self, x: torch.Tensor, route, pair_weight_2T=None) -> torch.Tensor:
+        """Phases 2-4, DeepSpeed's in one call: dispatch along the route (the all-to-all pair when
+        expert-parallel), the experts, the combine by the route's weights; x's shape. pair_weight_2T:
+        the [a; b] input's output is the weighted sum of each pair (a_t, b_t) (ds.can_pair says
+        where DeepSpeed's dispatch allows it)."""
+        return ds.dispatch(self, x, route, pair_weight_2T)
 
 
 def expert_blocks(model: nn.Module) -> List[ExpertBlock]:

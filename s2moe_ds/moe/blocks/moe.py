@@ -2,7 +2,8 @@
 
 Training is DeepSpeed's, unchanged; the router (moe/routers) makes evaluation deterministic and
 gives it eval_k. The block subclasses deepspeed.moe.layer.MoE, so its forward is DeepSpeed's and
-the engine treats it as any MoE layer (expert groups, expert parameter groups, per-expert files).
+the engine treats it as any MoE layer (expert groups, expert parameter groups, per-expert files);
+forward_parts routes first and hands the Route to DeepSpeed's dispatch.
 """
 
 from ...parallel import check_expert_parallel
@@ -18,9 +19,11 @@ class MoEBlock(ExpertBlock, ds.MoE):
 
     def forward_parts(self, hidden_states, used_token=None, token_ids=None) -> BlockOutput:
         # DeepSpeed's top-1 gating reads used_token as one flag per token of the flattened batch.
-        mask = None if used_token is None else used_token.reshape(-1)
-        ids = None if token_ids is None else token_ids.reshape(-1)
-        return BlockOutput(*self._dispatch(hidden_states, mask, ids))
+        mask_T = None if used_token is None else used_token.reshape(-1)
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        route = self.route(hidden_states.reshape(-1, hidden_states.shape[-1]), mask_T, ids_T)
+        out = self.dispatch_and_combine(hidden_states, route)
+        return BlockOutput(out, dict(route.losses), dict(route.metrics))
 
 
 def deepspeed_moe_args(moe_cfg) -> dict:
@@ -33,7 +36,7 @@ def deepspeed_moe_args(moe_cfg) -> dict:
 def build(moe_cfg, d_model: int, expert, ep_size: int, router) -> MoEBlock:
     check_expert_parallel(moe_cfg.num_experts, ep_size)  # DeepSpeed's own assert names no field
     block = MoEBlock(d_model, expert, ep_size=ep_size, **deepspeed_moe_args(moe_cfg))
-    ds.set_gate(block, router(ds.gate(block)))
+    block.install_router(router())
     return block
 
 

@@ -32,7 +32,7 @@ from ...parallel import deepspeed_internals as ds
 from .. import fused, method
 from ..losses import LAYER_REDUCTIONS, LossTerm
 from ..routers.topk import TopKRouter, TopKRouterConfig
-from ..routing import BALANCE_COEF, check_routing
+from ..routing import BALANCE_COEF, Routing, check_routing
 from ..spec import BlockSpec
 from .base import BlockOutput, ExpertBlock
 from .moe import balance_term, deepspeed_moe_args
@@ -125,8 +125,10 @@ class S2MoE(ExpertBlock, ds.MoE):
     - balance_coef: the coefficient your training code multiplies l_aux by (default 0.01). The
       drop-in `forward` returns l_aux = L_balance + (uncertainty_coef / balance_coef) * L_u, so
       that `balance_coef * l_aux` adds exactly `uncertainty_coef * L_u` to the loss.
-    - router: makes the router from the gate DeepSpeed's constructor built (moe/registry.py's
-      build_router does for any registered router); None: the 'topk' router with the arguments above.
+    - router: a function of no arguments that makes the router, called once after DeepSpeed's
+      constructor (moe/registry.py's build_router makes any registered router from a MoEConfig);
+      None: the 'topk' router with the arguments above as its config (moe/routing.py's Routing),
+      starting from the weights of the gate DeepSpeed's constructor made.
     - any S2MoEConfig field (noise_scale, noise_stats, ..., fused).
     """
 
@@ -152,7 +154,7 @@ class S2MoE(ExpertBlock, ds.MoE):
                  eval_k: Optional[int] = None,
                  eval_drop_tokens: Optional[bool] = None,
                  balance_coef: float = BALANCE_COEF,
-                 router: Optional[Callable[[nn.Module], nn.Module]] = None,
+                 router: Optional[Callable[[], nn.Module]] = None,
                  **s2moe) -> None:
         # Validate everything before DeepSpeed's constructor, whose asserts name no field.
         if not (isinstance(hidden_size, int) and hidden_size >= 1):
@@ -175,9 +177,10 @@ class S2MoE(ExpertBlock, ds.MoE):
                          min_capacity, use_residual, noisy_gate_policy, drop_tokens, use_rts, use_tutel,
                          enable_expert_tensor_parallelism, top2_2nd_expert_sampling)
         self.balance_coef = balance_coef
-        gate = ds.gate(self)
-        ds.set_gate(self, router(gate) if router is not None else
-                    TopKRouter.from_deepspeed_gate(gate, k if eval_k is None else eval_k, eval_drop_tokens))
+        routing = Routing(num_experts, k, k if eval_k is None else eval_k, capacity_factor, eval_capacity_factor,
+                          min_capacity, drop_tokens, drop_tokens if eval_drop_tokens is None else eval_drop_tokens,
+                          noisy_gate_policy, use_rts, top2_2nd_expert_sampling)
+        self.install_router(router() if router is not None else TopKRouter(hidden_size, routing))
         cfg = self.config
         self.noise = method.GaussianNoise(cfg.noise_scale, cfg.noise_stats, cfg.detach_noise_stats)
         self.negatives_group = None  # the data-parallel group, once DeepSpeed sets the layout
@@ -246,7 +249,8 @@ class S2MoE(ExpertBlock, ds.MoE):
 
         if not self._uses_noise():
             # x_hat = x, so g * SMoE(x) + (1 - g) * SMoE(x) = SMoE(x): one dispatch, no gate.
-            out_TD, losses, metrics = self._dispatch(x_TD, mask_T, ids_T)
+            route = self.route(x_TD, mask_T, ids_T)
+            out_TD = self.dispatch_and_combine(x_TD, route)
         else:
             # Clean tokens first: DeepSpeed drops routes by position when an expert is full, so
             # the clean path (the one evaluation uses) keeps priority over the noisy copy.
@@ -254,29 +258,33 @@ class S2MoE(ExpertBlock, ds.MoE):
             both_mask = None if mask_T is None else torch.cat([mask_T, mask_T], dim=0)
             both_ids = None if ids_T is None else torch.cat([ids_T, ids_T], dim=0)
             g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias))
+            route = self.route(both_2TD, both_mask, both_ids)  # one route for both paths
             if self.mixes_in_combine():
                 # The mix inside DeepSpeed's combine: each token's output sums its clean routes
                 # weighted by g and its copy's by 1 - g, so neither path's [T, D] output exists.
-                out_TD, losses, metrics = self._dispatch(both_2TD, both_mask, both_ids,
-                                                         pair_weight_2T=torch.cat([g_T1, 1.0 - g_T1]).reshape(-1))
+                out_TD = self.dispatch_and_combine(both_2TD, route,
+                                                   pair_weight_2T=torch.cat([g_T1, 1.0 - g_T1]).reshape(-1))
             else:
-                y_2TD, losses, metrics = self._dispatch(both_2TD, both_mask, both_ids)
+                y_2TD = self.dispatch_and_combine(both_2TD, route)
                 y_TD, y_hat_TD = y_2TD.chunk(2, dim=0)
                 out_TD = ops.mix_paths(g_T1, y_2TD)
             if self.training and cfg.uncertainty_coef > 0:
                 pair = (x_TD, x_hat_TD) if cfg.uncertainty_on == "input" else (y_TD, y_hat_TD)
-                if cfg.uncertainty_negatives == "global":
-                    uncertainty = method.gathered_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
-                                                           cfg.uncertainty_similarity, self.negatives_group)
-                else:
-                    loss = (ops.info_nce if cfg.uncertainty_similarity == "cosine" else
-                            functools.partial(method.info_nce, kind=cfg.uncertainty_similarity))
-                    uncertainty = method.sampled_info_nce(*pair, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
-                                                          loss=loss)
+                uncertainty = self.uncertainty(*pair, mask_T)
             extra["mix_gate"] = g_T1.detach().reshape(-1)
 
-        return BlockOutput(out_TD.reshape(hidden_states.shape), {**losses, "uncertainty": uncertainty},
-                           {**extra, **metrics})
+        return BlockOutput(out_TD.reshape(hidden_states.shape), {**route.losses, "uncertainty": uncertainty},
+                           {**extra, **route.metrics})
+
+    def uncertainty(self, a_TD: torch.Tensor, b_TD: torch.Tensor, mask_T: Optional[torch.Tensor]) -> torch.Tensor:
+        """L_u, InfoNCE between each token of a and its copy in b, with the configured negatives."""
+        cfg = self.config
+        if cfg.uncertainty_negatives == "global":
+            return method.gathered_info_nce(a_TD, b_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T,
+                                            cfg.uncertainty_similarity, self.negatives_group)
+        loss = ((fused if cfg.fused else method).info_nce if cfg.uncertainty_similarity == "cosine" else
+                functools.partial(method.info_nce, kind=cfg.uncertainty_similarity))
+        return method.sampled_info_nce(a_TD, b_TD, cfg.uncertainty_tau, cfg.uncertainty_tokens, mask_T, loss=loss)
 
     def forward(self,
                 hidden_states: torch.Tensor,

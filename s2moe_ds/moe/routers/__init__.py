@@ -1,22 +1,24 @@
 """Routers: one file each, registered in moe/registry.py.
 
-A router is what DeepSpeed's MOELayer calls as its gate, so every router shares DeepSpeed's
-dispatch, all-to-all pair, capacity and expert parallelism. It offers:
+A router is built once, from its config (moe/routing.py's Routing, the settings every router
+shares, plus its own dataclass), and offers:
 
-- forward(x_TD, used_token, sparse_routes=True, use_tutel=False): DeepSpeed's sparse-route gating
-  tuple (l_aux, capacity, num_experts, indices_KS, locations_KS, gates_KS, exp_counts), with eval_k
-  experts per token and no randomness in eval mode;
-- kind (its registry name), eval_k, and last_dropped_fraction (the share of routes the last call
-  dropped by capacity, read by the block right after the call);
+- route(x_TD, token_ids_T=None, mask_T=None) -> Route (route.py): scores, expert ids, slots and
+  combine weights of every route, its named losses ('balance' and its own) and metrics
+  ('expert_counts', 'dropped_fraction'); eval_k experts per token and no randomness in eval mode.
+  A function of its inputs: nothing is left in the router. Blocks hand the Route to DeepSpeed's
+  dispatch through the one adapter (parallel/deepspeed_internals.py); DeepSpeed's MOELayer still
+  calls the router as its gate (forward), which answers from the route;
+- kind (its registry name), k and eval_k (attributes: a schedule or evaluation may set them);
 - probabilities(x_TD, token_ids_T=None): the [T, E] fp32 routing distribution, deterministic, for
   analysis;
 - optionally set_training_step(step, max_steps), called before every step by the trainer's
   TrainingStepSchedule hook, for routers that schedule themselves (SMoE-Dropout's k, StableMoE's
   stage switch);
-- optionally named losses of its own in last_losses (declared by its RouterSpec's loss_terms).
+- optionally named losses of its own in its Route's losses (declared by its RouterSpec's loss_terms).
 
 routers/base.py has the shared part: DeepSpeed's gating on the router's logits.
 
 Its file defines its config dataclass (fields validated with the field named, prefixed with the
-router's name) and SPEC = RouterSpec(build, config).
+router's name) and SPEC = RouterSpec(build, config), build(router_cfg, moe_cfg, d_model, context).
 """

@@ -1,6 +1,8 @@
 """What every router shares: DeepSpeed's gating on the router's own scores, made deterministic in
 eval mode and given eval_k. A router is a subclass that computes its logits (and may replace the
-combine weights or the balance loss); it is the module DeepSpeed's MOELayer calls as its gate.
+combine weights, add losses of its own or replace the balance loss); route() gives its typed Route
+(routers/route.py), in fp32, and leaves nothing behind. It is also the module DeepSpeed's MOELayer
+calls as its gate: forward answers through the adapter in parallel/deepspeed_internals.py.
 
 In eval mode the router routes with `eval_k` experts and all randomness off (DeepSpeed's top-2
 second-expert sampling and top-1 random token selection would otherwise act in eval too), and drops
@@ -14,8 +16,7 @@ identically.
 Shapes: T tokens, D = model width, E experts, K routes per token.
 """
 
-from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import Optional
 
 import deepspeed.comm as dist
 import torch
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...parallel import deepspeed_internals as ds
+from ..routing import Routing
+from .route import Route
 
 
 def gshard_balance(probs_TE: torch.Tensor, logits_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,80 +49,58 @@ def assignment_balance(probs_TE: torch.Tensor, logits_TE: torch.Tensor, k: int) 
 
 
 class Router(nn.Module):
+    """Built from its config (Routing, plus the router's own settings); route() is its whole
+    interface to a block. DeepSpeed's MOELayer calls it as its gate (forward), which answers with
+    the route the block made (or makes one, for DeepSpeed's own forward) in DeepSpeed's form."""
 
     kind = ""
     """The registry name."""
 
-    def __init__(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0,
-                 eval_capacity_factor: float = 1.0, min_capacity: int = 8, noisy_gate_policy: Optional[str] = None,
-                 drop_tokens: bool = True, use_rts: bool = True, ep_group=None, top2_2nd_expert_sampling: bool = True,
-                 *, eval_k: int, eval_drop_tokens: bool) -> None:
+    def __init__(self, model_dim: int, routing: Routing) -> None:
         super().__init__()
-        self.model_dim, self.num_experts = model_dim, num_experts
-        self.k, self.eval_k = k, eval_k
-        self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
-        self.noisy_gate_policy, self.use_rts, self.top2_2nd_expert_sampling = noisy_gate_policy, use_rts, top2_2nd_expert_sampling
-        self.drop_tokens, self.eval_drop_tokens = drop_tokens, eval_drop_tokens
-        self.ep_group = ep_group
-        self.last_dropped_fraction = torch.zeros(())
-        self.last_losses: Dict[str, torch.Tensor] = {}
-        """Named losses of the router's own (besides the balance loss) from the last call."""
-        self._token_ids = None
-
-    @classmethod
-    def with_gate_settings(cls, gate, eval_k: int, eval_drop_tokens: Optional[bool] = None, **kwargs) -> "Router":
-        """A router with the routing settings of the gate DeepSpeed's MoE constructor built (and
-        on its device); eval_drop_tokens None keeps DeepSpeed's (drop in eval as in training)."""
-        args = ds.gate_arguments(gate)
-        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in args}
-        args.update(overrides)
-        model_dim, num_experts = args.pop("model_dim"), args.pop("num_experts")
-        router = cls(model_dim, num_experts, **args, **kwargs, eval_k=eval_k,
-                     eval_drop_tokens=args["drop_tokens"] if eval_drop_tokens is None else eval_drop_tokens)
-        return router.to(device=ds.gate_weight(gate).device)
+        self.model_dim, self.num_experts = model_dim, routing.num_experts
+        # Attributes, not a frozen config: a schedule sets k (SMoE-Dropout) and evaluation eval_k.
+        self.k, self.eval_k = routing.k, routing.eval_k
+        self.capacity_factor, self.eval_capacity_factor = routing.capacity_factor, routing.eval_capacity_factor
+        self.min_capacity = routing.min_capacity
+        self.drop_tokens, self.eval_drop_tokens = routing.drop_tokens, routing.eval_drop_tokens
+        self.noisy_gate_policy, self.use_rts = routing.noisy_gate_policy, routing.use_rts
+        self.top2_2nd_expert_sampling = routing.top2_2nd_expert_sampling
+        self.ep_group = None
 
     def _set_ep_group(self, ep_group) -> None:
         """Called by DeepSpeed's MOELayer when the engine creates the expert-parallel groups."""
         self.ep_group = ep_group
 
+    def start_from(self, deepspeed_gate: nn.Module) -> None:
+        """Called once at build with the gate DeepSpeed's MoE constructor made and the router
+        replaces: a router with that gate's weights takes them, so that a seed gives DeepSpeed's
+        initial router. Most have other weights and ignore it."""
+
     # -------------------------------------------------------------------------- what a router defines
 
-    def route_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """[T, E] fp32 routing logits (with the router's training noise, if it has any)."""
+    def route_logits(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None, *,
+                     noisy: bool = False) -> torch.Tensor:
+        """[T, E] fp32 routing logits; noisy: with the router's training noise, if it has any."""
         raise NotImplementedError
 
     def probabilities(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[T, E] fp32 routing distribution on x's device, deterministic: what analysis reads
         (computed where the router's weights are)."""
         device = next(self.parameters()).device
-        with self.tokens(None if token_ids_T is None else token_ids_T.to(device)):
-            training = self.training
-            self.train(False)
-            try:
-                return torch.softmax(self.route_logits(x_TD.to(device)), dim=-1).to(x_TD.device)
-            finally:
-                self.train(training)
+        ids_T = None if token_ids_T is None else token_ids_T.to(device)
+        return torch.softmax(self.route_logits(x_TD.to(device), ids_T), dim=-1).to(x_TD.device)
 
     def balance_loss(self, logits_TE: torch.Tensor, k: int) -> Optional[torch.Tensor]:
         """The router's own balance loss from its logits (before DeepSpeed's gating, which may add
         noise to them in place); None keeps DeepSpeed's."""
         return None
 
-    def after_gating(self, gate_output, x_TD: torch.Tensor):
-        """The gating output, changed as the router's method says (e.g. its combine weights)."""
-        return gate_output
+    def after_gating(self, route: Route, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> Route:
+        """The route, changed as the router's method says (e.g. its combine weights, its own losses)."""
+        return route
 
     # -------------------------------------------------------------------------- shared
-
-    @contextmanager
-    def tokens(self, token_ids_T: Optional[torch.Tensor]):
-        """The token ids of the next call (DeepSpeed's dispatch passes only the hidden states).
-        Nests: analysis calls probabilities() inside a dispatch, which must keep its own ids."""
-        outer, self._token_ids = self._token_ids, token_ids_T
-        try:
-            yield
-        finally:
-            self._token_ids = outer
 
     def _capacity_for_all(self, logits_TE: torch.Tensor) -> float:
         """A capacity factor whose capacity holds every token that any expert of the group receives."""
@@ -134,36 +115,47 @@ class Router(nn.Module):
             dist.all_reduce(need, op=dist.ReduceOp.MAX, group=self.ep_group)
         return ds.capacity_factor_holding(int(need.item()), T, E)
 
-    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
+    def route(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None,
+              mask_T: Optional[torch.Tensor] = None) -> Route:
+        """The route of the [T, D] tokens x (token_ids_T: their [T] ids, for routers that route by
+        token; mask_T: [T], 0 for padding) in the router's mode: training (k, drops, its noise
+        and DeepSpeed's randomness) or eval (eval_k, eval_drop_tokens, no randomness). Router
+        math runs in fp32. Leaves nothing behind in the router."""
         training = self.training
         k = self.k if training else self.eval_k
         drop = self.drop_tokens if training else self.eval_drop_tokens
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        logits_TE = self.route_logits(input)
+        logits_TE = self.route_logits(x_TD, token_ids_T, noisy=training)
         if k == 1 and not drop:
             factor, drop = self._capacity_for_all(logits_TE), True
-        self.last_losses = {}
-        real_T = None if used_token is None else used_token.reshape(-1) > 0
-        # Padding (used_token 0) stays out of the balance loss: DeepSpeed's top-2 and top-k gates
+        real_T = None if mask_T is None else mask_T.reshape(-1) > 0
+        # Padding (mask 0) stays out of the balance loss: DeepSpeed's top-2 and top-k gates
         # take no mask, and its top-1 averages the gate probabilities over the padding too.
         balance = self.balance_loss(logits_TE if real_T is None else logits_TE[real_T], k)
         if balance is None and real_T is not None and training:
             real_TE = logits_TE[real_T].float()
             balance = gshard_balance(F.softmax(real_TE, dim=1), real_TE, k) if len(real_TE) else real_TE.sum()
-        if balance is not None:
-            # DeepSpeed's top-2 adds its Gumbel noise to the logits in place; the loss read them.
-            logits_TE = logits_TE.clone()
+        sampling = self.top2_2nd_expert_sampling and training
+        # DeepSpeed's top-2 adds its Gumbel noise to the logits in place: the gating gets a copy,
+        # so that the balance loss and the route's scores keep the router's own.
+        gated_TE = logits_TE.clone() if balance is not None or (k == 2 and sampling) else logits_TE
         # DeepSpeed's top-1 refuses fewer tokens than min_capacity (sampling feeds one at a time);
         # below it every expert's capacity holds all tokens either way, so nothing else changes.
-        out = ds.gate_on_logits(logits_TE, k=k, capacity_factor=factor,
-                                min_capacity=min(self.min_capacity, logits_TE.shape[0]),
-                                used_token=used_token, noisy_gate_policy=self.noisy_gate_policy if training else None,
-                                drop_tokens=drop, use_rts=self.use_rts and training, ep_group=self.ep_group,
-                                second_expert_sampling=self.top2_2nd_expert_sampling and training,
-                                sparse_routes=sparse_routes, use_tutel=use_tutel)
-        if balance is not None:
-            out = ds.with_balance_loss(out, balance)
-        if sparse_routes:
-            out = self.after_gating(out, input)
-            self.last_dropped_fraction = ds.dropped_fraction(out)
-        return out
+        gating = ds.gate_on_logits(gated_TE, k=k, capacity_factor=factor,
+                                   min_capacity=min(self.min_capacity, logits_TE.shape[0]),
+                                   used_token=mask_T, noisy_gate_policy=self.noisy_gate_policy if training else None,
+                                   drop_tokens=drop, use_rts=self.use_rts and training, ep_group=self.ep_group,
+                                   second_expert_sampling=sampling)
+        deepspeed_balance = gating.pop("balance")
+        balance = deepspeed_balance if balance is None else balance
+        counts_E = gating.pop("expert_counts")
+        route = Route(scores_TE=logits_TE, **gating, losses={"balance": balance.float()},
+                      metrics={"expert_counts": counts_E})
+        route = self.after_gating(route, x_TD, token_ids_T)
+        dropped = (route.expert_ids_TK < 0).float().mean().detach()
+        return route.replace(metrics={**route.metrics, "dropped_fraction": dropped})
+
+    def forward(self, input: torch.Tensor, used_token=None, sparse_routes: bool = False, use_tutel: bool = False):
+        """DeepSpeed's gate interface, for DeepSpeed's MOELayer (parallel/deepspeed_internals.py's
+        gate_call): the route as DeepSpeed's gating tuple."""
+        return ds.gate_call(self.route, input, used_token, sparse_routes)

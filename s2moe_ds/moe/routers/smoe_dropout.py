@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...config import check_optional_int, require
+from ..routing import Routing
 from ..spec import RouterSpec
 from .topk import TopKRouter
 
@@ -44,8 +45,8 @@ class SMoEDropoutRouter(TopKRouter):
 
     kind = "smoe_dropout"
 
-    def __init__(self, *args, settings: SMoEDropoutRouterConfig, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_dim: int, routing: Routing, settings: SMoEDropoutRouterConfig) -> None:
+        super().__init__(model_dim, routing)
         self.linear.weight.requires_grad_(False)  # random and fixed: the optimizer never sees it
         self.k_start = settings.smoe_dropout_k_start or self.k
         self.k_end = settings.smoe_dropout_k_end or self.num_experts
@@ -55,9 +56,8 @@ class SMoEDropoutRouter(TopKRouter):
         self.k = scheduled_k(step, self.schedule_steps or max_steps, self.k_start, self.k_end)
 
 
-def build(router_cfg: SMoEDropoutRouterConfig, moe_cfg, deepspeed_gate, context=None) -> SMoEDropoutRouter:
-    return SMoEDropoutRouter.with_gate_settings(deepspeed_gate, moe_cfg.resolved_eval_k, moe_cfg.eval_drop_tokens,
-                                                settings=router_cfg)
+def build(router_cfg: SMoEDropoutRouterConfig, moe_cfg, d_model: int, context=None) -> SMoEDropoutRouter:
+    return SMoEDropoutRouter(d_model, Routing.of(moe_cfg), router_cfg)
 
 
 def check(router_cfg: SMoEDropoutRouterConfig, moe_cfg) -> None:

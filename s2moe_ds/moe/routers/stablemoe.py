@@ -15,7 +15,7 @@ table (a buffer, saved with the model), and from then on the routes are a fixed 
 token id; the combine weights sigmoid(h C^T) still learn, and the balance loss is 0. The switch is a step in the config,
 applied by the trainer before each step (set_training_step), so a resumed run switches at the same
 step or finds the table already frozen in its checkpoint. The token ids reach the router from the
-block (Router.tokens); a noisy copy of S2MoE keeps its token's id, hence its token's experts.
+block (Router.route's token_ids_T); a noisy copy of S2MoE keeps its token's id, hence its token's experts.
 
 With `stablemoe_sister`, the variant of the S2MoE authors' sister code: one stage, cosine scores of
 the hidden states against L2-normalised centroids, softmax combine weights, the balance loss at a
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ConfigError, check_bool, check_int, check_number, check_optional_int
-from ...parallel import deepspeed_internals as ds
 from ..losses import LossTerm
+from ..routing import Routing
 from ..spec import RouterSpec
 from .base import Router, gshard_balance
+from .route import Route
 
 SISTER_BALANCE_TEMPERATURE = 0.3
 
@@ -64,9 +65,9 @@ class StableMoERouter(Router):
 
     kind = "stablemoe"
 
-    def __init__(self, model_dim: int, num_experts: int, *args, settings: StableMoERouterConfig, vocab_size: int,
-                 **kwargs) -> None:
-        super().__init__(model_dim, num_experts, *args, **kwargs)
+    def __init__(self, model_dim: int, routing: Routing, settings: StableMoERouterConfig, vocab_size: int) -> None:
+        super().__init__(model_dim, routing)
+        num_experts = routing.num_experts
         self.settings = settings
         # Named without "expert": DeepSpeed moves such state-dict keys into the per-expert files.
         self.centroids = nn.Linear(model_dim, num_experts, bias=False)
@@ -93,11 +94,12 @@ class StableMoERouter(Router):
         self.frozen_logits.copy_(table_VE.to(self.frozen_logits.dtype))
         self.frozen.fill_(True)
 
-    def _ids(self) -> torch.Tensor:
-        if self._token_ids is None:
+    @staticmethod
+    def _ids(token_ids_T: Optional[torch.Tensor]) -> torch.Tensor:
+        if token_ids_T is None:
             raise ConfigError("router 'stablemoe': needs the token ids of the tokens it routes; call the block's "
                               "forward_parts with token_ids (the models of s2moe_ds do)")
-        return self._token_ids
+        return token_ids_T
 
     # -------------------------------------------------------------------------- the router
 
@@ -108,10 +110,10 @@ class StableMoERouter(Router):
             weight = F.normalize(weight, dim=1)
         return F.linear(x_TD.float(), weight)
 
-    def route_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def route_logits(self, x_TD: torch.Tensor, token_ids_T=None, *, noisy: bool = False) -> torch.Tensor:
         if self.settings.stablemoe_sister or not self.frozen:
             return self.scores(x_TD)
-        return self.frozen_logits[self._ids()].float()
+        return self.frozen_logits[self._ids(token_ids_T)].float()
 
     def balance_loss(self, logits_TE: torch.Tensor, k: int) -> torch.Tensor:
         if self.settings.stablemoe_sister:
@@ -127,26 +129,25 @@ class StableMoERouter(Router):
         excess_E = (assigned_TE.sum(0) - even) / even
         return (excess_E * (assigned_TE * torch.sigmoid(logits_TE)).sum(0)).sum() / T
 
-    def after_gating(self, gate_output, x_TD: torch.Tensor):
+    def after_gating(self, route: Route, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> Route:
         if self.settings.stablemoe_sister:
-            return gate_output
+            return route
         scores_TE = self.scores(x_TD)
-        idx_KT = ds.route_indices(gate_output).long()
-        kept_KT = idx_KT >= 0
-        gates_KT = torch.sigmoid(scores_TE.gather(1, idx_KT.clamp_min(0).t()).t()) * kept_KT
+        idx_TK = route.expert_ids_TK.long()
+        gates_TK = torch.sigmoid(scores_TE.gather(1, idx_TK.clamp_min(0))) * route.kept_TK
+        losses = dict(route.losses)
         if self.training and not self.frozen and self.settings.stablemoe_distill_coef > 0:
-            distilled_TE = self.distilled_centroids(self.token_embedding(self._ids())).float()
+            distilled_TE = self.distilled_centroids(self.token_embedding(self._ids(token_ids_T))).float()
             target_T = scores_TE.detach().argmax(dim=1)  # the stage-1 choice, a fixed target
-            self.last_losses = {"distill": F.cross_entropy(distilled_TE, target_T)}
-        return ds.with_gates(gate_output, gates_KT.to(ds.sparse_gates(gate_output).dtype))
+            losses["distill"] = F.cross_entropy(distilled_TE, target_T)
+        return route.replace(combine_weights_TK=gates_TK.to(route.combine_weights_TK.dtype), losses=losses)
 
 
-def build(router_cfg: StableMoERouterConfig, moe_cfg, deepspeed_gate, context) -> StableMoERouter:
+def build(router_cfg: StableMoERouterConfig, moe_cfg, d_model: int, context) -> StableMoERouter:
     if context is None or context.vocab_size is None:
         raise ConfigError("router 'stablemoe': its distilled router routes by token id and needs the vocabulary "
                           "size; build it inside a model (s2moe_ds.models) or pass a ModelContext")
-    return StableMoERouter.with_gate_settings(deepspeed_gate, moe_cfg.resolved_eval_k, moe_cfg.eval_drop_tokens,
-                                              settings=router_cfg, vocab_size=context.vocab_size)
+    return StableMoERouter(d_model, Routing.of(moe_cfg), router_cfg, context.vocab_size)
 
 
 def loss_terms(router_cfg: StableMoERouterConfig, moe_cfg):

@@ -11,6 +11,7 @@ from torch import nn
 from ...config import check_bool, check_choice
 from ...parallel import deepspeed_internals as ds
 from .. import fused
+from ..routing import Routing
 from ..spec import RouterSpec
 from .base import Router, assignment_balance
 
@@ -45,28 +46,21 @@ class TopKRouter(Router):
 
     kind = "topk"
 
-    def __init__(self, model_dim: int, num_experts: int, *args, balance_form: str = "deepspeed", **kwargs) -> None:
-        super().__init__(model_dim, num_experts, *args, **kwargs)
-        self.add_module(ds.GATE_LINEAR, nn.Linear(model_dim, num_experts, bias=False))
+    def __init__(self, model_dim: int, routing: Routing, balance_form: str = "deepspeed") -> None:
+        super().__init__(model_dim, routing)
+        self.add_module(ds.GATE_LINEAR, nn.Linear(model_dim, routing.num_experts, bias=False))
         self.balance_form = balance_form
 
     @property
     def linear(self) -> nn.Linear:
         return getattr(self, ds.GATE_LINEAR)
 
-    @classmethod
-    def from_deepspeed_gate(cls, gate, eval_k: int, eval_drop_tokens: Optional[bool] = None,
-                            **settings) -> "TopKRouter":
-        """A router with the weights and settings of DeepSpeed's gate (`settings` replace some);
-        eval_drop_tokens None keeps DeepSpeed's behaviour (drop in eval as in training). Call
-        before DeepSpeed sets the layer's process groups."""
-        router = cls.with_gate_settings(gate, eval_k, eval_drop_tokens, **settings)
-        router.to(dtype=ds.gate_weight(gate).dtype)
-        router.load_state_dict(gate.state_dict())
-        return router
+    def start_from(self, deepspeed_gate: nn.Module) -> None:
+        """DeepSpeed's gate's initial weight: the drop-in starts where DeepSpeed's MoE would."""
+        self.load_state_dict(deepspeed_gate.state_dict())
 
-    def route_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.noisy_gate_policy == "Jitter" and self.training:
+    def route_logits(self, x_TD: torch.Tensor, token_ids_T=None, *, noisy: bool = False) -> torch.Tensor:
+        if noisy and self.noisy_gate_policy == "Jitter":
             return F.linear(ds.jitter(x_TD.float()), self.linear.weight.float())
         return fused.fp32_linear(x_TD, self.linear.weight)
 
@@ -80,12 +74,8 @@ class TopKRouter(Router):
         return F.softmax(F.linear(x_TD.float(), self.linear.weight.detach().float().to(x_TD.device)), dim=-1)
 
 
-def build(router_cfg: TopKRouterConfig, moe_cfg, deepspeed_gate, context=None) -> TopKRouter:
-    # DeepSpeed's gate was built with the routing settings MoEConfig shares with every router.
-    return TopKRouter.from_deepspeed_gate(deepspeed_gate, moe_cfg.resolved_eval_k, moe_cfg.eval_drop_tokens,
-                                          noisy_gate_policy=router_cfg.noisy_gate_policy, use_rts=router_cfg.use_rts,
-                                          top2_2nd_expert_sampling=router_cfg.top2_2nd_expert_sampling,
-                                          balance_form=router_cfg.balance_loss)
+def build(router_cfg: TopKRouterConfig, moe_cfg, d_model: int, context=None) -> TopKRouter:
+    return TopKRouter(d_model, Routing.of(moe_cfg, router_cfg), balance_form=router_cfg.balance_loss)
 
 
 SPEC = RouterSpec(build=build, config=TopKRouterConfig)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import check_bool, check_int, check_number
+from ..routing import Routing
 from ..spec import RouterSpec
 from .base import Router, gshard_balance
 
@@ -57,8 +58,9 @@ class XMoERouter(Router):
 
     kind = "xmoe"
 
-    def __init__(self, model_dim: int, num_experts: int, *args, settings: XMoERouterConfig, **kwargs) -> None:
-        super().__init__(model_dim, num_experts, *args, **kwargs)
+    def __init__(self, model_dim: int, routing: Routing, settings: XMoERouterConfig) -> None:
+        super().__init__(model_dim, routing)
+        num_experts = routing.num_experts
         self.settings = settings
         self.projection = nn.Linear(model_dim, settings.xmoe_dim, bias=False)
         centroids = torch.empty(num_experts, settings.xmoe_dim)
@@ -77,12 +79,14 @@ class XMoERouter(Router):
         """[T, E] fp32: the tokens' projections against the expert embeddings."""
         h_TR = F.linear(x_TD.float(), self.projection.weight.float())
         if self.settings.xmoe_sister:
+            # The sister code's weight constraint, applied in place before every forward as there:
+            # the one write a route makes (to a parameter, not to any state of the call).
             with torch.no_grad():
                 self.centroids.mul_(1.5 / self.centroids.norm(dim=1, keepdim=True))
             return h_TR @ F.normalize(self.centroids.float(), dim=1).t()
         return F.normalize(h_TR, dim=1) @ F.normalize(self.centroids.float(), dim=1).t()
 
-    def route_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def route_logits(self, x_TD: torch.Tensor, token_ids_T=None, *, noisy: bool = False) -> torch.Tensor:
         scores_TE = self.cosine_scores(x_TD)
         return scores_TE if self.settings.xmoe_sister else scores_TE / self.log_temperature.exp().clamp_min(1e-4)
 
@@ -92,9 +96,8 @@ class XMoERouter(Router):
         return gshard_balance(probs_TE, logits_TE, k)
 
 
-def build(router_cfg: XMoERouterConfig, moe_cfg, deepspeed_gate, context=None) -> XMoERouter:
-    return XMoERouter.with_gate_settings(deepspeed_gate, moe_cfg.resolved_eval_k, moe_cfg.eval_drop_tokens,
-                                         settings=router_cfg)
+def build(router_cfg: XMoERouterConfig, moe_cfg, d_model: int, context=None) -> XMoERouter:
+    return XMoERouter(d_model, Routing.of(moe_cfg), router_cfg)
 
 
 def flops(router_cfg: XMoERouterConfig, moe_cfg, d_model: int, training: bool) -> int:
