@@ -1,6 +1,6 @@
 """Tables in docs/ that are written from the code, so that they cannot drift from it.
 
-Three kinds of region, each between marker comments that a reader of the rendered page never sees:
+Four kinds of region, each between marker comments that a reader of the rendered page never sees:
 
     <!-- fields: block.s2moe noise_scale noise_stats -->      a config's fields: name, type,
     ...                                                      default and docstring (the same
@@ -13,6 +13,10 @@ Three kinds of region, each between marker comments that a reader of the rendere
     <!-- presets -->                                         train/presets.py: each preset's
     ...                                                      sizes, data and schedule
     <!-- end presets -->
+
+    <!-- variants -->                                        launch/compare.py's built-in
+    ...                                                      variants and the fields they set
+    <!-- end variants -->
 
 A fields marker names a config (`moe`, `model`, `train`, `data`, `parallel`, `eval`, `finetune`,
 `block.<kind>`, `router.<name>`, `backbone.<name>`), then, optionally, which of its fields to show
@@ -35,6 +39,7 @@ from .config import ConfigError
 FIELDS = re.compile(r"(<!-- fields: (?P<spec>[^>]*?) -->\n).*?(<!-- end fields -->)", re.S)
 DS_CONFIGS = re.compile(r"(<!-- ds-configs -->\n).*?(<!-- end ds-configs -->)", re.S)
 PRESETS = re.compile(r"(<!-- presets -->\n).*?(<!-- end presets -->)", re.S)
+VARIANTS = re.compile(r"(<!-- variants -->\n).*?(<!-- end variants -->)", re.S)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -157,10 +162,20 @@ def presets_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def variants_table() -> str:
+    """One row per built-in variant of launch/compare.py: the MoEConfig fields it sets."""
+    from .experiments.compare import BUILTIN_VARIANTS
+    rows = ["| variant | fields it sets |", "| --- | --- |"]
+    for name, fields_set in BUILTIN_VARIANTS.items():
+        rows.append(f"| `{name}` | {', '.join(f'`{k}={v}`' for k, v in fields_set.items())} |")
+    return "\n".join(rows) + "\n"
+
+
 def render(text: str) -> str:
     """The page with every marked region rewritten from the code."""
     text = FIELDS.sub(lambda m: m.group(1) + fields_table(m.group("spec")) + m.group(3), text)
     text = PRESETS.sub(lambda m: m.group(1) + presets_table() + m.group(2), text)
+    text = VARIANTS.sub(lambda m: m.group(1) + variants_table() + m.group(2), text)
     return DS_CONFIGS.sub(lambda m: m.group(1) + ds_configs_table() + m.group(2), text)
 
 

@@ -188,3 +188,9 @@ def test_architecture_md_names_every_package_and_module():
              and (p.suffix == ".py" or (p / "__init__.py").exists())]
     missing = sorted(p for p in parts if not re.search(rf"(?<![\w/]){re.escape(p.removesuffix('.py'))}(/|\.py)", layout))
     assert not missing, f"docs/architecture.md's layout leaves out s2moe_ds/{missing}; add a line for each"
+
+
+def test_routers_md_lists_every_comparison_variant():
+    from s2moe_ds.experiments.compare import BUILTIN_VARIANTS
+    text = doctables.render((ROOT / "docs" / "routers.md").read_text())
+    assert [name for name in BUILTIN_VARIANTS if f"| `{name}` |" not in text] == []
