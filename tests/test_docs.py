@@ -194,3 +194,8 @@ def test_routers_md_lists_every_comparison_variant():
     from s2moe_ds.experiments.compare import BUILTIN_VARIANTS
     text = doctables.render((ROOT / "docs" / "routers.md").read_text())
     assert [name for name in BUILTIN_VARIANTS if f"| `{name}` |" not in text] == []
+
+
+def test_readme_links_every_page_of_docs():
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", (ROOT / "README.md").read_text()))
+    assert sorted(p.name for p in PAGES if p.name not in linked) == [], "add the page to README's table of docs"
