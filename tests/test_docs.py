@@ -199,3 +199,15 @@ def test_routers_md_lists_every_comparison_variant():
 def test_readme_links_every_page_of_docs():
     linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", (ROOT / "README.md").read_text()))
     assert sorted(p.name for p in PAGES if p.name not in linked) == [], "add the page to README's table of docs"
+
+
+def test_the_inference_flops_ratios_the_docs_quote():
+    import dataclasses
+    from s2moe_ds.eval.flops import inference_cost_ratio
+    from s2moe_ds.train import PRESETS
+    paper_small = PRESETS["paper-small"]().model
+    tiny_on_shakespeare = dataclasses.replace(PRESETS["tiny"]().model, vocab_size=66)
+    assert round(inference_cost_ratio(paper_small, 512, 1, 2), 2) == 0.72
+    assert round(inference_cost_ratio(tiny_on_shakespeare, 64, 1, 2), 2) == 0.71
+    for page in ("method.md", "evaluation.md", "performance.md", "results.md"):
+        assert "0.72x" in (ROOT / "docs" / page).read_text(), page
