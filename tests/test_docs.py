@@ -211,3 +211,16 @@ def test_the_inference_flops_ratios_the_docs_quote():
     assert round(inference_cost_ratio(tiny_on_shakespeare, 64, 1, 2), 2) == 0.71
     for page in ("method.md", "evaluation.md", "performance.md", "results.md"):
         assert "0.72x" in (ROOT / "docs" / page).read_text(), page
+
+
+def test_the_parameter_counts_results_md_quotes():
+    from s2moe_ds.models import ModelConfig, build_model
+    from s2moe_ds.train import PRESETS
+    text = (ROOT / "docs" / "results.md").read_text()
+    for preset, counts in (("txl-tiny", ("179,010", "179,140")), ("tiny", ("175,360", "175,490"))):
+        for block, quoted in zip(("moe", "s2moe"), counts):
+            # tinyshakespeare's training split has 65 characters; the tokenizer adds the unknown symbol.
+            cfg = PRESETS[preset]().model.to_dict()
+            cfg.update(vocab_size=66, moe={**cfg["moe"], "block": block, "block_config": None})
+            assert f"{sum(p.numel() for p in build_model(ModelConfig(**cfg)).parameters()):,}" == quoted
+            assert quoted in text, quoted
