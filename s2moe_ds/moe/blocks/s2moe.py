@@ -11,6 +11,8 @@ Training forward, for the tokens x of this rank (docs/method.md):
     L_u = InfoNCE(x, x_hat) on a token sample         (method/infonce.py)
 
 Eval forward (eval_noise 'none'): out = SMoE(x) with eval_k experts, one dispatch, deterministic.
+use_residual=True (DeepSpeed's residual MoE): out = c0(x) * out + c1(x) * mlp(x), once, after the mix
+(blocks/residual.py says why).
 `S2MoEConfig.fused` picks the formulas of method/ or their autograd Functions in fused/.
 
 The class subclasses `deepspeed.moe.layer.MoE`, so DeepSpeed's engine treats it as any MoE layer:
@@ -37,6 +39,7 @@ from ..spec import BlockSpec
 from .base import BlockOutput, ExpertBlock
 from .moe import balance_term, deepspeed_moe_args
 from .moe import flops as moe_flops
+from .residual import residual_mix
 
 NOISE_STATS = ("local", "global")
 UNCERTAINTY_NEGATIVES = ("sampled", "global")
@@ -117,8 +120,9 @@ def _check_folding(uncertainty_coef: float, balance_coef: float, field: str) -> 
 class S2MoE(ExpertBlock, ds.MoE):
     """S2MoE layer (arXiv 2503.23007) on DeepSpeed's MoE; a drop-in for `deepspeed.moe.layer.MoE`.
 
-    The positional arguments and their defaults are DeepSpeed's MoE's (use_residual excepted:
-    DeepSpeed's residual MoE is not supported). Keyword-only extras:
+    The positional arguments and their defaults are DeepSpeed's MoE's, use_residual=True included:
+    DeepSpeed's residual MoE with its `mlp` and `coefficient`, applied to the mixed output of the two
+    paths (blocks/residual.py). Keyword-only extras:
 
     - eval_k: experts per token in eval mode (default: k).
     - eval_drop_tokens: drop tokens beyond capacity in eval mode (default: drop_tokens, as DeepSpeed).
@@ -161,8 +165,6 @@ class S2MoE(ExpertBlock, ds.MoE):
             raise ConfigError(f"hidden_size: must be an integer >= 1, got {hidden_size!r}")
         if not isinstance(expert, nn.Module):
             raise ConfigError(f"expert: must be a torch.nn.Module, got {type(expert).__name__}")
-        if use_residual:
-            raise ConfigError("use_residual: DeepSpeed's residual MoE is not supported by S2MoE; leave it False")
         check_expert_parallel(num_experts, ep_size, "num_experts", "ep_size")
         # MoEConfig's routing checks and the top-k router's config, with the same messages.
         check_routing("moe.", num_experts, k, eval_k, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens,
@@ -273,8 +275,10 @@ class S2MoE(ExpertBlock, ds.MoE):
                 uncertainty = self.uncertainty(*pair, mask_T)
             extra["mix_gate"] = g_T1.detach().reshape(-1)
 
-        return BlockOutput(out_TD.reshape(hidden_states.shape), {**route.losses, "uncertainty": uncertainty},
-                           {**extra, **route.metrics})
+        out = out_TD.reshape(hidden_states.shape)
+        if self.use_residual:  # DeepSpeed's constructor made mlp and coefficient
+            out = residual_mix(self.mlp, self.coefficient, hidden_states, out)
+        return BlockOutput(out, {**route.losses, "uncertainty": uncertainty}, {**extra, **route.metrics})
 
     def uncertainty(self, a_TD: torch.Tensor, b_TD: torch.Tensor, mask_T: Optional[torch.Tensor]) -> torch.Tensor:
         """L_u, InfoNCE between each token of a and its copy in b, with the configured negatives."""
