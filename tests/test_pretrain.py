@@ -76,7 +76,7 @@ class _SignalledDuringStep2(TrainerHook):
     def __init__(self):
         self.stops = []
 
-    def on_step_end(self, trainer, step):
+    def on_step_start(self, trainer, step):
         import signal
         if trainer.rank == 1 and step == 2:
             os.kill(os.getpid(), signal.SIGTERM)

@@ -52,14 +52,9 @@ def rank_zero_first(load, poll_s: float = 20.0):
     return value
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any: ranks that decide to stop must stop together,
-    never one of them left waiting inside a collective."""
-    return max_over_ranks(int(flag)) > 0
-
-
 def max_over_ranks(value: int) -> int:
-    """The largest of the ranks' values, on every rank."""
+    """The largest of the ranks' values, on every rank: ranks that decide to stop must stop
+    together, never one of them left waiting inside a collective."""
     # On the accelerator: NCCL refuses CPU tensors (on CPU this is "cpu" and gloo).
     t = torch.tensor([float(value)], device=get_accelerator().current_device_name())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

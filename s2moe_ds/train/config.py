@@ -63,8 +63,9 @@ class TrainConfig:
     checkpoint) stops the job, naming the ranks that were not heard from; every collective times
     out 5% + 5 s later (570 s by default). Raise it for checkpoints or evaluations that take longer."""
     save_on_signal: bool = True
-    """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step, checkpoint
-    and exit with status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
+    """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step (the next
+    one too, for a signal that came after the step's losses were read), checkpoint and exit with
+    status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
     stop_after: Optional[int] = None
     """End this invocation (with a checkpoint) at this step, as a scheduler time slice would; the
     learning-rate schedule still spans max_steps, and --resume continues exactly."""
@@ -105,19 +106,29 @@ class TrainConfig:
         return asdict(self)
 
 
+TASKS = ("lm", "classification")
+"""What ExperimentConfig.task names: language modelling on a corpus (launch/pretrain.py), or
+classification of labelled texts by a pretrained model (launch/finetune.py)."""
+
+
 @dataclass
 class ExperimentConfig:
-    """Everything a run is: the model's architecture, its parallel layout, the data and the loop.
-    The checks that need two of them are here, before anything is built."""
+    """Everything a run is: the model's architecture, its parallel layout, the task and its data,
+    and the loop. The checks that need two of them are here, before anything is built."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """The layout across processes."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """The corpus and its tokenization (the language-modelling task's data)."""
+    data: Optional[DataConfig] = None
+    """The corpus and its tokenization: the language-modelling task's data (None: the defaults).
+    Classification takes none: its labelled texts are FinetuneConfig.data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop."""
+    task: str = "lm"
+    """What the run trains on: 'lm' (next-token prediction on `data`) or 'classification' (a
+    pretrained model's fine-tuning, launch/finetune.py). Run records written before this field
+    (no 'task') are language modelling."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -125,12 +136,23 @@ class ExperimentConfig:
         for name, cls in (("parallel", ParallelConfig), ("data", DataConfig), ("train", TrainConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
+        self._check_task()
         check_backbone(self.model.backbone)
         if self.model.moe.routed:
             check_expert_parallel(self.model.moe.num_experts, self.parallel.ep_size)
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}; "
                               "lower --seq-len or raise --max-seq-len")
+
+    def _check_task(self) -> None:
+        require(self.task in TASKS, "task", f"must be 'lm' (language modelling, launch/pretrain.py) or "
+                                            f"'classification' (fine-tuning, launch/finetune.py), got {self.task!r}")
+        if self.task == "lm" and self.data is None:
+            self.data = DataConfig()
+        elif self.task != "lm" and self.data is not None:
+            raise ConfigError(f"data: the {self.task} task reads no corpus (its labelled texts are "
+                              "FinetuneConfig.data, set by launch/finetune.py's data flags); leave "
+                              "ExperimentConfig.data unset")
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the world size; they raise before any compute."""

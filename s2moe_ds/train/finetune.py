@@ -22,18 +22,19 @@ from ..checkpoint.compat import read_meta_file
 from ..checkpoint.consolidate import check_config_fits, stored_shapes
 from ..checkpoint.store import META, TOKENIZER
 from ..config import ConfigError, check_choice, check_int, check_number, require
-from ..data import ClassificationDataConfig, DataConfig, ExampleBatchSampler, load_classification, load_tokenizer
+from ..data import ClassificationDataConfig, ExampleBatchSampler, load_classification, load_tokenizer
 from ..eval import evaluate_classifier
 from ..eval.flops import flops_per_token
 from ..fileio import atomic_write_text
 from ..models import ClassifierConfig, LMOutput, ModelConfig, SequenceClassifier, model_config_from_dict
 from ..models.classifier import POOLINGS
-from ..moe import experts_per_token, total_loss
+from ..moe import experts_per_token
 from ..moe.config import nest_settings
 from ..tables import markdown_table
-from .collectives import max_over_ranks, rank_zero_first
+from .collectives import rank_zero_first
 from .config import ExperimentConfig, TrainConfig
 from .presets import _merge_moe
+from .tasks import Task, to_device
 from .trainer import Trainer
 
 INITS = ("pretrained", "scratch")
@@ -130,17 +131,21 @@ def finetune_experiment(cfg: FinetuneConfig, parallel: Dict[str, Any], train: Di
     meta = pretrained_meta(cfg.pretrained)
     model = finetune_model_config(cfg, meta)
     train = {"out_dir": "runs/finetune", **train, "seq_len": model.max_seq_len}
-    # The language model's data settings are unused (the task brings its own data).
-    return ExperimentConfig(model=model, parallel=parallel, data=DataConfig(), train=TrainConfig(**train))
+    # No corpus settings: the task reads its labelled texts from cfg.data.
+    return ExperimentConfig(model=model, parallel=parallel, task="classification", train=TrainConfig(**train))
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Sequence classification on labelled texts: seeded shuffled batches of whole texts (right
     padding, masked), cross-entropy plus the blocks' losses, accuracy and macro-F1 over full splits."""
 
+    name = "classification"
+
     def __init__(self, cfg: FinetuneConfig) -> None:
+        super().__init__()
         self.cfg = cfg
         self.state = None
+        self.last_tokens = 0
 
     def prepare(self) -> None:
         meta = pretrained_meta(self.cfg.pretrained)
@@ -154,13 +159,6 @@ class ClassificationTask:
     @property
     def tokenizer(self):
         return self._tokenizer
-
-    def configure_model(self, model: ModelConfig) -> ModelConfig:
-        self.model_cfg = model
-        return model
-
-    def identity(self) -> Dict[str, Any]:
-        return self._tokenizer.identity()
 
     def checkpoint_meta(self) -> Dict[str, Any]:
         """A resume must also match the head and the data."""
@@ -177,9 +175,6 @@ class ClassificationTask:
         state, _ = consolidate(self.step_dir)
         load_global_state(model.backbone, state, layout, f"finetune.pretrained: {self.step_dir}")
 
-    def next_commands(self, ckpt_dir: str):
-        return []  # the evaluation with each eval_k follows at once (final_report)
-
     def run_record(self) -> Dict[str, Any]:
         return {"finetune": self.cfg.to_dict(), "pretrained": os.path.abspath(self.step_dir),
                 "classification_data": self.data.identity, "tokenizer": self.identity()}
@@ -191,33 +186,30 @@ class ClassificationTask:
                 f"{', '.join(f'{n:,} {s}' for s, n in counts.items())} texts of at most "
                 f"{self.data.identity['max_len']} tokens, pooling {self.head.pooling}")
 
-    def start(self, rank: int, world_size: int, micro_batch: int, seed: int, grad_accum: int = 1) -> None:
-        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
-        self.sampler = ExampleBatchSampler(len(self.data.splits["train"]), micro_batch, rank, world_size, seed,
-                                           grad_accum)
-        self.last_tokens = 0
+    def make_sampler(self, seed: int, grad_accum: int) -> ExampleBatchSampler:
+        """The micro-batches of every rank: each is one slice of the seeded permutation, rank r
+        taking its positions r, r + W, ... (ExampleBatchSampler's layout, the same state_dict)."""
+        return ExampleBatchSampler(len(self.data.splits["train"]), self.micro_batch * self.world_size, 0, 1, seed,
+                                   grad_accum)
 
     def tokens_per_micro_batch(self) -> int:
         return self.last_tokens
 
     def next_batch(self):
-        """This rank's texts, padded to the longest text of the step on any rank (a collective):
-        with a rank's own longest, the ranks' token counts, and so DeepSpeed's capacities and the
-        expert all-to-all's sizes, would differ. One length over all ranks, not over the expert-
-        parallel group, keeps the padding, and so the training, the same for every ep_size."""
+        """This rank's texts, padded to the longest text of the micro-batch on any rank: with a
+        rank's own longest, the ranks' token counts, and so DeepSpeed's capacities and the expert
+        all-to-all's sizes, would differ. One length over all ranks, not over the expert-parallel
+        group, keeps the padding, and so the training, the same for every ep_size. Every rank
+        knows every rank's texts (one slice of one permutation), so no collective agrees on it."""
         train = self.data.splits["train"]
-        indices = self.sampler.next_indices()
-        batch = train.batch(indices, length=max_over_ranks(train.longest(indices)))
-        self.last_tokens = int(batch[2].sum())
-        return batch
+        everyone = self.sampler.next_indices()
+        mine = everyone[self.rank::self.world_size]
+        self.last_tokens = sum(len(train.ids[i]) for i in mine)  # the mask's ones
+        return train.batch(mine, length=train.longest(everyone))
 
     def forward(self, engine, batch) -> LMOutput:
-        x, y, mask = (t.to(engine.device) for t in batch)
+        x, y, mask = (to_device(t, engine.device) for t in batch)
         return engine(x, y, mask)
-
-    def loss(self, out: LMOutput, terms):
-        total, reduced = total_loss(out.task_loss, out.layer_losses, terms)
-        return total, {"task": out.task_loss, **reduced}
 
     def _evaluate(self, engine, split: str, max_batches=None) -> Dict[str, Any]:
         return evaluate_classifier(engine, self.data.splits[split], len(self.data.label_names),
@@ -226,19 +218,6 @@ class ClassificationTask:
     def evaluate(self, engine, split: str, max_batches=None) -> Dict[str, float]:
         """Full pass over `split` (a collective), without the confusion matrix."""
         return {k: v for k, v in self._evaluate(engine, split, max_batches).items() if k != "confusion"}
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-
-    def rank_state_dict(self) -> None:
-        """No per-rank state: every text is read on its own."""
-        return None
-
-    def load_rank_state_dict(self, state, device) -> None:
-        pass
 
     def final_report(self, engine, out_dir: str, log=print) -> Dict[str, Any]:
         """valid and test with each eval_k (a collective); rank 0 writes out_dir/finetune_eval.json."""

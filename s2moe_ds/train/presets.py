@@ -76,11 +76,16 @@ def _merge_model(base: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
 
 def apply_overrides(experiment: ExperimentConfig, overrides: Dict[str, Dict[str, Any]]) -> ExperimentConfig:
     """`experiment` with the fields of `overrides` ({'model': {..., 'moe': {...}}, 'parallel': ...,
-    'data': ..., 'train': ...}) replaced, validated again as a whole."""
+    'data': ..., 'train': ..., 'task': 'lm'}) replaced, validated again as a whole."""
     d = experiment.to_dict()
     for section, values in overrides.items():
         check_choice(section, "overrides", tuple(d))
-        d[section] = _merge_model(d[section], values) if section == "model" else {**d[section], **values}
+        if section == "model":
+            d[section] = _merge_model(d[section], values)
+        elif isinstance(d[section], dict) and isinstance(values, dict):
+            d[section] = {**d[section], **values}
+        else:  # the task's name, or data for a task that had none (ExperimentConfig names what is wrong)
+            d[section] = values
     return ExperimentConfig(**d)
 
 

@@ -4,8 +4,6 @@ its job script: a checkpoint, the REQUEUE marker and exit status 75."""
 import signal
 import threading
 
-from .collectives import any_rank
-
 EXIT_REQUEUE = 75
 """Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL): requeue me."""
 
@@ -16,7 +14,10 @@ REQUEUE_MARKER = "REQUEUE"
 
 
 class StopRequest:
-    """Remembers a stop signal; the loop acts on it at the next step boundary, on every rank at once."""
+    """Remembers a stop signal; the loop acts on it at a step boundary, on every rank at once. The
+    ranks agree in the vote each optimizer step takes with its losses (Trainer._vote), so a signal
+    that comes after that vote (during the optimizer step, an evaluation or a checkpoint) is acted
+    on one step later."""
 
     def __init__(self, enabled: bool) -> None:
         self.signal_name = None
@@ -28,9 +29,10 @@ class StopRequest:
     def _note(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (SLURM may signal the ranks at different times)."""
-        return any_rank(self.signal_name is not None)
+    def requested(self) -> bool:
+        """Whether this rank was signalled; SLURM may signal the ranks at different times, so the
+        trainer's vote tells every rank whether any was."""
+        return self.signal_name is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

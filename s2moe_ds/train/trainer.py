@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 from collections import deque
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import deepspeed.comm as dist
 import torch
@@ -35,7 +35,7 @@ from .hooks import TrainerHook, TrainingStepSchedule
 from .lock import RunLock
 from .monitor import Monitor, layer_values, rank_averaged_keys
 from .signals import REQUEUE_MARKER, StopRequest
-from .tasks import LanguageModelingTask
+from .tasks import Task, task_for
 from .watchdog import Watchdog, collective_timeout_s
 
 
@@ -94,12 +94,16 @@ def lr_schedule(ds_config: Dict[str, Any], train: TrainConfig) -> Dict[str, Any]
 
 
 class Trainer:
+    """One run: `experiment` names the task; `task` (a Task) is built from it when not given
+    (language modelling from experiment.data); classification needs its FinetuneConfig, so
+    finetune() passes its ClassificationTask."""
 
-    def __init__(self, experiment: ExperimentConfig, ds_config, task=None, hooks: Sequence[TrainerHook] = ()) -> None:
+    def __init__(self, experiment: ExperimentConfig, ds_config, task: Optional[Task] = None,
+                 hooks: Sequence[TrainerHook] = ()) -> None:
         self.experiment = experiment
         self.train_cfg = experiment.train
         self._ds_config_source = ds_config
-        self.task = task if task is not None else LanguageModelingTask(experiment.data, experiment.train.seq_len)
+        self.task = task_for(experiment, task)
         self.hooks = list(hooks)
         self.step = 0
         self.losses = []
@@ -107,31 +111,59 @@ class Trainer:
         self.lock = RunLock()
         self.watchdog = None
         self.monitor = None
+        self.stop = None
+        self.stop_agreed = False
 
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Everything before the first step; every check raises before any compute."""
-        exp, train = self.experiment, self.train_cfg
+        """Everything before the first step, phase by phase; every check raises before any compute."""
+        ds_config = self._check_settings()
+        self._join_processes(ds_config)
+        self.lock.acquire(self.train_cfg.out_dir)
+        set_progress_mode(self.train_cfg.progress)  # before the data preparation, which shows progress too
+        self._prepare_task(ds_config)
+        resume_tag, saved, batch_note = self._find_resume()
+        self.engine = self._build_engine(resuming=resume_tag is not None)
+        self._read_batch_sizes()
+        self._announce(batch_note)
+        self._start_task()
+        self._restore(resume_tag, saved)
+        self._write_run_record()
+        self._prepare_loop(resume_tag)
+
+    def _check_settings(self) -> Dict[str, Any]:
+        """The DeepSpeed config (checked) and the run folder's writability, before any process group."""
         ds_config = load_ds_config(self._ds_config_source)
         check_ds_config(ds_config)
         # Here, not in TrainConfig: presets build one with their own out_dir before the flags replace it.
-        check_output_folder(train.out_dir, "train.out_dir", "--out-dir")
+        check_output_folder(self.train_cfg.out_dir, "train.out_dir", "--out-dir")
+        return ds_config
+
+    def _join_processes(self, ds_config: Dict[str, Any]) -> None:
+        """The process group, and the checks that need the world size."""
+        train = self.train_cfg
         init_distributed(timeout_s=collective_timeout_s(train.hang_timeout_s),
                          expected_world_size=train.expect_world_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        exp.check_world(self.world)
+        self.experiment.check_world(self.world)
         check_ds_batch(ds_config, self.world)
-        self.lock.acquire(train.out_dir)
-        set_progress_mode(train.progress)  # before the data preparation, which shows progress too
+
+    def _prepare_task(self, ds_config: Dict[str, Any]) -> None:
+        """The task's data, the model config it implies, the learning-rate schedule and what a
+        checkpoint of this run records (meta.json)."""
         self.task.prepare()
-        self.model_cfg = self.task.configure_model(exp.model)
-        self.ds_config = lr_schedule(ds_config, train)
-        self.ckpt_dir = os.path.join(train.out_dir, "checkpoints")
-        self.meta = {"format_version": FORMAT_VERSION, "world_size": self.world, "ep_size": exp.parallel.ep_size,
-                     "model_config": self.model_cfg.to_dict(), "tokenizer": self.task.identity(),
-                     **self.task.checkpoint_meta()}
-        # Every rank checks (the files are small), so every rank stops together, before any compute.
+        self.model_cfg = self.task.configure_model(self.experiment.model)
+        self.ds_config = lr_schedule(ds_config, self.train_cfg)
+        self.ckpt_dir = os.path.join(self.train_cfg.out_dir, "checkpoints")
+        self.meta = {"format_version": FORMAT_VERSION, "world_size": self.world,
+                     "ep_size": self.experiment.parallel.ep_size, "model_config": self.model_cfg.to_dict(),
+                     "tokenizer": self.task.identity(), **self.task.checkpoint_meta()}
+
+    def _find_resume(self):
+        """(the checkpoint tag to resume or None, its meta.json, a note on the kept global batch).
+        Every rank checks (the files are small), so every rank stops together, before any compute."""
+        train, exp = self.train_cfg, self.experiment
         resume_tag = (check_resumable(self.ckpt_dir, self.meta, self._relayout_refusal(), step=train.resume_step)
                       if train.resume else None)
         saved = read_meta(os.path.join(self.ckpt_dir, resume_tag)) if resume_tag is not None else {}
@@ -143,16 +175,27 @@ class Trainer:
         if self.relayout and saved.get("global_batch") is not None and saved.get("world_size") != self.world:
             self.ds_config, batch_note = keep_global_batch(self.ds_config, self.world, saved["global_batch"],
                                                            f"--resume: {os.path.join(self.ckpt_dir, resume_tag)}")
-        self.engine = self._build_engine(resuming=resume_tag is not None)
+        return resume_tag, saved, batch_note
+
+    def _read_batch_sizes(self) -> None:
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.gas = self.engine.gradient_accumulation_steps()
         self.meta["global_batch"] = self.micro_batch * self.gas * self.world
+
+    def _announce(self, batch_note: Optional[str]) -> None:
         if self.rank == 0:
             print(self._describe(), flush=True)
             if batch_note:
                 print(batch_note, flush=True)
-        self.task.start(self.rank, self.world, self.micro_batch, train.seed, grad_accum=self.gas)
-        torch.manual_seed(train.seed + 1 + self.rank)  # noise and dropout differ across ranks
+
+    def _start_task(self) -> None:
+        """The task's sampler, then the per-rank seed of noise and dropout."""
+        self.task.start(self.rank, self.world, self.micro_batch, self.train_cfg.seed, grad_accum=self.gas)
+        torch.manual_seed(self.train_cfg.seed + 1 + self.rank)  # noise and dropout differ across ranks
+
+    def _restore(self, resume_tag: Optional[str], saved: Dict[str, Any]) -> None:
+        """A resume: weights, optimizer, schedule, data position and per-rank task state (on this
+        layout, or resharded from another one); later checkpoints of --resume-step set aside."""
         if resume_tag is not None and self.relayout:
             state = self._load_on_new_layout(resume_tag, saved)
             self.task.load_state_dict(state)
@@ -163,13 +206,21 @@ class Trainer:
             if self.task.rank_state_dict() is not None:
                 self.task.load_rank_state_dict(load_rank_state(self.ckpt_dir, resume_tag), self.engine.device)
             self.step = state["step"]
-        if train.resume_step is not None:
+        if self.train_cfg.resume_step is not None:
             self._supersede_newer(resume_tag)
-        self.record = {"format_version": FORMAT_VERSION, "model": self.model_cfg.to_dict(),
+
+    def _write_run_record(self) -> None:
+        """run_config.json (rank 0), also saved in each checkpoint's client state."""
+        exp, train = self.experiment, self.train_cfg
+        self.record = {"format_version": FORMAT_VERSION, "task": exp.task, "model": self.model_cfg.to_dict(),
                        "parallel": exp.parallel.to_dict(), **self.task.run_record(), "train": train.to_dict(),
                        "deepspeed": self.ds_config, "world_size": self.world}
         if self.rank == 0:
             atomic_write_text(os.path.join(train.out_dir, "run_config.json"), json.dumps(self.record, indent=2))
+
+    def _prepare_loop(self, resume_tag: Optional[str]) -> None:
+        """The monitor, the loss terms, the step schedule hook and the health checks' memory."""
+        train = self.train_cfg
         self.monitor = Monitor(train, self.rank == 0, start_step=self.step)
         self.loss_terms = self.model_cfg.moe.loss_terms()
         self.hooks.insert(0, TrainingStepSchedule(self.engine.module, train.max_steps))
@@ -270,7 +321,7 @@ class Trainer:
                 self.train_step()
                 if train.eval_interval and (self.step % train.eval_interval == 0 or self.step == train.max_steps):
                     self.evaluate("valid")
-                stopping = self.stop.agreed()
+                stopping = self.stop_agreed  # voted within the step, with its losses
                 if (train.save_interval and self.step % train.save_interval == 0) or self.step == end or stopping:
                     self.save()
                 if stopping:
@@ -283,49 +334,77 @@ class Trainer:
         return {**self.final, "step": self.step, "losses": self.losses}
 
     def train_step(self) -> None:
-        """One optimizer step of gradient_accumulation_steps micro-batches, then its logging."""
+        """One optimizer step of gradient_accumulation_steps micro-batches, then its logging. The
+        host reads the device once per step (_vote), after the last micro-batch's backward and
+        before the optimizer step: no micro-batch waits for the one before it."""
         step = self.step + 1
         for hook in self.hooks:
             hook.on_step_start(self, step)
         start = time.perf_counter()
+        totals, parts = [], []
         for micro in range(self.gas):
             self._at(step, "forward" if self.gas == 1 else f"forward {micro + 1}/{self.gas}")
             out = self.task.forward(self.engine, self.task.next_batch())
-            loss, parts = self.task.loss(out, self.loss_terms)
-            value = loss.item()
-            verdict, why = self._judge(value)
-            worst = max_over_ranks(verdict)  # every rank stops together, none left in a collective
-            if worst != HEALTHY:
-                self._stop_unhealthy(step, worst, verdict, value, parts, why)
+            loss, micro_parts = self.task.loss(out, self.loss_terms)
+            totals.append(loss.detach())
+            parts.append(micro_parts)
             self._at(step, "backward")
             self.engine.backward(loss)
+            if micro == self.gas - 1:
+                values = self._vote(step, totals, parts)
             self._at(step, "optimizer step")
             self.engine.step()
         self._at(step, "end of step")
         seconds = time.perf_counter() - start
         self.step = step
+        value = values[-1]  # the step's loss is its last micro-batch's, as it always was
         self.losses.append(value)
         self.recent_losses.append(value)
         layer = {}
         if self.monitor.log_now(step):
-            values = layer_values(out.layer_metrics)
-            layer = rank_average(values, rank_averaged_keys(values))  # a collective: every rank
+            metrics = layer_values(out.layer_metrics)
+            layer = rank_average(metrics, rank_averaged_keys(metrics))  # a collective: every rank
         tokens = self.gas * self.task.tokens_per_micro_batch() * self.world
-        self.monitor.train_step(step, self.engine, self.losses[-1], parts, layer, tokens, seconds)
+        self.monitor.train_step(step, self.engine, value, parts[-1], layer, tokens, seconds)
         for hook in self.hooks:
             hook.on_step_end(self, step)
 
-    def _judge(self, value: float):
-        """(HEALTHY | SPIKE | NON_FINITE, why) of this rank's loss."""
-        if not math.isfinite(value):
-            return NON_FINITE, ""
+    def _vote(self, step: int, totals: List[torch.Tensor], parts) -> List[float]:
+        """The step's one host synchronisation: every micro-batch's loss and verdict (judged on
+        the device), the worst verdict of each over the ranks and the stop-signal vote travel in
+        one all-reduce and one read. This rank's losses, as floats.
+
+        A bad loss stops every rank together before the optimizer step, so no update applies it:
+        the first micro-batch that was bad on some rank is named, with its values, as when each
+        micro-batch was checked on its own; the micro-batches after it have run their forward and
+        backward too (their gradients are dropped with the run)."""
+        n = len(totals)
+        values = torch.stack(totals).double()  # float64: the comparison the host makes on .item()'s float
+        threshold, why = self._spike_threshold()
+        spike = (values > threshold).double() * SPIKE
+        verdicts = torch.where(torch.isfinite(values), spike, torch.full_like(values, NON_FINITE))
+        signalled = torch.full((1,), float(self.stop is not None and self.stop.requested()), dtype=values.dtype,
+                               device=values.device)
+        mine = torch.cat([verdicts, signalled])
+        worst = mine.clone()
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # every rank stops together, none left in a collective
+        host = torch.cat([worst, mine, values]).tolist()
+        worst, mine, losses = host[:n + 1], host[n + 1:2 * n + 2], host[2 * n + 2:]
+        self.stop_agreed = worst[n] > 0
+        for micro in range(n):
+            if worst[micro] != HEALTHY:
+                self._stop_unhealthy(step, int(worst[micro]), int(mine[micro]), losses[micro], parts[micro],
+                                     why if mine[micro] == SPIKE else "")
+        return losses
+
+    def _spike_threshold(self):
+        """(the loss above which this rank's loss is a spike, inf when none is; why, for the message)."""
         factor = self.train_cfg.spike_factor
-        if factor and self.recent_losses:
-            median = statistics.median(self.recent_losses)
-            if value > factor * max(median, 1.0):
-                return SPIKE, (f" above {factor} x {max(median, 1.0):.4g} (the median of this rank's last "
-                               f"{len(self.recent_losses)} step losses is {median:.4g})")
-        return HEALTHY, ""
+        if not (factor and self.recent_losses):
+            return math.inf, ""
+        median = statistics.median(self.recent_losses)
+        return factor * max(median, 1.0), (f" above {factor} x {max(median, 1.0):.4g} (the median of this rank's "
+                                           f"last {len(self.recent_losses)} step losses is {median:.4g})")
 
     def _stop_unhealthy(self, step: int, worst: int, verdict: int, value: float, parts, why: str) -> None:
         """The weights that gave step `step`'s loss are those after step - 1: its checkpoint (and
@@ -431,6 +510,6 @@ class Trainer:
             hook.on_stop_signal(self, self.step, reason)
 
 
-def pretrain(experiment: ExperimentConfig, ds_config, task=None, hooks: Sequence[TrainerHook] = ()) -> Dict[str, Any]:
+def pretrain(experiment: ExperimentConfig, ds_config, task: Optional[Task] = None, hooks: Sequence[TrainerHook] = ()) -> Dict[str, Any]:
     """Train, evaluate and checkpoint; returns the final metrics (also on TensorBoard)."""
     return Trainer(experiment, ds_config, task, hooks).run()
