@@ -52,7 +52,7 @@ def nest_settings(flat: Dict[str, Any], block: str, router: str, label=lambda na
                 raise ConfigError(f"{label(name)}: not a field of MoEConfig nor of any block kind's or router's settings")
             what, key = owners[0]
             raise ConfigError(f"{label(name)}: is a setting of {what} {key!r}, but this run's moe.{what} is "
-                              f"{chosen[what]!r}; drop it or pass --{what} {key}")
+                              f"{chosen[what]!r}; drop it or pass --moe.{what} {key}")
         out.setdefault(f"{mine[0]}_config", {})[name] = value
     return out
 
