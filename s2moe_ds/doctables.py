@@ -2,9 +2,9 @@
 
 Four kinds of region, each between marker comments that a reader of the rendered page never sees:
 
-    <!-- fields: block.s2moe noise_scale noise_stats -->      a config's fields: name, type,
-    ...                                                      default and docstring (the same
-    <!-- end fields -->                                      text as the flag's --help)
+    <!-- fields: block.s2moe noise_scale noise_stats -->      a config's fields: name, flag,
+    ...                                                      type, default and docstring (the
+    <!-- end fields -->                                      same text as the flag's --help)
 
     <!-- ds-configs -->                                      ds_configs/*.json: optimizer,
     ...                                                      batch, clipping, ZeRO, bf16
@@ -61,6 +61,19 @@ def configs() -> Dict[str, type]:
     return named
 
 
+def _flags() -> Dict[Tuple[type, str], str]:
+    """(config class, field) -> its flag in launch/pretrain.py, finetune.py or evaluate.py."""
+    from .cli import evaluate_sections, finetune_sections, pretrain_sections, _parser_type
+    out = {}
+    for section in [*pretrain_sections(), *finetune_sections(), *evaluate_sections()]:
+        for f in section.fields():
+            flag = section.flag(f.name)
+            if _parser_type(f.type) is None:  # a switch: --s2moe.fused and --s2moe.no-fused
+                flag = flag.replace(".", ".[no-]", 1)
+            out.setdefault((section.cls, f.name), flag)
+    return out
+
+
 def _type_name(annotation) -> str:
     if isinstance(annotation, str):
         return annotation
@@ -102,7 +115,8 @@ def fields_table(spec: str) -> str:
     """The Markdown table a `<!-- fields: spec -->` marker holds."""
     known = configs()
     groups = _parse(spec)
-    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    flags = _flags()
+    rows = ["| field | flag | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
     for name, wanted in groups:
         if name not in known:
             raise ConfigError(f"fields marker {spec!r}: no config named {name!r}; one of {', '.join(sorted(known))}")
@@ -116,7 +130,8 @@ def fields_table(spec: str) -> str:
         prefix = (name.split(".")[-1] + ".") if len(groups) > 1 else ""
         for field_name in wanted or list(by_name):
             f = by_name[field_name]
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(f.type)} | {_default(f)} | "
+            flag = flags.get((cls, f.name))
+            rows.append(f"| `{prefix}{f.name}` | {f'`{flag}`' if flag else '-'} | {_type_name(f.type)} | {_default(f)} | "
                         f"{_cell(docs.get(f.name, ''))} |")
     return "\n".join(rows) + "\n"
 

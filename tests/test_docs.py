@@ -66,12 +66,13 @@ def test_a_marker_naming_an_unknown_config_or_field_is_refused():
         doctables.fields_table("block.s2moe noise_sclae")
 
 
-def test_a_field_table_shows_name_type_default_and_docstring():
+def test_a_field_table_shows_name_flag_type_default_and_docstring():
     table = doctables.fields_table("block.s2moe noise_scale; moe k")
     rows = table.splitlines()
-    assert rows[0] == "| field | type | default | meaning |"
-    assert rows[2].startswith("| `s2moe.noise_scale` | float | `1.0` | s in N1 = 1 + s\\*sigma")
-    assert rows[3].startswith("| `moe.k` | int | `2` | Experts per token")
+    assert rows[0] == "| field | flag | type | default | meaning |"
+    assert rows[2].startswith("| `s2moe.noise_scale` | `--s2moe.noise-scale` | float | `1.0` | s in N1 = 1 + s\\*sigma")
+    assert rows[3].startswith("| `moe.k` | `--moe.k` | int | `2` | Experts per token")
+    assert "| `--s2moe.[no-]fused` |" in doctables.fields_table("block.s2moe fused")
 
 
 # A path the docs name: under a top-level folder of the repository, or under s2moe_ds/ (or its moe/)
@@ -178,7 +179,7 @@ def test_every_name_and_flag_the_docs_quote_exists(page, project_words):
     names = {c.strip() for c in quoted if re.fullmatch(r"[A-Za-z_][\w.]*", c.strip())}
     missing = sorted(n for n in names if n.rstrip(".").split(".")[-1] not in words and n not in FOREIGN_NAMES
                      and not re.fullmatch(r"step\d{8}", n))
-    flags = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", page.read_text()))
+    flags = {f.replace("[no-]", "") for f in re.findall(r"(?<![\w-])(--[a-z][\w-]*(?:\.[\w\[\]-]*\w)?)", page.read_text())}
     # A flag is quoted as written somewhere (a script, cli.md) or is a field's plain name (--xmoe-dim,
     # --no-fused), which the parser accepts as well.
     missing += sorted(f for f in flags if f not in text and f not in FOREIGN_FLAGS
