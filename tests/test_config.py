@@ -64,7 +64,7 @@ def test_block_router_and_coefficient_errors_say_how_to_fix():
     with pytest.raises(ConfigError, match=r"moe\.block: must be one of 'dense', 'moe', 's2moe'"):
         MoEConfig(block="xmoe")
     # The names of before the redesign, where --router named the block kind, say what moved.
-    with pytest.raises(ConfigError, match=r"moe\.router: 'smoe' names a block kind.*use block 'moe' \(flag --block\)"):
+    with pytest.raises(ConfigError, match=r"moe\.router: 'smoe' names a block kind.*use block 'moe' \(flag --moe\.block\)"):
         MoEConfig(router="smoe")
     with pytest.raises(ConfigError, match=r"moe\.block_config: unknown field\(s\) 'noise'"):
         MoEConfig(block_config=dict(noise=1.0))

@@ -110,7 +110,7 @@ class MoEConfig:
         if self.router in BLOCK_OF_OLD_ROUTER and self.router not in ROUTERS:
             raise ConfigError(f"moe.router: {self.router!r} names a block kind; moe.router now names the router "
                               f"({', '.join(map(repr, ROUTERS))}) and moe.block the block kind: use block "
-                              f"{BLOCK_OF_OLD_ROUTER[self.router]!r} (flag --block)")
+                              f"{BLOCK_OF_OLD_ROUTER[self.router]!r} (flag --moe.block)")
         check_choice(self.block, p + "block", tuple(BLOCKS))
         check_choice(self.router, p + "router", tuple(ROUTERS))
         check_routing(p, self.num_experts, self.k, self.eval_k, self.capacity_factor, self.eval_capacity_factor,
