@@ -384,3 +384,26 @@ def test_texts_of_different_lengths_train_with_expert_parallelism(pretrained, tm
     ep1 = run_distributed(_layout_worker, 2, (pretrained, data, str(tmp_path / "ep1"), 1))
     for rank in range(2):
         assert len(ep2[rank]) == 2 and ep2[rank] == pytest.approx(ep1[rank], abs=1e-5), (ep2[rank], ep1[rank])
+
+
+def _counting_worker(rank, world_size, pretrained, data, out_dir):
+    from s2moe_ds.train.finetune import FinetuneConfig, finetune, finetune_experiment
+    from .test_host_syncs import HostSyncCounter, plain_steps
+    cfg = FinetuneConfig(pretrained=pretrained, data=ClassificationDataConfig(path=data), eval_k=(1,))
+    experiment = finetune_experiment(cfg, {"ep_size": world_size},
+                                     {"out_dir": out_dir, "max_steps": 4, "warmup_steps": 1, "eval_interval": 0,
+                                      "save_interval": 0, "log_interval": 10**6})
+    with HostSyncCounter() as counter:
+        final = finetune(cfg, experiment, {**_ds_config(), "train_micro_batch_size_per_gpu": 4,
+                                           "gradient_accumulation_steps": 2}, hooks=[counter])
+    return {"steps": plain_steps(counter.counts, 4), "losses": final["losses"]}
+
+
+def test_one_read_and_one_collective_per_finetuning_step(pretrained, tmp_path):
+    """Texts of different lengths, 2 accumulation steps on 2 processes: every rank knows the
+    micro-batch's longest text without a collective (was 9 reads and 5 collectives a step)."""
+    data = _write(str(tmp_path / "data"), "jsonl", {"train": _short_rows(200, 4), "valid": _short_rows(16, 5)})
+    for r in run_distributed(_counting_worker, 2, (pretrained, data, str(tmp_path / "ft"))):
+        assert sorted(r["steps"]) == [1, 2, 3] and len(r["losses"]) == 4
+        for step, c in r["steps"].items():
+            assert c.get("reads", 0) <= 1 and c.get("collectives", 0) <= 1, (step, c)

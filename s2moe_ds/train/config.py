@@ -63,9 +63,8 @@ class TrainConfig:
     checkpoint) stops the job, naming the ranks that were not heard from; every collective times
     out 5% + 5 s later (570 s by default). Raise it for checkpoints or evaluations that take longer."""
     save_on_signal: bool = True
-    """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step (the next
-    one too, for a signal that came after the step's losses were read), checkpoint and exit with
-    status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
+    """On SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption), finish the step, checkpoint
+    and exit with status 75 (EXIT_REQUEUE) so that the job script requeues the run."""
     stop_after: Optional[int] = None
     """End this invocation (with a checkpoint) at this step, as a scheduler time slice would; the
     learning-rate schedule still spans max_steps, and --resume continues exactly."""

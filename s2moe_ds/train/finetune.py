@@ -144,7 +144,6 @@ class ClassificationTask(Task):
     def __init__(self, cfg: FinetuneConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.state = None
         self.last_tokens = 0
 
     def prepare(self) -> None:
