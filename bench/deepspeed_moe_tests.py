@@ -18,7 +18,8 @@ in every rank DeepSpeed's harness starts:
   defaults (noise, InfoNCE, mixing gate), or the S2MoE keyword arguments --s2moe gives.
 In both, the fp16 cases run in bf16 (DeepSpeed's CPU accelerator has no fp16): a config's
 "fp16" section becomes "bf16" (loss scaling, fp16's own, is dropped) and fp16 batches are cast to
-bf16 at the engine's forward.
+bf16 at the engine's forward. And where the test source is older than the installed DeepSpeed,
+the runner bridges the gap for both alike (_install_test_source_compat says what).
 
 Prints a table (test, result with DeepSpeed's MoE, result with S2MoE, the reason of an expected
 difference) and writes it as JSON (--json). Exit status 1 when a test that passes with DeepSpeed's
@@ -107,6 +108,15 @@ def _install_bf16_for_fp16() -> None:
     DeepSpeedEngine.forward = forward_in_bf16
 
 
+def _install_test_source_compat() -> None:
+    """DeepSpeed's checkpoint tests (master of 2026-08, its newest stored snapshot) compare
+    engine.sparse_tensor_module_names, which 0.19.8 dropped (it finds sparse gradients at run
+    time): both engines get an empty one, so that the tests reach what they check."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    if not hasattr(DeepSpeedEngine, "sparse_tensor_module_names"):
+        DeepSpeedEngine.sparse_tensor_module_names = frozenset()
+
+
 def _s2moe_class(kwargs: Dict):
     from s2moe_ds.moe.blocks.s2moe import S2MoE
     if not kwargs:
@@ -130,6 +140,7 @@ def install() -> None:
         return
     deepspeed._s2moe_ds_tests_installed = True
     _install_bf16_for_fp16()
+    _install_test_source_compat()
     if os.environ.get(IMPL_ENV) == "s2moe":
         _swap_moe(layer, _s2moe_class(json.loads(os.environ.get(KWARGS_ENV) or "{}")))
 
@@ -172,16 +183,23 @@ def pytest_runtest_logreport(report) -> None:
             outcome = report.outcome if report.when == "call" or report.outcome == "skipped" else "error"
             _RESULTS[report.nodeid] = {"outcome": outcome, "message": _message(report) if outcome != "passed" else "",
                                        "seconds": round(report.duration, 1)}
+            _write_results()  # after every test, so that a run stopped early still reports
 
 
-def pytest_sessionfinish(session) -> None:
+def _write_results() -> None:
     path = os.environ.get(RESULTS_ENV)
     if path:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(_RESULTS, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- the runner
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _check_tests_dir(path: str) -> str:
@@ -189,7 +207,7 @@ def _check_tests_dir(path: str) -> str:
     missing = [name for name in ("conftest.py", "unit/common.py", "unit/simple_model.py") if
                not os.path.isfile(os.path.join(path, name))]
     if missing:
-        raise SystemExit(f"error: --deepspeed-tests {path}: not a DeepSpeed tests/ folder (no {', '.join(missing)}); "
+        _fail(f"--deepspeed-tests {path}: not a DeepSpeed tests/ folder (no {', '.join(missing)}); "
                          "give the tests/ folder of a DeepSpeed checkout, e.g. "
                          "git archive v0.19.8 tests | tar x -C /tmp/ds")
     return path
@@ -201,12 +219,17 @@ def _parse_kwargs(items: List[str]) -> Dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in S2MoEConfig.__dataclass_fields__:
-            raise SystemExit(f"error: --s2moe {item!r}: expected FIELD=VALUE with FIELD one of S2MoEConfig's "
+            _fail(f"--s2moe {item!r}: expected FIELD=VALUE with FIELD one of S2MoEConfig's "
                              f"({', '.join(S2MoEConfig.__dataclass_fields__)})")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value  # a string setting, e.g. noise_stats=global
+    from s2moe_ds.config import ConfigError
+    try:
+        S2MoEConfig(**out)
+    except ConfigError as e:
+        _fail(f"--s2moe: {e}")
     return out
 
 
@@ -231,16 +254,26 @@ def run_impl(impl: str, tests_dir: str, tests: List[str], pytest_args: List[str]
         with open(os.path.join(tmp, "sitecustomize.py"), "w") as f:
             f.write(SITECUSTOMIZE.format(env=IMPL_ENV))
         results = os.path.join(tmp, "results.json")
+        # Its own --basetemp: DeepSpeed's harness keeps its rendezvous files there, out of reach of
+        # other pytest runs' clean-up of old temporary folders.
         cmd = [sys.executable, "-m", "pytest", "-c", os.path.join(tests_dir, "pytest.ini"), "--rootdir", tests_dir,
-               "-p", "bench.deepspeed_moe_tests", "-p", "no:cacheprovider", "-q", *pytest_args, *tests]
+               "--basetemp", os.path.join(tmp, "basetemp"), "-p", "bench.deepspeed_moe_tests",
+               "-p", "no:cacheprovider", "-q", *pytest_args, *tests]
         print(f"[{impl}] {' '.join(cmd)}", flush=True)
         start = time.time()
-        proc = subprocess.run(cmd, cwd=tests_dir, env=_environment(impl, kwargs, results, tmp),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-        print(f"[{impl}] pytest exit {proc.returncode} in {time.time() - start:.0f} s", flush=True)
+        log = os.path.join(tmp, "pytest.log")
+        with open(log, "w") as out:
+            try:
+                proc = subprocess.run(cmd, cwd=tests_dir, env=_environment(impl, kwargs, results, tmp), stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=timeout_s)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = f"timeout after {timeout_s} s: the results so far"
+        print(f"[{impl}] pytest exit {code} in {time.time() - start:.0f} s", flush=True)
         if not os.path.exists(results):
-            print(proc.stdout[-4000:])
-            raise SystemExit(f"error: the {impl} run wrote no results (pytest exit {proc.returncode}); see above")
+            with open(log) as f:
+                print(f.read()[-4000:])
+            _fail(f"the {impl} run wrote no results (pytest exit {code}); see above")
         with open(results) as f:
             return json.load(f)
 
@@ -297,7 +330,7 @@ def _load_results(path: str) -> Dict[str, Dict]:
         with open(path) as f:
             return json.load(f)["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: --reuse {path}: not a --json file of this runner ({e}); run without --reuse")
+        _fail(f"--reuse {path}: not a --json file of this runner ({e}); run without --reuse")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -315,15 +348,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout-s", type=int, default=7200, help="wall-clock limit of each pytest run")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the rows and the command here")
     parser.add_argument("--reuse", default=None, metavar="FILE",
-                        help="take the results of the implementations not run (--impl) from an earlier --json")
+                        help="start from an earlier --json's results: the tests run now replace theirs")
     args = parser.parse_args(argv)
     tests_dir = _check_tests_dir(args.deepspeed_tests)
     kwargs = _parse_kwargs(args.s2moe)
     impls = IMPLS if args.impl == "both" else (args.impl,)
     pytest_args = (["-k", args.k] if args.k else []) + (["-x"] if args.x else [])
     earlier = _load_results(args.reuse) if args.reuse else {}
-    results = {impl: (run_impl(impl, tests_dir, args.tests, pytest_args, kwargs, args.timeout_s)
-                      if impl in impls else earlier[impl]) for impl in IMPLS if impl in impls or impl in earlier}
+    results = {impl: dict(earlier.get(impl, {})) for impl in IMPLS if impl in impls or impl in earlier}
+    for impl in impls:
+        results[impl].update(run_impl(impl, tests_dir, args.tests, pytest_args, kwargs, args.timeout_s))
     impls = tuple(results)
     rows = compare(results)
     print(_table(rows, impls))

@@ -144,3 +144,33 @@ def test_a_residual_layer_trains_checkpoints_and_reloads_with_deepspeeds_engine(
     for name in expert_files:
         keys = torch.load(tmp_path / "t" / name, weights_only=True)
         assert not any("mlp" in k or "coefficient" in k for k in keys), keys
+
+
+def test_the_runner_of_deepspeeds_tests_swaps_s2moe_in_where_they_import_moe():
+    from deepspeed.moe import layer
+
+    from bench import deepspeed_moe_tests as runner
+    original, init = layer.MoE, layer.MoE.__init__
+    try:
+        runner._swap_moe(layer, S2MoE)
+        from deepspeed.moe.layer import MoE as swapped
+        assert swapped is S2MoE
+        # DeepSpeed's __init__ calls super(MoE, self) by its module's name: both still build.
+        assert S2MoE(D, FFN(D, 32), num_experts=E, use_residual=True).use_residual
+        assert type(original(D, FFN(D, 32), num_experts=E)) is original
+    finally:
+        layer.MoE, original.__init__ = original, init
+
+
+def test_the_runner_runs_fp16_cases_in_bf16_and_flags_only_unexplained_differences():
+    from bench import deepspeed_moe_tests as runner
+    config = {"train_batch_size": 8, "fp16": {"enabled": True, "initial_scale_power": 8}}
+    assert runner._bf16_config(config) == {"train_batch_size": 8, "bf16": {"enabled": True}}
+    assert runner._bf16_config({"fp16": {"enabled": False}}) == {"fp16": {"enabled": False}}
+    explained = next(iter(runner.EXPECTED)) + "test[0]"
+    failed = {"outcome": "failed", "message": "AssertionError"}
+    rows = runner.compare({"deepspeed": {"a::t": {"outcome": "passed", "message": ""},
+                                         explained: {"outcome": "passed", "message": ""}},
+                           "s2moe": {"a::t": failed, explained: failed}})
+    assert [(r["test"], r["unexpected"], bool(r["reason"])) for r in rows] == [("a::t", True, False),
+                                                                              (explained, False, True)]
