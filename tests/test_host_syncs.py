@@ -28,17 +28,17 @@ ENGINE_CALLS = ("forward", "backward", "step")
 
 class HostSyncCounter(TrainerHook):
     """Per optimizer step: {'reads', 'collectives'} made outside the engine, and the engine's own
-    {'engine_reads', 'engine_collectives'}. Use as a context manager around the run."""
+    by call ('forward_reads', 'step_collectives', ...). Use as a context manager around the run."""
 
     def __init__(self):
         self.counts = defaultdict(lambda: defaultdict(int))
         self.step = None
-        self.inside_engine = 0
+        self.inside_engine = []
         self._undo = []
 
     def _count(self, kind):
         if self.step is not None:
-            self.counts[self.step][("engine_" if self.inside_engine else "") + kind] += 1
+            self.counts[self.step][(f"{self.inside_engine[0]}_" if self.inside_engine else "") + kind] += 1
 
     def _wrap(self, owner, name, kind):
         original = getattr(owner, name)
@@ -74,11 +74,11 @@ class HostSyncCounter(TrainerHook):
         original = getattr(engine, name)
 
         def inside(*args, **kwargs):
-            self.inside_engine += 1
+            self.inside_engine.append(name)
             try:
                 return original(*args, **kwargs)
             finally:
-                self.inside_engine -= 1
+                self.inside_engine.pop()
         setattr(engine, name, inside)
 
     def after_evaluation(self, trainer, step, split, result):
@@ -112,6 +112,5 @@ def test_one_read_and_one_collective_per_optimizer_step(tmp_path):
     for r in results:
         assert sorted(r["steps"]) == [1, 2, 3]
         for step, c in r["steps"].items():
-            print(f"step {step}: {c}")
             assert c.get("reads", 0) <= 1 and c.get("collectives", 0) <= 1, (step, c)
         assert len(r["losses"]) == 4 and all(loss == loss for loss in r["losses"])
