@@ -110,6 +110,7 @@ def test_a_router_and_a_backbone_from_outside_train_with_every_hook(tmp_path):
                                ("eval", 3, "valid", True), ("commit", 3, False), ("saved", 3, True)]
         # The backbone's state went from each training forward to the next (2 micro-batches per step).
         assert r["states"] == [2, 4, 6]
+    assert json.loads((out / "run_config.json").read_text())["task"] == "lm"  # the task is recorded with the run
     meta = json.loads((out / "checkpoints" / "step00000003" / "meta.json").read_text())
     assert meta["model_config"]["backbone"] == "counting-gpt"
     assert meta["model_config"]["moe"]["router"] == "step-counting"

@@ -3,9 +3,10 @@ checkpoints and stops on signals; a task supplies the data, the loss and the eva
 
     Trainer(experiment, ds_config, task=None, hooks=()).run()       # pretrain() for short
 
-Phases, each a method: setup (process group, task data, model, engine, resume), step (gradient
-accumulation of micro-batches, one optimizer step), evaluate, save, stop. Hooks (hooks.py) see
-each phase; tests inject faults through them.
+Phases, each a method: setup (its own phases: settings, processes, task, resume, engine, task
+start, restore, run record, loop), step (gradient accumulation of micro-batches, one optimizer
+step, one host synchronisation: _vote), evaluate, save, stop. The task is a Task (tasks.py): the
+trainer calls nothing else of it. Hooks (hooks.py) see each phase; tests inject faults through them.
 """
 
 import json
