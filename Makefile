@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # e.g. --index-url https://download.pytorch.org/whl/cpu where pip would otherwise find a CUDA build
 TORCH_PIP_ARGS ?=
 
-.PHONY: venv test train
+.PHONY: venv test test-fast train
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
@@ -26,8 +26,14 @@ $(VENV)/.installed-extras: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,hf,lm-eval]"
 	touch $@
 
+# The whole suite, all three tiers (tests/unit, tests/distributed, tests/system): what CI runs.
 test: venv $(VENV)/.installed-extras
 	$(PY) -m pytest tests
+
+# The unit and small distributed tests: under 3 minutes on 2 cores once the venv and its JIT
+# builds exist (tests/conftest.py keeps those in the venv).
+test-fast: venv $(VENV)/.installed-extras
+	$(PY) -m pytest tests/unit tests/distributed
 
 # The main job: the tiny preset on the embedded corpus (CPython's own documentation text, no
 # download), 2 CPU processes with the deepspeed launcher, expert-parallel size 2, ZeRO-2.

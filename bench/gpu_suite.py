@@ -9,7 +9,7 @@ the others' results:
   wheels     pip install --no-index --no-deps --target <out>/site <wheels>/*.whl: DeepSpeed and the
              pure-Python packages such a machine lacks (docs/performance.md says which), then
              PYTHONPATH for every later step
-  tests      pytest -m cuda tests/test_cuda.py with DS_ACCELERATOR=cuda: bf16 training through the
+  tests      pytest -m cuda tests/system/test_cuda.py with DS_ACCELERATOR=cuda: bf16 training through the
              deepspeed launcher and NCCL on one GPU, the fused S2MoE paths and the batched experts
              against their references
   experts    bench_experts.py, bf16: DeepSpeed's loop against batched experts, at paper-small
@@ -50,7 +50,7 @@ def steps(dry_run: bool) -> List[dict]:
     return [
         dict(name="tests", limit=200, env=tests,
              argv=["-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
-                   os.path.join(ROOT, "tests", "test_cuda.py")]),
+                   os.path.join(ROOT, "tests", "system", "test_cuda.py")]),
         dict(name="experts-paper-small", limit=50, json=True,
              argv=bench("bench_experts.py") + dev + (TINY_LAYER if dry_run else ["--reps", "20"])),
         dict(name="experts-small", limit=40, json=True,

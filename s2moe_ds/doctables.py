@@ -22,7 +22,7 @@ A fields marker names a config (`moe`, `model`, `train`, `data`, `parallel`, `ev
 `block.<kind>`, `router.<name>`, `backbone.<name>`), then, optionally, which of its fields to show
 (all of them otherwise); several configs in one table are separated by `;` and their fields are
 then written `<config>.<field>`. `python -m s2moe_ds.doctables docs/` rewrites every region;
-tests/test_docs.py fails when a page differs from what this module writes.
+tests/unit/test_docs.py fails when a page differs from what this module writes.
 """
 
 import dataclasses

@@ -2,7 +2,7 @@
 file: s2moe_ds/progress.py) and TensorBoard events. No collectives here: the trainer averages what
 needs every rank before it hands values over.
 
-The line, one per --log-interval on stdout (a format that tests/test_logs.py parses; keep it):
+The line, one per --log-interval on stdout (a format that tests/system/test_logs.py parses; keep it):
     step 120/5000 | loss 3.2145 | lr 1.98e-03 | tokens/s 10342 | eta 0:13:05
 loss is that step's (train/loss), tokens/s the interval's tokens over its steps' time, eta the
 steps left to max_steps at this invocation's wall-clock pace (evaluations and checkpoints included).

@@ -56,7 +56,7 @@ class Task(abc.ABC):
 
     Nothing the trainer calls per micro-batch may read a tensor's value on the host or start a
     collective: the trainer reads the step's losses once per optimizer step
-    (tests/test_host_syncs.py counts). The shared parts (the loss, the sampler's state, no
+    (tests/distributed/test_host_syncs.py counts). The shared parts (the loss, the sampler's state, no
     per-rank state, no initial weights, no next commands) are defined here once."""
 
     name: str = ""
