@@ -6,7 +6,7 @@ router_config)."""
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import IMPLEMENTATION, ConfigError, check_choice, resolve_settings
+from ..config import IMPLEMENTATION, ConfigError, check_choice, is_finite_number, require, resolve_settings
 from .experts import EXPERT_IMPLEMENTATIONS
 from .losses import LAYER_REDUCTIONS, LossTerm
 from .registry import BLOCKS, ROUTERS
@@ -93,6 +93,13 @@ class MoEConfig:
     balance_over_layers: str = "sum"
     """How the MoE layers' balance losses are reduced into one term: 'sum' (DeepSpeed's
     convention, the default) or 'mean'."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss of ST-MoE (Zoph et al., 2022, "ST-MoE: Designing Stable and
+    Transferable Sparse Expert Models"): the mean over tokens of logsumexp(router logits)^2, which
+    keeps every router's logits small. 0 (the default) leaves it out: no 'z_loss' term, nothing
+    computed. Reduced over the layers as balance_over_layers says. Under S2MoE it is taken, like
+    the balance loss, over the one route of both paths: the clean tokens and their noisy copies.
+    ST-MoE used 0.001."""
     router_config: Any = None
     """The router's own settings: its config class (moe/registry.py) or a dict of its fields;
     None gives its defaults."""
@@ -116,6 +123,9 @@ class MoEConfig:
         check_routing(p, self.num_experts, self.k, self.eval_k, self.capacity_factor, self.eval_capacity_factor,
                       self.min_capacity, self.drop_tokens, self.eval_drop_tokens, self.balance_coef)
         check_choice(self.balance_over_layers, p + "balance_over_layers", LAYER_REDUCTIONS)
+        require(is_finite_number(self.z_loss_coef) and self.z_loss_coef >= 0, p + "z_loss_coef",
+                f"must be a finite number >= 0, got {self.z_loss_coef!r}; 0 turns the router z-loss off "
+                "(ST-MoE used 0.001)")
         check_choice(self.expert_impl, p + "expert_impl", EXPERT_IMPLEMENTATIONS)
         self.router_config = resolve_settings(self.router_config, ROUTERS[self.router].config, p + "router_config",
                                               f"router {self.router!r}")
@@ -139,6 +149,8 @@ class MoEConfig:
         terms = dict(BLOCKS[self.block].loss_terms(self))
         if self.routed:
             terms.update(ROUTERS[self.router].loss_terms(self.router_config, self))
+            if self.z_loss_coef > 0:
+                terms["z_loss"] = LossTerm(self.z_loss_coef, self.balance_over_layers)
         return terms
 
     def to_dict(self) -> dict:

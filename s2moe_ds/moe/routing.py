@@ -1,7 +1,7 @@
 """The routing settings every router shares, checked in one place: MoEConfig's fields, and the same
 arguments of the S2MoE drop-in layer; and Routing, those settings as a router is built from them."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 from ..config import check_bool, check_int, check_number, require
@@ -32,6 +32,10 @@ def check_routing(prefix: str, num_experts, k, eval_k, capacity_factor, eval_cap
     check_number(balance_coef, p + "balance_coef", 0.0, strict=False)
 
 
+RANDOMNESS = ("noisy_gate_policy", "use_rts", "top2_2nd_expert_sampling")
+"""Routing's fields for DeepSpeed's gate randomness, which a router's config may set."""
+
+
 @dataclass(frozen=True)
 class Routing:
     """The settings a router is built from: MoEConfig's shared routing fields (Routing.of) or the
@@ -52,12 +56,14 @@ class Routing:
     """DeepSpeed's random token selection for top-1 in training."""
     top2_2nd_expert_sampling: bool = True
     """DeepSpeed's Gumbel sampling of the second expert in training."""
+    z_loss: bool = False
+    """Report the router z-loss in training (MoEConfig.z_loss_coef > 0)."""
 
     @classmethod
     def of(cls, moe_cfg, router_cfg=None) -> "Routing":
         """A MoEConfig's routing; DeepSpeed's gate randomness from router_cfg where it has those fields."""
-        randomness = {f.name: getattr(router_cfg, f.name) for f in fields(cls)[-3:] if hasattr(router_cfg, f.name)}
+        randomness = {name: getattr(router_cfg, name) for name in RANDOMNESS if hasattr(router_cfg, name)}
         return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.k, eval_k=moe_cfg.resolved_eval_k,
                    capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
                    min_capacity=moe_cfg.min_capacity, drop_tokens=moe_cfg.drop_tokens,
-                   eval_drop_tokens=moe_cfg.eval_drop_tokens, **randomness)
+                   eval_drop_tokens=moe_cfg.eval_drop_tokens, z_loss=moe_cfg.z_loss_coef > 0, **randomness)

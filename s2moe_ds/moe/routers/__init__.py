@@ -4,8 +4,8 @@ A router is built once, from its config (moe/routing.py's Routing, the settings 
 shares, plus its own dataclass), and offers:
 
 - route(x_TD, token_ids_T=None, mask_T=None) -> Route (route.py): scores, expert ids, slots and
-  combine weights of every route, its named losses ('balance' and its own) and metrics
-  ('expert_counts', 'dropped_fraction'); eval_k experts per token and no randomness in eval mode.
+  combine weights of every route, its named losses ('balance', 'z_loss' if configured, and its
+  own) and metrics ('expert_counts', 'dropped_fraction'); eval_k experts per token and no randomness in eval mode.
   A function of its inputs: nothing is left in the router. Blocks hand the Route to DeepSpeed's
   dispatch through the one adapter (parallel/deepspeed_internals.py); DeepSpeed's MOELayer still
   calls the router as its gate (forward), which answers from the route;

@@ -39,6 +39,14 @@ def gshard_balance(probs_TE: torch.Tensor, logits_TE: torch.Tensor, k: int) -> t
     return (probs_TE.mean(0) * mask_TE.float().mean(0)).sum() * E / (1 if k <= 2 else k)
 
 
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al., 2022), mean_t logsumexp_e(logits_te)^2 in fp32: it keeps
+    the router's logits small, where the softmax's rounding errors stay small too."""
+    if not len(logits_TE):
+        return logits_TE.float().sum()  # no real token: 0, still in the graph
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
 def assignment_balance(probs_TE: torch.Tensor, logits_TE: torch.Tensor, k: int) -> torch.Tensor:
     """The balance loss over every top-k assignment: E * sum_e f_e * P_e, with f_e the share of
     the T * k assignments that go to e and P_e its probability mass over T * k. At balance it is
@@ -66,6 +74,7 @@ class Router(nn.Module):
         self.drop_tokens, self.eval_drop_tokens = routing.drop_tokens, routing.eval_drop_tokens
         self.noisy_gate_policy, self.use_rts = routing.noisy_gate_policy, routing.use_rts
         self.top2_2nd_expert_sampling = routing.top2_2nd_expert_sampling
+        self.z_loss = routing.z_loss
         self.ep_group = None
 
     def _set_ep_group(self, ep_group) -> None:
@@ -120,7 +129,9 @@ class Router(nn.Module):
         """The route of the [T, D] tokens x (token_ids_T: their [T] ids, for routers that route by
         token; mask_T: [T], 0 for padding) in the router's mode: training (k, drops, its noise
         and DeepSpeed's randomness) or eval (eval_k, eval_drop_tokens, no randomness). Router
-        math runs in fp32. Leaves nothing behind in the router."""
+        math runs in fp32. Losses: 'balance', 'z_loss' in training if the router was built with it
+        (Routing.z_loss: over the real tokens, as the balance loss), and the router's own. Leaves
+        nothing behind in the router."""
         training = self.training
         k = self.k if training else self.eval_k
         drop = self.drop_tokens if training else self.eval_drop_tokens
@@ -135,6 +146,11 @@ class Router(nn.Module):
         if balance is None and real_T is not None and training:
             real_TE = logits_TE[real_T].float()
             balance = gshard_balance(F.softmax(real_TE, dim=1), real_TE, k) if len(real_TE) else real_TE.sum()
+        # Before the gating, which may change the logits in place. Only when configured, so that a
+        # run without it computes and reports nothing more.
+        z_loss = {}
+        if self.z_loss and training:
+            z_loss["z_loss"] = router_z_loss(logits_TE if real_T is None else logits_TE[real_T])
         sampling = self.top2_2nd_expert_sampling and training
         # DeepSpeed's top-2 adds its Gumbel noise to the logits in place: the gating gets a copy,
         # so that the balance loss and the route's scores keep the router's own.
@@ -149,7 +165,7 @@ class Router(nn.Module):
         deepspeed_balance = gating.pop("balance")
         balance = deepspeed_balance if balance is None else balance
         counts_E = gating.pop("expert_counts")
-        route = Route(scores_TE=logits_TE, **gating, losses={"balance": balance.float()},
+        route = Route(scores_TE=logits_TE, **gating, losses={"balance": balance.float(), **z_loss},
                       metrics={"expert_counts": counts_E})
         route = self.after_gating(route, x_TD, token_ids_T)
         dropped = (route.expert_ids_TK < 0).float().mean().detach()

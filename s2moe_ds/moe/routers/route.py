@@ -29,8 +29,9 @@ class Route:
     capacity: Union[int, torch.Tensor]
     """Slots per expert (DeepSpeed's gating may leave it a 0-dim tensor: read it once, it syncs)."""
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    """'balance' (the load-balancing loss, fp32 scalar in the graph) and the router's own
-    (RouterSpec.loss_terms names them, e.g. StableMoE's 'distill')."""
+    """'balance' (the load-balancing loss, fp32 scalar in the graph), 'z_loss' (ST-MoE's router
+    z-loss, in training when MoEConfig.z_loss_coef > 0) and the router's own (RouterSpec.loss_terms
+    names them, e.g. StableMoE's 'distill')."""
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Detached: 'expert_counts' ([E] routes per expert before capacity drops) and
     'dropped_fraction' (share of the T * K routes the capacity limit dropped)."""
