@@ -79,10 +79,13 @@ class XMoERouter(Router):
         """[T, E] fp32: the tokens' projections against the expert embeddings."""
         h_TR = F.linear(x_TD.float(), self.projection.weight.float())
         if self.settings.xmoe_sister:
-            # The sister code's weight constraint, applied in place before every forward as there:
-            # the one write a route makes (to a parameter, not to any state of the call).
-            with torch.no_grad():
-                self.centroids.mul_(1.5 / self.centroids.norm(dim=1, keepdim=True))
+            if self.training:
+                # The sister code's weight constraint, applied in place before every training
+                # forward as there: the one write a route makes (to a parameter, not to any state
+                # of the call). Never in eval, where it would move the run's weights: the scores
+                # below see the embeddings' directions only, so eval gives the same numbers.
+                with torch.no_grad():
+                    self.centroids.mul_(1.5 / self.centroids.norm(dim=1, keepdim=True))
             return h_TR @ F.normalize(self.centroids.float(), dim=1).t()
         return F.normalize(h_TR, dim=1) @ F.normalize(self.centroids.float(), dim=1).t()
 
