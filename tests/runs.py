@@ -41,3 +41,13 @@ def _pretrain_worker(rank, world_size, text, out_dir, cache, train_kw, hooks=(),
     train = dict(out_dir=out_dir, seq_len=32, warmup_steps=2, eval_interval=3, save_interval=3, log_interval=1)
     experiment = _experiment(model, world_size, text, cache, **{**train, **train_kw})
     return pretrain(experiment, _ds_config(), task=task, hooks=hooks)
+
+
+ROUTER_SETTINGS = {
+    "topk": {},
+    "xmoe": {},
+    "stablemoe": dict(stablemoe_stage1_steps=2),
+    "smoe_dropout": dict(smoe_dropout_steps=4),
+}
+"""Every router with settings that give its state something to do within a few steps (a short
+StableMoE stage 1, a short SMoE-Dropout schedule); the tests that cover every router use them."""

@@ -12,15 +12,9 @@ from s2moe_ds.moe.spec import ModelContext
 from s2moe_ds.parallel import ExpertLayout
 
 from ..harness import counting_all_to_all, run_distributed
+from ..runs import ROUTER_SETTINGS
 
 D, E, V, T = 8, 4, 11, 24
-
-ROUTER_SETTINGS = {
-    "topk": {},
-    "xmoe": {},
-    "stablemoe": dict(stablemoe_stage1_steps=2),
-    "smoe_dropout": dict(smoe_dropout_steps=4),
-}
 
 
 def _block(router, block="moe", ep_size=1, k=2, **router_config):

@@ -10,17 +10,13 @@ from s2moe_ds.models import build_model
 from s2moe_ds.moe import BLOCKS, ROUTERS
 from s2moe_ds.train import model_preset
 
+from ..runs import ROUTER_SETTINGS as RUNS_ROUTER_SETTINGS
+
 V = 50
 
-ROUTER_SETTINGS = {
-    "topk": {},
-    "xmoe": {},
-    "xmoe-sister": dict(xmoe_sister=True),
-    "stablemoe": dict(stablemoe_stage1_steps=2),
-    "smoe_dropout": dict(smoe_dropout_steps=4),
-}
-"""Each router, and variants with state of their own (a short stage 1, a short schedule, X-MoE's
-sister variant, which keeps its expert embeddings at norm 1.5 by rescaling them in training)."""
+ROUTER_SETTINGS = {**RUNS_ROUTER_SETTINGS, "xmoe-sister": dict(xmoe_sister=True)}
+"""Every router, and X-MoE's sister variant, which keeps its expert embeddings at norm 1.5 by
+rescaling them in training."""
 
 CASES = [(block, None) for block in BLOCKS if not BLOCKS[block].routed] + \
         [(block, router) for block in BLOCKS if BLOCKS[block].routed for router in ROUTER_SETTINGS]

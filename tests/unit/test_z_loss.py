@@ -14,13 +14,9 @@ from s2moe_ds.moe import FFN, MoEConfig, build_block, total_loss
 from s2moe_ds.moe.spec import ModelContext
 from s2moe_ds.train import model_preset
 
+from ..runs import ROUTER_SETTINGS as ROUTERS
+
 D, E, V, T = 8, 4, 11, 24
-ROUTERS = {
-    "topk": {},
-    "xmoe": {},
-    "stablemoe": dict(stablemoe_stage1_steps=2),
-    "smoe_dropout": dict(smoe_dropout_steps=4),
-}
 
 
 def _block(router, block="moe", z_loss_coef=0.0, **moe):
