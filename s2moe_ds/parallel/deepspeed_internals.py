@@ -174,10 +174,6 @@ def gate_weight(gate_: TopKGate) -> torch.Tensor:
     return gate_.wg.weight
 
 
-def gate_ep_group(gate_: TopKGate):
-    return gate_.ep_group
-
-
 def jitter(x: torch.Tensor) -> torch.Tensor:
     """DeepSpeed's multiplicative jitter of router inputs (noisy_gate_policy 'Jitter')."""
     return sharded_moe.multiplicative_jitter(x, device=x.device)
