@@ -37,6 +37,13 @@ BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
     **{f"s2moe-{name}": _routed("s2moe", router, 2) for name, router in BASELINE_ROUTERS.items() if router != MoEConfig.router},
     # S2MoE with top-1 per path: 2 paths x 1 expert, the expert compute per token of SMoE top-2.
     "s2moe-top1": _routed("s2moe", "topk", 1),
+    # Where S2MoE's gain comes from (issue 28's attribution study, docs/results.md): the noisy
+    # copies dispatched but not mixed in, mixed half and half, drawn without the batch-mean shift,
+    # and the lite form (no noisy dispatch: the copy exists only for the InfoNCE loss).
+    "s2moe-gate1": {**_routed("s2moe", "topk", 2), "mix_gate_fixed": 1.0},
+    "s2moe-gate0.5": {**_routed("s2moe", "topk", 2), "mix_gate_fixed": 0.5},
+    "s2moe-noshift": {**_routed("s2moe", "topk", 2), "noise_shift": False},
+    "s2moe-lite": {**_routed("s2moe", "topk", 2), "noisy_dispatch": False},
     "smoe-top1": _routed("moe", "topk", 1),
     "dense": {"block": "dense"},
 }

@@ -11,6 +11,8 @@ Training forward, for the tokens x of this rank (docs/method.md):
     L_u = InfoNCE(x, x_hat) on a token sample         (method/infonce.py)
 
 Eval forward (eval_noise 'none'): out = SMoE(x) with eval_k experts, one dispatch, deterministic.
+Ablations (S2MoEConfig): mix_gate_fixed (g a constant), noise_shift false (x_hat without mu) and the
+lite form, noisy_dispatch false (out = SMoE(x) in training too; x_hat exists only for L_u).
 use_residual=True (DeepSpeed's residual MoE): out = c0(x) * out + c1(x) * mlp(x), once, after the mix
 (blocks/residual.py says why).
 `S2MoEConfig.fused` picks the formulas of method/ or their autograd Functions in fused/.
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from ...config import (IMPLEMENTATION, ConfigError, check_bool, check_choice, check_int, check_known_fields,
-                       check_number, require)
+                       check_number, is_finite_number, require)
 from ...parallel import check_expert_parallel
 from ...parallel import deepspeed_internals as ds
 from .. import fused, method
@@ -53,6 +55,10 @@ class S2MoEConfig:
 
     noise_scale: float = 1.0
     """s in N1 = 1 + s*sigma*eps1, N2 = mu + s*sigma*eps2; 0 gives x_hat = x + mu."""
+    noise_shift: bool = True
+    """Add the batch mean mu to the copy (the paper's N2 = mu + s*sigma*eps2). False: N2 =
+    s*sigma*eps2, so x_hat = x + s*sigma*(eps1*x + eps2), a copy centred on its token (an
+    ablation of issue 28's attribution study)."""
     noise_stats: str = "local"
     """Where mu and sigma come from: 'local' (this rank's tokens) or 'global' (all-reduced over the
     data-parallel group, like SyncBatchNorm)."""
@@ -61,6 +67,15 @@ class S2MoEConfig:
     mix_gate_init_bias: float = 0.0
     """Initial bias b of the mixing gate g(x) = sigmoid(w^T x + b); w starts at 0, so g starts at
     sigmoid(b) (0.5 for the default)."""
+    mix_gate_fixed: Optional[float] = None
+    """None (the paper's): the learned gate g(x) above. A number in [0, 1]: g is that constant for
+    every token and the layer has no gate parameters; 1 dispatches the noisy copies but mixes
+    none of their output in, 0.5 averages the paths (ablations of issue 28's attribution study)."""
+    noisy_dispatch: bool = True
+    """True (the paper's): the noisy copies go through the router and the experts and are mixed
+    in. False is the lite form: the copy exists only for the InfoNCE loss on the layer's input;
+    the router and experts see the clean tokens alone, so a training step costs what SMoE's does
+    plus the loss, and there is no mixing gate."""
     eval_noise: str = "none"
     """Noise in eval mode: 'none' (x_hat = x, one dispatch), 'mean' (x_hat = x + mu) or 'sample'
     (as in training)."""
@@ -94,6 +109,12 @@ class S2MoEConfig:
     def __post_init__(self) -> None:
         p = "s2moe."
         check_number(self.noise_scale, p + "noise_scale", 0.0, strict=False)
+        check_bool(self.noise_shift, p + "noise_shift")
+        check_bool(self.noisy_dispatch, p + "noisy_dispatch")
+        if self.mix_gate_fixed is not None:
+            require(is_finite_number(self.mix_gate_fixed) and 0.0 <= self.mix_gate_fixed <= 1.0,
+                    p + "mix_gate_fixed", f"must be a number in [0, 1] or None (the learned gate), "
+                    f"got {self.mix_gate_fixed!r}")
         check_choice(self.noise_stats, p + "noise_stats", NOISE_STATS)
         check_bool(self.detach_noise_stats, p + "detach_noise_stats")
         check_number(self.mix_gate_init_bias, p + "mix_gate_init_bias", float("-inf"), strict=True)
@@ -108,6 +129,24 @@ class S2MoEConfig:
         check_choice(self.uncertainty_on, p + "uncertainty_on", UNCERTAINTY_ON)
         check_choice(self.uncertainty_over_layers, p + "uncertainty_over_layers", LAYER_REDUCTIONS)
         check_bool(self.fused, p + "fused")
+        if not self.noisy_dispatch:
+            self._check_lite(p)
+
+    def _check_lite(self, p: str) -> None:
+        """The lite form has one path: nothing to mix, no SMoE(x_hat) to compare or to evaluate."""
+        fix = f"; drop it or set {p}noisy_dispatch true"
+        require(self.mix_gate_fixed is None, p + "mix_gate_fixed",
+                f"has no effect with {p}noisy_dispatch false (the lite form mixes no paths){fix}")
+        require(self.uncertainty_on == "input", p + "uncertainty_on",
+                f"must be 'input' with {p}noisy_dispatch false: no expert sees the copy, so there is no "
+                f"SMoE(x_hat) to compare{fix}")
+        require(self.eval_noise == "none", p + "eval_noise",
+                f"must be 'none' with {p}noisy_dispatch false: the experts never see a noisy copy{fix}")
+
+    @property
+    def learned_gate(self) -> bool:
+        """Whether the layer has the mixing gate's parameters (w, b)."""
+        return self.noisy_dispatch and self.mix_gate_fixed is None
 
 
 def _check_folding(uncertainty_coef: float, balance_coef: float, field: str) -> None:
@@ -187,8 +226,8 @@ class S2MoE(ExpertBlock, ds.MoE):
         self.noise = method.GaussianNoise(cfg.noise_scale, cfg.noise_stats, cfg.detach_noise_stats)
         self.negatives_group = None  # the data-parallel group, once DeepSpeed sets the layout
         # Named without "expert": DeepSpeed moves every state-dict key containing that word into
-        # the per-expert checkpoint files.
-        self.mix_gate = nn.Linear(hidden_size, 1)
+        # the per-expert checkpoint files. A fixed gate or the lite form has no parameters to learn.
+        self.mix_gate = nn.Linear(hidden_size, 1) if cfg.learned_gate else None
         self.reset_block_parameters()
         ds.enable_pair_dispatch(self)
 
@@ -198,6 +237,8 @@ class S2MoE(ExpertBlock, ds.MoE):
 
     def reset_block_parameters(self) -> None:
         """w = 0 and b = mix_gate_init_bias, so g(x) starts at sigmoid(b) for every token."""
+        if self.mix_gate is None:
+            return
         nn.init.zeros_(self.mix_gate.weight)
         nn.init.constant_(self.mix_gate.bias, self.config.mix_gate_init_bias)
 
@@ -220,12 +261,34 @@ class S2MoE(ExpertBlock, ds.MoE):
     def _uses_noise(self) -> bool:
         return self.training or self.config.eval_noise != "none"
 
+    def _dispatches_noise(self) -> bool:
+        return self._uses_noise() and self.config.noisy_dispatch
+
+    def gate(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """g per token, [T, 1] fp32: the learned sigmoid(w^T x + b) or the configured constant."""
+        if self.mix_gate is None:
+            return torch.full((x_TD.shape[0], 1), self.config.mix_gate_fixed, dtype=torch.float32, device=x_TD.device)
+        ops = fused if self.config.fused else method
+        return torch.sigmoid(ops.mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias))
+
+    def _copy_statistics(self, x_TD: torch.Tensor, mask_T: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the shift, sigma) of the copy: mu, or zeros without the batch-mean shift."""
+        mu_D, sigma_D = self.noise.statistics(x_TD, mask_T)
+        return (mu_D if self.config.noise_shift else torch.zeros_like(mu_D)), sigma_D
+
+    def noisy_copy(self, x_TD: torch.Tensor, mask_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_hat alone, sampled (the lite form's: no [x; x_hat] buffer, since nothing dispatches it)."""
+        mu_D, sigma_D = self._copy_statistics(x_TD, mask_T)
+        if self.noise.noise_scale == 0:
+            return method.expected_copy(x_TD, mu_D)
+        return method.noisy_copy(x_TD, mu_D, self.noise.noise_scale * sigma_D, *method.draw_eps(x_TD))
+
     def noisy_pair(self, x_TD: torch.Tensor, mask_T: Optional[torch.Tensor] = None,
                    sample: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """([x; x_hat] along the token axis, x_hat): both paths in one buffer for one dispatch.
         The fused Function covers sampled noise with constant statistics; the rest is plain."""
         noise = self.noise
-        mu_D, sigma_D = noise.statistics(x_TD, mask_T)
+        mu_D, sigma_D = self._copy_statistics(x_TD, mask_T)
         if not sample or noise.noise_scale == 0:
             x_hat_TD = method.expected_copy(x_TD, mu_D)
             return torch.cat([x_TD, x_hat_TD], dim=0), x_hat_TD
@@ -249,17 +312,21 @@ class S2MoE(ExpertBlock, ds.MoE):
         uncertainty = x_TD.new_zeros((), dtype=torch.float32)
         extra = {}
 
-        if not self._uses_noise():
-            # x_hat = x, so g * SMoE(x) + (1 - g) * SMoE(x) = SMoE(x): one dispatch, no gate.
+        if not self._dispatches_noise():
+            # Eval: x_hat = x, so g * SMoE(x) + (1 - g) * SMoE(x) = SMoE(x): one dispatch, no gate.
+            # The lite form: the experts never see the copy, which exists for L_u alone.
             route = self.route(x_TD, mask_T, ids_T)
             out_TD = self.dispatch_and_combine(x_TD, route)
+            if self.training and cfg.uncertainty_coef > 0:
+                x_hat_TD = self.noisy_copy(x_TD, mask_T)
+                uncertainty = self.uncertainty(x_TD, x_hat_TD, mask_T)
         else:
             # Clean tokens first: DeepSpeed drops routes by position when an expert is full, so
             # the clean path (the one evaluation uses) keeps priority over the noisy copy.
             both_2TD, x_hat_TD = self.noisy_pair(x_TD, mask_T, sample=self.training or cfg.eval_noise == "sample")
             both_mask = None if mask_T is None else torch.cat([mask_T, mask_T], dim=0)
             both_ids = None if ids_T is None else torch.cat([ids_T, ids_T], dim=0)
-            g_T1 = torch.sigmoid(ops.mix_gate_logit(x_TD, self.mix_gate.weight, self.mix_gate.bias))
+            g_T1 = self.gate(x_TD)
             route = self.route(both_2TD, both_mask, both_ids)  # one route for both paths
             if self.mixes_in_combine():
                 # The mix inside DeepSpeed's combine: each token's output sums its clean routes
@@ -306,6 +373,10 @@ class S2MoE(ExpertBlock, ds.MoE):
         return parts.output, l_aux, parts.metrics["expert_counts"]
 
     def analysis_extras(self, x_ND: torch.Tensor):
+        if not self.config.noisy_dispatch:
+            return {}
+        if self.mix_gate is None:
+            return {"mix_gate": self.gate(x_ND).reshape(-1)}
         g_N1 = torch.sigmoid(method.mix_gate_logit(x_ND, self.mix_gate.weight, self.mix_gate.bias))
         return {"mix_gate": g_N1.reshape(-1)}
 
@@ -323,11 +394,12 @@ def loss_terms(moe_cfg):
 
 def flops(moe_cfg, d_model: int, d_inner: int, experts_per_token: int, training: bool, router_flops: int):
     """In training the router and the experts see the clean and the noisy copy, and the mixing gate
-    runs; in eval only the clean tokens, as any MoE."""
-    paths = 2 if training else 1
+    runs (the lite form: the clean tokens only, no gate); in eval only the clean tokens, as any MoE."""
+    cfg = moe_cfg.block_config
+    paths = 2 if training and cfg.noisy_dispatch else 1
     out = {name: paths * v
            for name, v in moe_flops(moe_cfg, d_model, d_inner, experts_per_token, training, router_flops).items()}
-    out["mix_gate"] = 2 * d_model if training else 0
+    out["mix_gate"] = 2 * d_model if training and cfg.learned_gate else 0
     return out
 
 
