@@ -62,8 +62,10 @@ def _parity_worker(rank, world_size, train, kw, impl="loop"):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("kw,impl", [({}, "loop"), (dict(noise_stats="global", eval_k=1), "loop"), ({}, "batched")],
-                         ids=["default", "global-stats", "batched-experts"])
+@pytest.mark.parametrize("kw,impl", [({}, "loop"), (dict(noise_stats="global", eval_k=1), "loop"), ({}, "batched"),
+                                     (dict(noisy_dispatch=False), "loop"),
+                                     (dict(mix_gate_fixed=0.5, noise_shift=False), "loop")],
+                         ids=["default", "global-stats", "batched-experts", "lite", "fixed-gate-no-shift"])
 def test_ep2_matches_ep1_outputs_and_gradients(train, kw, impl):
     sums = run_distributed(_parity_worker, world_size=2, args=(train, kw, impl))
     assert sums[0] != sums[1]  # the ranks really saw different tokens
