@@ -4,8 +4,8 @@
     .venv/bin/python bench/bench_step.py --presets paper-small --dtype bf16
 
 Variants per preset, timed in one process, interleaved: smoe-k2 (DeepSpeed's MoE, top-2, the
-paper's baseline), s2moe-k2, s2moe-k1 (S2MoE with k experts per path), dense (the preset's dense
-FFN, d_inner hidden units). The loss is the one the trainer optimises:
+paper's baseline), s2moe-k2, s2moe-k1 (S2MoE with k experts per path), s2moe-lite-k2 (the lite
+form: no noisy dispatch, InfoNCE only), dense (the preset's dense FFN, d_inner hidden units). The loss is the one the trainer optimises:
 task + balance_coef * L_balance + uncertainty_coef * L_u. Plain torch AdamW on one process with a
 world-size-1 DeepSpeed process group (expert-parallel size 1).
 
@@ -29,6 +29,8 @@ VARIANTS = {  # name -> MoE config overrides
     "smoe-k2": dict(block="moe", k=2),
     "s2moe-k2": dict(block="s2moe", k=2),
     "s2moe-k1": dict(block="s2moe", k=1),
+    # The lite form: SMoE's dispatch plus InfoNCE on the layer's input (docs/method.md section 9).
+    "s2moe-lite-k2": dict(block="s2moe", k=2, block_config=dict(noisy_dispatch=False)),
     "dense": dict(block="dense"),
 }
 

@@ -107,11 +107,14 @@ def test_gpu_suite_dry_run(tmp_path):
 def test_bench_step(tmp_path):
     record, _ = _run("bench_step", ["--presets", "tiny", "--tokens", "128", *FAST], tmp_path)
     rows = {r["variant"]: r for r in record["rows"]}
-    assert set(rows) == {"smoe-k2", "s2moe-k2", "s2moe-k1", "dense"}
+    assert set(rows) == {"smoe-k2", "s2moe-k2", "s2moe-k1", "s2moe-lite-k2", "dense"}
     for row in rows.values():
         _assert_timed(row)
         assert row["tokens"] == 128 and row["state_bytes"] > 0 and row["total_peak_bytes"] > row["state_bytes"]
     assert rows["smoe-k2"]["time_vs_smoe_k2"]["median"] == pytest.approx(1.0)
+    # The lite form has SMoE's weights and FLOPs (InfoNCE is not counted) and no noisy dispatch.
+    assert rows["s2moe-lite-k2"]["params"] == rows["smoe-k2"]["params"] < rows["s2moe-k2"]["params"]
+    assert rows["s2moe-lite-k2"]["flops_per_token"] == rows["smoe-k2"]["flops_per_token"]
     _assert_targets(record, 2)
 
 
