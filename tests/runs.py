@@ -48,6 +48,8 @@ ROUTER_SETTINGS = {
     "xmoe": {},
     "stablemoe": dict(stablemoe_stage1_steps=2),
     "smoe_dropout": dict(smoe_dropout_steps=4),
+    "lossfree": dict(lossfree_bias_rate=0.05),
 }
 """Every router with settings that give its state something to do within a few steps (a short
-StableMoE stage 1, a short SMoE-Dropout schedule); the tests that cover every router use them."""
+StableMoE stage 1, a short SMoE-Dropout schedule, a loss-free bias that moves enough to change
+routes); the tests that cover every router use them."""

@@ -35,6 +35,9 @@ BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
     # ... and S2MoE over each of their routers, top-2 on each path (the paper's setting).
     "s2moe": _routed("s2moe", "topk", 2),
     **{f"s2moe-{name}": _routed("s2moe", router, 2) for name, router in BASELINE_ROUTERS.items() if router != MoEConfig.router},
+    # Loss-free balancing (DeepSeek-V3's router, no balance loss), plain and under S2MoE.
+    "lossfree": _routed("moe", "lossfree", 2),
+    "s2moe-lossfree": _routed("s2moe", "lossfree", 2),
     # S2MoE with top-1 per path: 2 paths x 1 expert, the expert compute per token of SMoE top-2.
     "s2moe-top1": _routed("s2moe", "topk", 1),
     # Where S2MoE's gain comes from (issue 28's attribution study, docs/results.md): the noisy

@@ -9,7 +9,7 @@ its config. Models, training, evaluation, FLOPs, analysis and comparisons ask th
 from typing import Dict
 
 from .blocks import dense, moe, s2moe
-from .routers import smoe_dropout, stablemoe, topk, xmoe
+from .routers import lossfree, smoe_dropout, stablemoe, topk, xmoe
 from .spec import BlockSpec, ModelContext, RouterSpec
 
 BLOCKS: Dict[str, BlockSpec] = {
@@ -23,6 +23,7 @@ ROUTERS: Dict[str, RouterSpec] = {
     "xmoe": xmoe.SPEC,
     "stablemoe": stablemoe.SPEC,
     "smoe_dropout": smoe_dropout.SPEC,
+    "lossfree": lossfree.SPEC,
 }
 
 

@@ -32,7 +32,7 @@ from ..parallel import deepspeed_internals as ds
 from ..progress import set_mode as set_progress_mode
 from .collectives import max_over_ranks, rank_average
 from .config import ExperimentConfig, TrainConfig
-from .hooks import TrainerHook, TrainingStepSchedule
+from .hooks import LoadBalancingBias, TrainerHook, TrainingStepSchedule
 from .lock import RunLock
 from .monitor import Monitor, layer_values, rank_averaged_keys
 from .signals import REQUEUE_MARKER, StopRequest
@@ -224,7 +224,8 @@ class Trainer:
         train = self.train_cfg
         self.monitor = Monitor(train, self.rank == 0, start_step=self.step)
         self.loss_terms = self.model_cfg.moe.loss_terms()
-        self.hooks.insert(0, TrainingStepSchedule(self.engine.module, train.max_steps))
+        self.hooks[:0] = [TrainingStepSchedule(self.engine.module, train.max_steps),
+                          *LoadBalancingBias.of(self.engine.module)]
         self.last_saved = self.step if train.resume else -1
         self.recent_losses = deque(maxlen=train.spike_window)  # this rank's, for the spike check
         if resume_tag is not None and self.rank == 0:
@@ -346,6 +347,8 @@ class Trainer:
         for micro in range(self.gas):
             self._at(step, "forward" if self.gas == 1 else f"forward {micro + 1}/{self.gas}")
             out = self.task.forward(self.engine, self.task.next_batch())
+            for hook in self.hooks:
+                hook.after_forward(self, step, out)
             loss, micro_parts = self.task.loss(out, self.loss_terms)
             totals.append(loss.detach())
             parts.append(micro_parts)

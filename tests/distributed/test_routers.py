@@ -172,7 +172,7 @@ def test_smoe_dropout_router_never_learns_while_k_follows_the_schedule(block):
 
 # ---------------------------------------------------------------------- every router, 2 gloo ranks
 
-COMBOS = [(r, b) for r in ("xmoe", "stablemoe", "smoe_dropout") for b in ("moe", "s2moe")]
+COMBOS = [(r, b) for r in ("xmoe", "stablemoe", "smoe_dropout", "lossfree") for b in ("moe", "s2moe")]
 
 
 def _forward_backward(layer, x_TD, ids_T, seed):

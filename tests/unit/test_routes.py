@@ -18,6 +18,7 @@ ROUTERS = {
     "stablemoe": dict(stablemoe_stage1_steps=2),
     "stablemoe-frozen": dict(stablemoe_stage1_steps=2),
     "smoe_dropout": dict(smoe_dropout_steps=4),
+    "lossfree": {},
 }
 
 

@@ -105,6 +105,12 @@ class Router(nn.Module):
         noise to them in place); None keeps DeepSpeed's."""
         return None
 
+    def selection_logits(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 values DeepSpeed's gating picks each token's top-k by (its capacity and slots
+        too); the logits themselves unless the router selects by something else (the loss-free
+        router: its scores plus a per-expert bias)."""
+        return logits_TE
+
     def after_gating(self, route: Route, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> Route:
         """The route, changed as the router's method says (e.g. its combine weights, its own losses)."""
         return route
@@ -137,8 +143,9 @@ class Router(nn.Module):
         drop = self.drop_tokens if training else self.eval_drop_tokens
         factor = self.capacity_factor if training else self.eval_capacity_factor
         logits_TE = self.route_logits(x_TD, token_ids_T, noisy=training)
+        select_TE = self.selection_logits(logits_TE)
         if k == 1 and not drop:
-            factor, drop = self._capacity_for_all(logits_TE), True
+            factor, drop = self._capacity_for_all(select_TE), True
         real_T = None if mask_T is None else mask_T.reshape(-1) > 0
         # Padding (mask 0) stays out of the balance loss: DeepSpeed's top-2 and top-k gates
         # take no mask, and its top-1 averages the gate probabilities over the padding too.
@@ -154,7 +161,7 @@ class Router(nn.Module):
         sampling = self.top2_2nd_expert_sampling and training
         # DeepSpeed's top-2 adds its Gumbel noise to the logits in place: the gating gets a copy,
         # so that the balance loss and the route's scores keep the router's own.
-        gated_TE = logits_TE.clone() if balance is not None or (k == 2 and sampling) else logits_TE
+        gated_TE = select_TE.clone() if balance is not None or (k == 2 and sampling) else select_TE
         # DeepSpeed's top-1 refuses fewer tokens than min_capacity (sampling feeds one at a time);
         # below it every expert's capacity holds all tokens either way, so nothing else changes.
         gating = ds.gate_on_logits(gated_TE, k=k, capacity_factor=factor,
