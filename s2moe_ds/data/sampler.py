@@ -1,14 +1,17 @@
 """Training batches of contiguous token windows with an exactly resumable position, and full-split
-evaluation batches shared by the ranks."""
+evaluation batches shared by the ranks, built as they are read."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
+
+Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(x_BT, y_BT, mask_BT), int64."""
 
 
 def _num_windows(num_tokens: int, seq_len: int) -> int:
@@ -118,9 +121,32 @@ class ContiguousBatchSampler:
         self.epoch, self.position = int(state["epoch"]), windows // self.global_batch
 
 
-def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int,
-                 world_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(x_BT, y_BT, mask_BT) over the whole split, in order, without overlap.
+class EvalBatches:
+    """Evaluation batches made one at a time as they are read, from the (memory-mapped) token array.
+
+    len() is known before any batch is built, so every rank can agree on the number of forwards in
+    one collective; iterating builds batch i only when it is asked for, and never more than len()
+    batches (`max_batches` is applied here, before any work). Iterable again from the start.
+    """
+
+    def __init__(self, count: int, make: Callable[[int], Iterator[Batch]]) -> None:
+        self._count, self._make = int(count), make
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._make(self._count)
+
+
+def _capped(count: int, max_batches: Optional[int]) -> int:
+    return count if max_batches is None else min(count, max(int(max_batches), 0))
+
+
+def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int, world_size: int,
+                 max_batches: Optional[int] = None) -> EvalBatches:
+    """(x_BT, y_BT, mask_BT) over the whole split (or its first `max_batches` batches on this
+    rank), in order, without overlap, each batch built when it is read.
 
     Window i holds tokens [i*seq_len, i*seq_len + seq_len] and predicts tokens i*seq_len+1 ...:
     every token after the first is a target exactly once across all ranks. The last window may be
@@ -132,22 +158,28 @@ def eval_batches(tokens_N: np.ndarray, seq_len: int, batch_size: int, rank: int,
     """
     n = len(tokens_N)
     num_windows = -(-max(n - 1, 0) // seq_len)
-    mine = np.arange(rank, num_windows, world_size)
-    if len(mine) == 0:
-        zeros_BT = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        yield zeros_BT, zeros_BT.clone(), zeros_BT.clone()
-        return
-    offsets_T1 = np.arange(seq_len + 1)
-    for b in range(0, len(mine), batch_size):
-        starts_B = mine[b:b + batch_size] * seq_len
-        # Padding rows start past the end of the split, so the validity test below masks them whole.
-        starts_B = np.concatenate([starts_B, np.full(batch_size - len(starts_B), n, dtype=starts_B.dtype)])
-        index_BT1 = starts_B[:, None] + offsets_T1[None, :]
-        valid_BT1 = index_BT1 < n
-        window_BT1 = np.where(valid_BT1, np.asarray(tokens_N[np.minimum(index_BT1, n - 1)], dtype=np.int64), 0)
-        window_BT1 = torch.from_numpy(window_BT1)
-        mask_BT = torch.from_numpy(valid_BT1[:, 1:].astype(np.int64))
-        yield window_BT1[:, :-1], window_BT1[:, 1:], mask_BT
+    mine = len(range(rank, num_windows, world_size))
+    stride = batch_size * world_size  # windows between the first of one batch and the next's
+
+    def make(count: int) -> Iterator[Batch]:
+        if mine == 0:
+            for _ in range(count):
+                zeros_BT = torch.zeros(batch_size, seq_len, dtype=torch.long)
+                yield zeros_BT, zeros_BT.clone(), zeros_BT.clone()
+            return
+        offsets_T1 = np.arange(seq_len + 1)
+        for b in range(count):
+            first = rank + b * stride
+            starts_B = np.arange(first, min(first + stride, num_windows), world_size) * seq_len
+            # Padding rows start past the end of the split, so the validity test below masks them whole.
+            starts_B = np.concatenate([starts_B, np.full(batch_size - len(starts_B), n, dtype=starts_B.dtype)])
+            index_BT1 = starts_B[:, None] + offsets_T1[None, :]
+            valid_BT1 = index_BT1 < n
+            window_BT1 = np.where(valid_BT1, np.asarray(tokens_N[np.minimum(index_BT1, n - 1)], dtype=np.int64), 0)
+            window_BT1 = torch.from_numpy(window_BT1)
+            mask_BT = torch.from_numpy(valid_BT1[:, 1:].astype(np.int64))
+            yield window_BT1[:, :-1], window_BT1[:, 1:], mask_BT
+    return EvalBatches(_capped(max(-(-mine // batch_size), 1), max_batches), make)
 
 
 class StreamBatchSampler:
@@ -215,10 +247,11 @@ class StreamBatchSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def stream_eval_batches(tokens_N: np.ndarray, seq_len: int, streams: int, rank: int,
-                        world_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(x_BT, y_BT, mask_BT) over the whole split as `streams` contiguous streams read in order, for
-    a model that keeps memory along each row.
+def stream_eval_batches(tokens_N: np.ndarray, seq_len: int, streams: int, rank: int, world_size: int,
+                        max_batches: Optional[int] = None) -> EvalBatches:
+    """(x_BT, y_BT, mask_BT) over the whole split (or its first `max_batches` segments) as `streams`
+    contiguous streams read in order, for a model that keeps memory along each row; each segment
+    built when it is read.
 
     Stream s holds tokens [s*L, (s+1)*L] (L = (n - 1) // streams; the last stream runs to the end of
     the split, so every token after the first is a target exactly once). Rank r holds streams
@@ -237,15 +270,18 @@ def stream_eval_batches(tokens_N: np.ndarray, seq_len: int, streams: int, rank: 
     ends_S = np.minimum(np.arange(1, streams + 1) * length, n - 1)
     ends_S[-1] = n - 1
     longest = int((ends_S - np.arange(streams) * length).max())
-    for pos in range(0, longest, seq_len):
-        x_BT = np.zeros((rows, seq_len), dtype=np.int64)
-        y_BT = np.zeros((rows, seq_len), dtype=np.int64)
-        mask_BT = np.zeros((rows, seq_len), dtype=np.int64)
-        for row, s in enumerate(mine):
-            start, end = s * length + pos, ends_S[s]  # targets start+1 .. end
-            count = max(min(seq_len, end - start), 0)
-            if count:
-                x_BT[row, :count] = tokens_N[start:start + count]
-                y_BT[row, :count] = tokens_N[start + 1:start + count + 1]
-                mask_BT[row, :count] = 1
-        yield torch.from_numpy(x_BT), torch.from_numpy(y_BT), torch.from_numpy(mask_BT)
+
+    def make(count: int) -> Iterator[Batch]:
+        for pos in range(0, count * seq_len, seq_len):
+            x_BT = np.zeros((rows, seq_len), dtype=np.int64)
+            y_BT = np.zeros((rows, seq_len), dtype=np.int64)
+            mask_BT = np.zeros((rows, seq_len), dtype=np.int64)
+            for row, s in enumerate(mine):
+                start, end = s * length + pos, ends_S[s]  # targets start+1 .. end
+                count_T = max(min(seq_len, end - start), 0)
+                if count_T:
+                    x_BT[row, :count_T] = tokens_N[start:start + count_T]
+                    y_BT[row, :count_T] = tokens_N[start + 1:start + count_T + 1]
+                    mask_BT[row, :count_T] = 1
+            yield torch.from_numpy(x_BT), torch.from_numpy(y_BT), torch.from_numpy(mask_BT)
+    return EvalBatches(_capped(-(-longest // seq_len), max_batches), make)

@@ -5,6 +5,7 @@ stage, process count, ep_size) evaluates the same way, and every number except t
 identical from run to run: fixed windows in order, no sampling, no token drops, no noise.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ from ..checkpoint.store import COMPLETE, LATEST, TOKENIZER, step_of_name
 from ..config import ConfigError, check_int, check_known_fields, check_optional_int, require
 from ..data import DataConfig, check_tokenizer_matches, prepare_corpus
 from ..data.config import TOKENIZER_KINDS, check_output_folder
+from ..moe import experts_per_token
 from ..parallel.deepspeed_internals import MODEL_STATES
 from ..fileio import atomic_write_text
 from ..tables import markdown_table
@@ -271,6 +273,7 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
         raise ConfigError(f"eval.checkpoint: {step_dir} records no run settings (client state 'run'); "
                           "it was not written by s2moe_ds.train")
     model_cfg = model_config_for_inference(client, state=state, where=f"--checkpoint: {_states_file(step_dir)}")
+    _check_eval_k(cfg.eval_k, model_cfg)
     seq_len = cfg.seq_len or run["train"]["seq_len"]
     check_int(seq_len, "eval.seq_len", 1)
     if seq_len > model_cfg.max_seq_len:
@@ -293,13 +296,16 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     }
     # The cost ratio printed next to each score: this eval_k's FLOPs over the largest one's.
     reference_flops = report["flops_per_token"][str(max(ks) if routed else ks[-1])]["total"]
-    models = {}
+    # One model for every eval_k, switched in place on its routers (the only place eval_k lives),
+    # with the checkpoint's weights: built from them, which are then dropped.
+    model = model_from_state(state, client, None, f"--checkpoint: {_states_file(step_dir)}").to(device)
+    del state
     for k in ks:
-        models[k] = model_from_state(state, client, k, f"--checkpoint: {_states_file(step_dir)}").to(device)
         flops = report["flops_per_token"][str(k)]["total"]
         for split in cfg.splits:
             start = time.perf_counter()
-            result = _run_split(cfg, corpus, split, seq_len, device, models[k])
+            with _eval_k(model, k):
+                result = _run_split(cfg, corpus, split, seq_len, device, model)
             seconds = time.perf_counter() - start
             row = {"split": split, "eval_k": k, **result, "seconds": seconds,
                    "tokens_per_s": result["tokens"] / seconds, "flops_per_token": flops,
@@ -309,17 +315,33 @@ def evaluate_checkpoint(cfg: EvalConfig, log=print) -> Dict[str, object]:
     if cfg.analysis and routed:
         # Its own pass, so the hooks cost nothing in the timed ones.
         k, split = ks[0], cfg.splits[0]
-        analyzer = ExpertAnalyzer(models[k], cfg.analysis_tokens, corpus.tokenizer.vocab_size)
-        with analyzer:
-            _run_split(cfg, corpus, split, seq_len, device, models[k], analyzer)
-        # Again before writing: a folder or link may have appeared while the model ran.
-        check_out_dir(out_dir, cfg.checkpoint, step_dir, cfg.out_dir is not None, subfolders)
-        report["analysis"] = _write_analysis(analyzer, corpus.tokenizer, out_dir, client.get("step") or 0, split, k)
+        analyzer = ExpertAnalyzer(model, cfg.analysis_tokens, corpus.tokenizer.vocab_size)
+        with _eval_k(model, k):  # the report reads each router's eval_k too
+            with analyzer:
+                _run_split(cfg, corpus, split, seq_len, device, model, analyzer)
+            # Again before writing: a folder or link may have appeared while the model ran.
+            check_out_dir(out_dir, cfg.checkpoint, step_dir, cfg.out_dir is not None, subfolders)
+            report["analysis"] = _write_analysis(analyzer, corpus.tokenizer, out_dir, client.get("step") or 0,
+                                                 split, k)
     check_out_dir(out_dir, cfg.checkpoint, step_dir, cfg.out_dir is not None, subfolders)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
     report["out_dir"] = out_dir
     return report
+
+
+def _check_eval_k(eval_k: Sequence[int], model_cfg) -> None:
+    """Each eval_k fits the checkpoint's layers: refused before the corpus is read or a model built."""
+    experts = model_cfg.moe.num_experts
+    for k in eval_k if model_cfg.moe.routed else ():
+        require(k <= experts, "eval.eval_k", f"{k} exceeds the checkpoint's {experts} experts per layer; pass "
+                f"values from 1 to {experts}")
+
+
+def _eval_k(model, k: Optional[int]):
+    """Within the block, the model evaluates with k experts per token (None: a dense model, as is);
+    its routers' eval_k is restored after, also on an error."""
+    return contextlib.nullcontext() if k is None else experts_per_token(model, k)
 
 
 def _states_file(step_dir: str) -> str:

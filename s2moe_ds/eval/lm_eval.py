@@ -1,5 +1,6 @@
 """Full passes over a split: total NLL across ranks, reported as BPC or word-level perplexity."""
 
+import itertools
 import math
 from typing import Callable, Dict, Optional
 
@@ -13,31 +14,43 @@ def evaluate_split(forward: Callable, batches, device, unit_count: int, split_to
                    max_batches: Optional[int] = None) -> Dict[str, float]:
     """Sum the next-token NLL of `batches` ((x, y, mask) per batch) over every rank.
 
+    `batches` is read one batch at a time: with a length (eval_batches, stream_eval_batches, a
+    list) no batch past the first `max_batches` is built or read; a plain iterator is read up to
+    `max_batches` first, since its length must be known before the first (collective) forward.
+
     forward(x, y, mask) -> LMOutput. Every rank runs the same number of forwards, padding with
     fully masked batches, because an expert-parallel forward is a collective: a rank that stopped
     early would leave the others waiting in the all-to-all. Returns nll per token, and 'bpc' (nats
     per unit / ln 2) or 'ppl' (exp of nats per word), with the split's `unit_count` units (bytes,
     characters or words) scaled by the share of its `split_tokens` that were predicted.
     """
-    batches = list(batches)
-    if max_batches is not None:
-        batches = batches[:max_batches]
+    if not hasattr(batches, "__len__"):  # a plain iterator: its length is known only by reading it
+        batches = list(itertools.islice(batches, max_batches))
+    count = len(batches) if max_batches is None else min(len(batches), max_batches)
     # Collectives take tensors on the device (NCCL refuses CPU tensors).
-    n = torch.tensor([len(batches)], dtype=torch.long, device=device)
+    n = torch.tensor([count], dtype=torch.long, device=device)
     if dist.is_initialized():
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    if not batches:
+    if count == 0:
         raise ValueError("evaluation split is empty on this rank and every other")
     nll = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
+    # One batch at a time, as it is built; a rank with fewer batches repeats its first one fully
+    # masked, which it keeps (one batch), so that it can join the others' collective forwards.
+    mine = itertools.islice(batches, count)
+    first = None
     with torch.no_grad():
         for i in range(int(n.item())):
-            x, y, mask = batches[i] if i < len(batches) else (*batches[0][:2], torch.zeros_like(batches[0][2]))
+            if i < count:
+                x, y, mask = next(mine)
+                first = (x, y, mask) if first is None else first
+            else:
+                x, y, mask = (*first[:2], torch.zeros_like(first[2]))
             x, y, mask = x.to(device), y.to(device), mask.to(device)
             out = forward(x, y, mask)
-            count = mask.float().sum()
-            nll += out.task_loss.double().cpu() * count.double().cpu()
-            tokens += count.double().cpu()
+            count_T = mask.float().sum()
+            nll += out.task_loss.double().cpu() * count_T.double().cpu()
+            tokens += count_T.double().cpu()
     totals = torch.stack([nll, tokens]).to(device)
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -61,8 +74,8 @@ def evaluate_lm(model_forward: Callable, model_cfg, tokens_N, seq_len: int, batc
     backbone_config.eval_streams ordered streams in segments of backbone_config.eval_tgt_len
     (default seq_len), carrying its state along them from None; batch_size does not apply."""
     if not model_cfg.has_memory:
-        return evaluate_split(lambda x, y, m: model_forward(x, y, m, None),
-                              eval_batches(tokens_N, seq_len, batch_size, rank, world_size), device, unit_count,
+        batches = eval_batches(tokens_N, seq_len, batch_size, rank, world_size, max_batches)
+        return evaluate_split(lambda x, y, m: model_forward(x, y, m, None), batches, device, unit_count,
                               len(tokens_N), metric, max_batches)
     s = model_cfg.backbone_config
     state = None
@@ -73,5 +86,5 @@ def evaluate_lm(model_forward: Callable, model_cfg, tokens_N, seq_len: int, batc
         state = out.state
         return out
     return evaluate_split(forward, stream_eval_batches(tokens_N, s.eval_tgt_len or seq_len, s.eval_streams, rank,
-                                                       world_size),
+                                                       world_size, max_batches),
                           device, unit_count, len(tokens_N), metric, max_batches)

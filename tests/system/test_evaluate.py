@@ -69,6 +69,26 @@ def test_eval_k_1_and_2_on_one_process_from_a_two_process_run(trained, tmp_path)
     assert other["results"][0]["bpc"] == pytest.approx(rows[("valid", 1)]["bpc"], abs=1e-6)
 
 
+def test_one_model_switched_between_eval_k_gives_what_a_model_per_eval_k_gives(trained, tmp_path):
+    """evaluate switches eval_k on one model in place; the numbers are those of a model built with
+    each eval_k (what evaluate did before), bit for bit, and the switch leaves no trace."""
+    from s2moe_ds.checkpoint import resolve_checkpoint
+    from s2moe_ds.data import DataConfig, prepare_corpus
+    from s2moe_ds.eval import evaluate_lm
+    from s2moe_ds.eval.evaluate import data_settings
+    run, _ = trained
+    report = evaluate_checkpoint(EvalConfig(checkpoint=run, eval_k=(2, 1), splits=("valid", ), out_dir=str(tmp_path),
+                                            data_overrides=_corpus(run)), log=lambda s: None)
+    _, client = load_model(run)
+    corpus = prepare_corpus(DataConfig(**data_settings(client["run"]["data"], _corpus(run), resolve_checkpoint(run))))
+    for row in report["results"]:
+        model, _ = load_model(run, eval_k=row["eval_k"])
+        alone = evaluate_lm(model, model.cfg, corpus.splits["valid"], report["seq_len"], 16, 0, 1, "cpu",
+                            corpus.units["valid"], corpus.metric)
+        assert {k: row[k] for k in alone} == alone, row["eval_k"]
+    assert report["results"][0]["bpc"] != report["results"][1]["bpc"]
+
+
 def test_flops_count_attention_and_active_experts():
     from s2moe_ds.train import model_preset
     cfg = model_preset("paper-small", vocab_size=256)
@@ -95,6 +115,7 @@ def test_cli_with_analysis_writes_report_plots_and_tensorboard(trained, tmp_path
     analysis = json.loads((out / "analysis.json").read_text())
     assert len(analysis["layers"]) == 2 and analysis["eval_k"] == 1
     layer = analysis["layers"][0]
+    assert layer["k"] == 1  # the analysed eval_k, not the checkpoint's 2
     for key in ("utilisation_entropy", "router_entropy_mean", "output_similarity", "weight_similarity",
                 "effective_rank_per_expert", "mix_gate", "routing_heatmap"):
         assert key in layer
@@ -112,6 +133,7 @@ def test_cli_with_analysis_writes_report_plots_and_tensorboard(trained, tmp_path
     (["--eval-k", "0"], "eval.eval_k"),
     (["--splits", "dev"], "eval.splits"),
     (["--seq-len", "999"], "eval.seq_len"),
+    (["--eval-k", "1", "5"], "eval.eval_k: 5 exceeds the checkpoint's 4 experts per layer"),
 ])
 def test_bad_flags_are_named(trained, argv, field):
     run, _ = trained
