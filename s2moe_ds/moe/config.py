@@ -69,7 +69,8 @@ class MoEConfig:
     """The router of 'moe' and 's2moe' blocks: 'topk' (DeepSpeed's top-k gate, made deterministic
     in eval mode and given eval_k), 'xmoe' (X-MoE's cosine routing on a low-dimensional sphere),
     'stablemoe' (StableMoE's two stages: learned then frozen routing by token), 'smoe_dropout'
-    (SMoE-Dropout's fixed random router with a growing k); docs/routers.md."""
+    (SMoE-Dropout's fixed random router with a growing k), 'lossfree' (DeepSeek-V3's loss-free
+    balancing: a per-expert bias, updated from the loads, picks the experts); docs/routers.md."""
     num_experts: int = 16
     """Experts per MoE layer, across all expert-parallel ranks."""
     k: int = 2
