@@ -91,3 +91,38 @@ def test_bias_follows_every_ranks_loads_stays_equal_across_ranks_and_resumes_bit
         # One read a step, as for every run; the loads' all-reduce is the one collective it adds.
         for step, c in r["syncs"].items():
             assert c.get("reads", 0) <= 1 and c.get("collectives", 0) <= 2, (step, c)
+
+
+def _layout_worker(rank, world_size, text, out_dir, cache, max_steps, resume):
+    from s2moe_ds.moe import expert_blocks
+    from s2moe_ds.train import TrainerHook, model_preset, pretrain
+    model = model_preset("tiny", d_model=32, d_inner=64, max_seq_len=32,
+                         moe=dict(num_experts=4, block="moe", router="lossfree",
+                                  router_config=dict(lossfree_bias_rate=RATE)))
+    seen = {}
+
+    class Biases(TrainerHook):
+        def on_step_start(self, trainer, step):
+            seen[("start", step)] = torch.stack([b.router.selection_bias for b in expert_blocks(trainer.engine.module)])
+
+        def on_step_end(self, trainer, step):
+            seen[("end", step)] = torch.stack([b.router.selection_bias for b in expert_blocks(trainer.engine.module)])
+
+    experiment = _experiment(model, world_size, text, cache, out_dir=out_dir, seq_len=32, warmup_steps=1,
+                             max_steps=max_steps, eval_interval=0, save_interval=1, log_interval=10**6,
+                             resume=resume)
+    pretrain(experiment, _ds_config(stage=2), hooks=[Biases()])
+    return {k: v.clone() for k, v in seen.items()}
+
+
+def test_the_bias_is_resharded_with_the_model(tmp_path):
+    """Saved by 2 ranks with ep_size 2 after step 1, resumed on 1 rank (ep_size 1): step 2 routes
+    with the bias step 1 left, on a layout that never computed it."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(TEXT)
+    args = (str(text), str(tmp_path / "run"), str(tmp_path / "cache"))
+    saved = run_distributed(_layout_worker, 2, (*args, 1, False))[0][("end", 1)]
+    resumed = run_distributed(_layout_worker, 1, (*args, 2, True))[0]
+    assert saved.abs().sum() > 0
+    assert torch.equal(resumed[("start", 2)], saved)
+    assert not torch.equal(resumed[("end", 2)], saved)  # and it goes on moving
