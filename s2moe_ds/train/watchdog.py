@@ -1,32 +1,43 @@
 """Bounded failure: no rank waits without end.
 
-Every rank runs a watchdog thread from its first step to the end of the run. The loop tells it
-where it is (`progress(step, phase)`: a cheap assignment, no I/O on the training thread); the
-thread writes that to <out_dir>/heartbeat/rank<r>.json every few seconds, and
+Every rank has a watchdog from its first step to the end of the run. The loop tells it where it
+is (`progress(step, phase)`: a few bytes written to memory it shares with its watcher, no I/O on
+the training thread); a pulse thread notes, twice a beat, that the rank's interpreter still runs.
+The watcher is a side process (watcher.py), so what freezes the rank (code holding Python's lock,
+a SIGSTOP, a crash) does not freeze it. It writes the heartbeat, <out_dir>/heartbeat/rank<r>.json,
+every few seconds, and
 
 * when this rank has made no progress for `timeout_s` (a rank stopped or hung, or this one stuck
-  in a collective that another rank never joined), it prints which ranks were heard from when,
-  at which step and phase, and ends the process with EXIT_HUNG; the launcher then ends the rest;
+  in a collective that another rank never joined), it prints which ranks were heard from when, at
+  which step and phase, kills the ranks of its host that are not responding, and ends this rank
+  with EXIT_HUNG (its pulse thread exits; a rank whose interpreter does not run is killed, after
+  faulthandler printed its threads' stacks); the launcher then ends the rest;
 * when a launcher process above this rank died (the deepspeed runner or its per-node launcher,
-  torchrun's agent, mpirun), it ends the process too: no orphan goes on training and writing
-  checkpoints.
+  torchrun's agent, mpirun), it ends this rank too: no orphan goes on training and writing
+  checkpoints;
+* when this rank's process ended without finishing its run (a segfault, an abort, a kill), it
+  says which rank it was and its step and phase.
 
-A hung rank's own thread stops with it (SIGSTOP stops every thread), so the others name it: its
-heartbeat is the stale one. Every process group's collective timeout (init_distributed) is that
-bound and a margin, so a collective fails rather than waiting for ever where the watchdog cannot
-run.
+Every process group's collective timeout (init_distributed) is that bound and a margin, so a
+collective fails rather than waiting for ever should the watcher itself be gone.
 """
 
-import json
+import faulthandler
 import os
-import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
-from ..fileio import atomic_write_text
+from .faults import fault_from_env
+from .watcher import (DUMP_SIGNAL, EXIT_HUNG, HEARTBEAT_DIR, LAUNCHERS, LAUNCHER_MODULES, SharedState,
+                      beat_seconds, heartbeat_path, launcher_ancestors, peer_lines, proc_start, pulse_seconds)
+
+__all__ = ["EXIT_HUNG", "HEARTBEAT_DIR", "LAUNCHERS", "LAUNCHER_MODULES", "Watchdog", "collective_timeout_s",
+           "launcher_ancestors"]
+
 
 def collective_timeout_s(hang_timeout_s: float) -> float:
     """Every process group's timeout: the watchdog's bound and a margin, so that the watchdog,
@@ -34,61 +45,7 @@ def collective_timeout_s(hang_timeout_s: float) -> float:
     return hang_timeout_s * 1.05 + 5.0
 
 
-EXIT_HUNG = 124
-"""Exit status of a rank the watchdog stopped (as timeout(1)'s)."""
-
-HEARTBEAT_DIR = "heartbeat"
-
-LAUNCHERS = ("deepspeed", "torchrun", "mpirun", "mpiexec", "orterun", "prterun", "orted", "prted")
-"""Programs (or python scripts) that start ranks: a rank must not outlive them."""
-LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run",
-                    "torch.distributed.launch")
-
-
-def _is_launcher(argv: List[str]) -> bool:
-    if not argv:
-        return False
-    if os.path.basename(argv[0]) in LAUNCHERS:
-        return True
-    if not os.path.basename(argv[0]).startswith("python"):
-        return False
-    args = [a for a in argv[1:] if a not in ("-u", "-B", "-O")]
-    if args[:1] == ["-m"]:
-        return len(args) > 1 and args[1] in LAUNCHER_MODULES
-    return bool(args) and os.path.basename(args[0]) in LAUNCHERS
-
-
-def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time (field 22 of /proc/<pid>/stat), which tells a pid's reuse apart;
-    None once it has exited (a zombie not yet reaped included)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
-
-
-def launcher_ancestors() -> List[Tuple[int, str, str]]:
-    """(pid, start time, command) of the launcher processes directly above this one, nearest
-    first: the chain stops at the first parent that is no launcher (a shell, slurmstepd, a test
-    harness), which may come and go as it likes."""
-    found, pid = [], os.getppid()
-    for _ in range(16):
-        if pid <= 1:
-            break
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")[:-1]
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        if not _is_launcher(argv):
-            break
-        found.append((pid, _proc_start(pid), " ".join(argv)))
-        pid = parent
-    return found
+WATCHER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watcher.py")
 
 
 class Watchdog:
@@ -97,123 +54,109 @@ class Watchdog:
     def __init__(self, rank: int, world: int, out_dir: str, timeout_s: float, beat_s: Optional[float] = None) -> None:
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.dir = os.path.join(out_dir, HEARTBEAT_DIR)
-        self.beat_s = beat_s if beat_s is not None else min(5.0, max(0.5, timeout_s / 10))
+        self.beat_s = beat_s if beat_s is not None else beat_seconds(timeout_s)
         self.step, self.phase, self.since = 0, "start", time.time()
-        self.launchers = launcher_ancestors()
-        self.host, self.start_time = socket.gethostname(), _proc_start(os.getpid())
+        self.fault = fault_from_env(rank)
+        self._state: Optional[SharedState] = None
+        self._watcher: Optional[subprocess.Popen] = None
+        self._wake_fd: Optional[int] = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._pulse: Optional[threading.Thread] = None
+        self._faulthandler_was_on = True
 
     def progress(self, step: int, phase: str) -> None:
         self.step, self.phase, self.since = step, phase, time.time()
+        if self._state is not None:
+            self._state.write_progress(step, phase, self.since)
+        if self.fault is not None:
+            self.fault.at(step, phase)
 
     def start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        self.since = time.time()
-        self._thread = threading.Thread(target=self._watch, name="s2moe-watchdog", daemon=True)
-        self._thread.start()
+        self._state = SharedState.create()
+        self._state.write_pulse(time.time())
+        self.progress(self.step, self.phase)
+        self._stop.clear()
+        self._pulse = threading.Thread(target=self._beat, name="s2moe-watchdog-pulse", daemon=True)
+        self._pulse.start()
+        self._enable_stack_dumps()
+        read_fd, self._wake_fd = os.pipe()
+        try:
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-I", WATCHER_SCRIPT, "--rank", str(self.rank), "--world", str(self.world),
+                 "--dir", self.dir, "--timeout", repr(self.timeout_s), "--beat", repr(self.beat_s),
+                 "--pid", str(os.getpid()), "--start", str(proc_start(os.getpid())),
+                 "--state-fd", str(self._state.fd), "--wake-fd", str(read_fd)],
+                stdin=subprocess.DEVNULL, pass_fds=(self._state.fd, read_fd))
+        finally:
+            os.close(read_fd)
 
     def stop(self) -> None:
-        if self._thread is None:
+        """The run ended (normally or by an exception, whose traceback speaks for itself): the
+        watcher ends at once, and the heartbeat goes."""
+        if self._watcher is None:
             return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
+        self._state.set_finished()
+        os.close(self._wake_fd)  # wakes the watcher: EOF
         try:
-            os.remove(self._path(self.rank))
+            self._watcher.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._watcher.kill()
+            self._watcher.wait()
+        self._watcher = None
+        self._stop.set()
+        self._pulse.join()
+        self._disable_stack_dumps()
+        self._state.close()
+        self._state = None
+        try:
+            os.remove(heartbeat_path(self.dir, self.rank))
         except OSError:
             pass
 
-    def _path(self, rank: int) -> str:
-        return os.path.join(self.dir, f"rank{rank}.json")
+    def _beat(self) -> None:
+        """The pulse: runs only while this interpreter does; exits the process on the watcher's verdict."""
+        every = pulse_seconds(self.beat_s)
+        while not self._stop.wait(every):
+            self._state.write_pulse(time.time())
+            verdict = self._state.verdict()
+            if verdict:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(verdict)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.beat_s):
-            now = time.time()
-            dead = self._dead_launcher()
-            if dead is not None:
-                self._end(f"watchdog: rank {self.rank}: its launcher (pid {dead[0]}: {dead[2][:120]}) is gone; "
-                          f"stopping at step {self.step} ({self.phase}) instead of training on as an orphan")
-            try:
-                atomic_write_text(self._path(self.rank), json.dumps(
-                    {"rank": self.rank, "host": self.host, "pid": os.getpid(), "start": self.start_time,
-                     "step": self.step, "phase": self.phase, "since": self.since, "alive": now}))
-            except OSError:
-                pass  # a full disk must not end the run from here; the checkpoint writer reports it
-            if now - self.since > self.timeout_s:
-                message, silent = self._stalled(now)
-                self._end(message, [h for h in silent if h.get("host") == self.host])
+    def _enable_stack_dumps(self) -> None:
+        """faulthandler prints every thread's stack on a crash (SIGSEGV, SIGABRT, ...) and on
+        DUMP_SIGNAL from the watcher, from C: it needs no Python lock."""
+        out = sys.stderr if _has_fd(sys.stderr) else sys.__stderr__
+        if not _has_fd(out):
+            return
+        self._faulthandler_was_on = faulthandler.is_enabled()
+        if not self._faulthandler_was_on:
+            faulthandler.enable(file=out, all_threads=True)
+        faulthandler.register(DUMP_SIGNAL, file=out, all_threads=True, chain=False)
 
-    def _dead_launcher(self):
-        for pid, start, command in self.launchers:
-            if _proc_start(pid) != start:
-                return pid, start, command
-        return None
-
-    def _heard(self) -> Dict[int, dict]:
-        heard = {}
-        for r in range(self.world):
-            try:
-                with open(self._path(r)) as f:
-                    heard[r] = json.load(f)
-            except (OSError, ValueError):
-                pass
-        return heard
-
-    def _peers(self, now: float):
-        """A line per other rank (when it was heard from, at which step and phase, whether its
-        process on this host is gone), and the heartbeats of those not responding."""
-        lines, silent = [], []
-        heard = self._heard()
-        for r in range(self.world):
-            if r == self.rank:
-                continue
-            h = heard.get(r)
-            if h is None:
-                lines.append(f"  rank {r}: never heard from")
-                continue
-            quiet = now - h["alive"]
-            if h.get("host") == self.host and h.get("start") is not None and _proc_start(h["pid"]) != h["start"]:
-                state = "gone (its process has exited)"
-                silent.append(h)
-            elif quiet > 3 * self.beat_s + 2:
-                state = f"not responding for {quiet:.0f} s (stopped, hung or dead)"
-                silent.append(h)
-            else:
-                state = f"alive, no progress for {now - h['since']:.0f} s"
-            lines.append(f"  rank {r} (host {h['host']}, pid {h['pid']}): {state}, at step {h['step']}, "
-                         f"phase '{h['phase']}'")
-        if silent:
-            lines.append(f"  the rank(s) not responding: {', '.join(str(h['rank']) for h in silent)}")
-        return lines, silent
-
-    def _stalled(self, now: float):
-        """The message, and the heartbeats of the ranks not responding."""
-        lines, silent = self._peers(now)
-        head = (f"watchdog: rank {self.rank} made no progress for {now - self.since:.0f} s (hang_timeout_s "
-                f"{self.timeout_s:g}) at step {self.step}, phase '{self.phase}'; stopping the job")
-        return "\n".join([head, *lines]), silent
+    def _disable_stack_dumps(self) -> None:
+        faulthandler.unregister(DUMP_SIGNAL)
+        if not self._faulthandler_was_on:
+            faulthandler.disable()
 
     def report_failure(self, error: BaseException) -> None:
         """Before a failed rank's traceback (a collective that lost its peer, most often): where
         this rank was and what became of the others, since launchers name only the rank they saw
         exit first."""
-        lines, _ = self._peers(time.time())
+        lines, _ = peer_lines(self.dir, self.rank, self.world, _host(), self.beat_s, time.time())
         first = (str(error).strip().splitlines() or [""])[0][:300]
         print("\n".join([f"rank {self.rank} failed at step {self.step}, phase '{self.phase}': "
                          f"{type(error).__name__}: {first}", *lines]), file=sys.stderr, flush=True)
 
-    def _end(self, message: str, kill=()) -> None:
-        """Print, SIGKILL the stopped ranks of this host (a stopped process ignores the launcher's
-        SIGTERM, and launchers wait 30 s before they kill), and end this process."""
-        print(message, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        for h in kill:
-            if h.get("pid") and h.get("start") is not None and _proc_start(h["pid"]) == h["start"]:
-                try:
-                    os.kill(h["pid"], signal.SIGKILL)
-                    print(f"watchdog: killed rank {h['rank']} (pid {h['pid']}) on this host", file=sys.stderr,
-                          flush=True)
-                except OSError:
-                    pass
-        os._exit(EXIT_HUNG)
+
+def _has_fd(stream) -> bool:
+    try:
+        return stream is not None and stream.fileno() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _host() -> str:
+    return socket.gethostname()
