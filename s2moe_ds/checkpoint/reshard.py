@@ -1,20 +1,27 @@
 """Resume on another layout: the ZeRO 1/2 optimizer shards of W ranks with ep_size E, read back
 per parameter by its GLOBAL name and written into an engine of any other world size and ep_size.
+Each rank reads only what it will hold: the non-expert weights and buffers, its own experts'
+files, and the pieces of the saved optimizer partitions that fall into its own partitions.
 
 DeepSpeed's universal checkpoint skips native-MoE expert states; here every rank's shard file is
 read weights-only, and for each optimizer group its fragments (DeepSpeed's `param_slice_mappings`:
-where each parameter's piece lies in the rank's flat fp32 partition) are joined in partition
-order: the non-expert group is partitioned over all ranks, each expert group over the ranks that
-hold the same experts (its expert-data-parallel group). A rank's local expert i is global expert
-ep_rank * (num_experts / E) + i, so an expert keeps its id on any layout. What comes back per
-parameter is its fp32 master weight and Adam's two moments; the step count is per group.
+where each parameter's piece lies in the rank's flat fp32 partition) follow each other in
+partition order: the non-expert group is partitioned over all ranks, each expert group over the
+ranks that hold the same experts (its expert-data-parallel group). A rank's local expert i is
+global expert ep_rank * (num_experts / E) + i, so an expert keeps its id on any layout.
 
-Loading into the new engine: its flat partitions get Adam state tensors (DeepSpeed creates them
-lazily at the first step), DeepSpeed links its per-parameter views of them, and each rank copies
-its own fragment of every full tensor through DeepSpeed's public `safe_set_full_*` functions.
+Loading, in two passes over the saved shards, each file memory-mapped and dropped before the next:
+first their layout alone (which piece of which parameter each holds, and where it starts in the
+parameter); then, after the new engine's flat partitions got Adam state tensors (DeepSpeed creates
+them lazily at the first step) and DeepSpeed linked its per-parameter views of them, every piece
+that overlaps this rank's fragment of a parameter is copied into its fp32 master weight and both
+moments. No parameter is assembled whole, and a shard that holds nothing of this rank's is not
+read at all.
 """
 
 import os
+import re
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
@@ -22,10 +29,14 @@ import torch
 from ..config import ConfigError
 from ..parallel import ExpertLayout
 from ..parallel import deepspeed_internals as ds
+from . import manifest
+from .consolidate import load_global_state
 from .safe_load import load_file
 from .store import apply_schedule_position
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+EXPERT_FILE = re.compile(r"layer_\d+_expert_(\d+)_mp_rank_\d+_model_states\.pt")
+"""DeepSpeed's per-expert file name; the number after 'expert_' is the global expert id."""
 
 
 def optim_file(step_dir: str, rank: int) -> str:
@@ -44,18 +55,67 @@ def expert_layout_of(meta: Dict, rank: int) -> Tuple[int, int]:
     return rank % ep, rank // ep
 
 
-def global_optimizer_state(step_dir: str, meta: Dict, num_experts: int) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict]:
-    """({global parameter name: {'fp32', 'exp_avg', 'exp_avg_sq'}: flat fp32 tensors},
-    {'step': the optimizer's step count}) from a step folder of any layout."""
+def read_mapped(path: str):
+    """A checkpoint file whose values this rank needs, through the safe loader, its tensors mapped
+    from the file: only the values a caller touches are read, and they leave memory with the
+    returned object."""
+    return load_file(path, mmap=True)
+
+
+def read_layout(path: str):
+    """An optimizer shard read for its layout (param_slice_mappings, groups, step count): mapped
+    as read_mapped, and of its tensors only the step count is touched."""
+    return load_file(path, mmap=True)
+
+
+def load_rank_share(engine, layout: ExpertLayout, step_dir: str, meta: Dict, num_experts: int) -> None:
+    """Resume `engine` (this rank, laid out as `layout`) from a step folder of another layout
+    (`meta`: its meta.json): the module's weights and buffers, then the fp32 master weights, both
+    Adam moments and the step count of this rank's optimizer partitions."""
+    where = f"--resume: {step_dir}"
+    load_global_state(engine.module, rank_module_state(step_dir, layout), layout, where)
+    pieces, step = saved_pieces(step_dir, meta, num_experts)
+    load_optimizer_share(engine, layout, step_dir, pieces, step)
+
+
+def rank_module_state(step_dir: str, layout: ExpertLayout) -> Dict[str, torch.Tensor]:
+    """The module state (ep_size-1 names) that a rank of `layout` holds: every non-expert weight
+    and buffer (the model-states file) and the weights of its own experts (their files, by global
+    id); other experts' files are not opened."""
+    manifest.verify(step_dir)
+    state = dict(read_mapped(os.path.join(step_dir, ds.MODEL_STATES))["module"])
+    own = set(layout.global_ids())
+    for name in sorted(os.listdir(step_dir)):
+        match = EXPERT_FILE.fullmatch(name)
+        if match is not None and int(match.group(1)) in own:
+            state.update(read_mapped(os.path.join(step_dir, name)))
+    return state
+
+
+@dataclass
+class Piece:
+    """One saved rank's piece of a parameter: where it lies in that rank's flat partition of
+    optimizer group `group` (`start`, `numel`) and where it starts in the flattened parameter."""
+    rank: int
+    group: int
+    start: int
+    numel: int
+    partition: int
+    offset: int = 0
+
+
+def saved_pieces(step_dir: str, meta: Dict, num_experts: int) -> Tuple[Dict[str, List[Piece]], object]:
+    """({global parameter name: its pieces in partition order}, the optimizer's step count) from
+    the saved shards' layout alone (each file mapped, no tensor read but the step count)."""
     world, ep = int(meta["world_size"]), int(meta["ep_size"])
-    pieces: Dict[str, List[Tuple[int, Dict[str, torch.Tensor]]]] = {}
-    info = {}
+    pieces: Dict[str, List[Piece]] = {}
+    step = None
     for rank in range(world):
         path = optim_file(step_dir, rank)
         if not os.path.isfile(path):
             raise ConfigError(f"--resume: {path} is missing; resuming on another layout reads every rank's ZeRO "
                               "shard (ZeRO stage 1 or 2)")
-        osd = load_file(path)["optimizer_state_dict"]
+        osd = read_layout(path)["optimizer_state_dict"]
         if "param_slice_mappings" not in osd:
             raise ConfigError(f"--resume: {path} is not a ZeRO 1/2 optimizer shard (no param_slice_mappings); "
                               "resuming on another layout needs a run saved with ZeRO stage 1 or 2")
@@ -64,26 +124,73 @@ def global_optimizer_state(step_dir: str, meta: Dict, num_experts: int) -> Tuple
         groups = osd["base_optimizer_state"]["param_groups"]
         for i, mapping in enumerate(osd["param_slice_mappings"]):
             expert_group = bool(groups[i].get("moe"))
-            partition = expert_dp_rank if expert_group else rank
-            flat = osd["single_partition_of_fp32_groups"][i]
-            state = osd["base_optimizer_state"]["state"][i]
-            info.setdefault("step", state.get("step"))
+            if rank == 0 and i == 0:
+                found = osd["base_optimizer_state"]["state"][i].get("step")
+                step = found.clone() if torch.is_tensor(found) else found
             for name, address in mapping.items():
-                start, numel = int(address.start), int(address.numel)
-                tensors = {"fp32": flat.narrow(0, start, numel)}
-                for key in MOMENTS:
-                    tensors[key] = state[key].narrow(0, start, numel)
                 key = layout.global_param_name(name) if expert_group else name
-                pieces.setdefault(key, []).append((partition, tensors))
-    full = {}
+                pieces.setdefault(key, []).append(Piece(rank, i, int(address.start), int(address.numel),
+                                                        expert_dp_rank if expert_group else rank))
+        del osd
     for name, parts in pieces.items():
-        parts.sort(key=lambda p: p[0])
-        seen = [p for p, _ in parts]
+        parts.sort(key=lambda p: p.partition)
+        seen = [p.partition for p in parts]
         if len(set(seen)) != len(seen):
             raise ConfigError(f"--resume: {step_dir}: parameter {name} has two pieces of partition {seen}; "
                               "the saved layout is not the one meta.json records")
-        full[name] = {k: torch.cat([t[k] for _, t in parts]) for k in ("fp32", *MOMENTS)}
-    return full, info
+        offset = 0
+        for part in parts:
+            part.offset, offset = offset, offset + part.numel
+    return pieces, step
+
+
+def _copies(engine, layout: ExpertLayout, pieces: Dict[str, List[Piece]]):
+    """{saved rank: [(group, start in its partition, count, {'fp32'/moment: this rank's view})]}:
+    every saved piece that overlaps this rank's fragment of one of its parameters."""
+    copies: Dict[int, list] = {}
+    for name, p in engine.module.named_parameters():
+        gname = layout.global_param_name(name)
+        fragment = ds.own_fragment(p, MOMENTS)
+        if fragment is None:
+            continue
+        start, numel, views = fragment
+        for piece in pieces[gname]:
+            lo, hi = max(start, piece.offset), min(start + numel, piece.offset + piece.numel)
+            if lo < hi:
+                targets = {key: view.narrow(0, lo - start, hi - lo) for key, view in views.items()}
+                copies.setdefault(piece.rank, []).append((piece.group, piece.start + lo - piece.offset, hi - lo,
+                                                          targets))
+    return copies
+
+
+def load_optimizer_share(engine, layout: ExpertLayout, step_dir: str, pieces: Dict[str, List[Piece]], step) -> int:
+    """Write this rank's fragments of the saved fp32 master weights and moments (saved_pieces)
+    into `engine`'s ZeRO 1/2 partitions, reading each saved shard that holds any of them once;
+    returns how many values it copied (3 per value of its partitions)."""
+    names = {layout.global_param_name(n): p for n, p in engine.module.named_parameters()}
+    missing = sorted(set(names) - set(pieces))
+    if missing:
+        raise ConfigError(f"--resume: {step_dir} lacks optimizer state for {missing[:4]}; resume with the model "
+                          "that wrote it")
+    for gname, p in names.items():
+        saved = sum(piece.numel for piece in pieces[gname])
+        if saved != p.numel():
+            raise ConfigError(f"--resume: {step_dir}: {gname} has {saved} values, this model's {p.numel()}; "
+                              "resume with the model that wrote it")
+    ds.create_optimizer_states(engine, step, MOMENTS)
+    copies = _copies(engine, layout, pieces)
+    copied = 0
+    with torch.no_grad():
+        for rank in sorted(copies):
+            osd = read_mapped(optim_file(step_dir, rank))["optimizer_state_dict"]
+            flats, states = osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"]
+            for group, start, count, targets in copies[rank]:
+                sources = {"fp32": flats[group], **{key: states[group][key] for key in MOMENTS}}
+                for key, target in targets.items():
+                    target.copy_(sources[key].narrow(0, start, count))
+                    copied += count
+            del osd, flats, states
+    return copied
 
 
 def engine_global_state(engine, layout: ExpertLayout) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -98,29 +205,6 @@ def engine_global_state(engine, layout: ExpertLayout) -> Dict[str, Dict[str, tor
             entry[key] = None if value is None else value.detach().float().flatten().cpu()
         out[layout.global_param_name(name)] = entry
     return out
-
-
-def load_global_optimizer_state(engine, layout: ExpertLayout, full: Dict[str, Dict[str, torch.Tensor]],
-                                info: Dict, where: str) -> None:
-    """Write `full` (global_optimizer_state) into this rank's engine: weights, master weights,
-    moments and step count."""
-    names = {layout.global_param_name(n): (n, p) for n, p in engine.module.named_parameters()}
-    missing = sorted(set(names) - set(full))
-    if missing:
-        raise ConfigError(f"--resume: {where} lacks optimizer state for {missing[:4]}; resume with the model "
-                          "that wrote it")
-    ds.create_optimizer_states(engine, info["step"], MOMENTS)
-    with torch.no_grad():
-        for gname, (name, p) in names.items():
-            entry = full[gname]
-            if entry["fp32"].numel() != p.numel():
-                raise ConfigError(f"--resume: {where}: {gname} has {entry['fp32'].numel()} values, this model's "
-                                  f"{p.numel()}; resume with the model that wrote it")
-            value = entry["fp32"].view(p.shape).to(p.device)
-            p.data.copy_(value.to(p.dtype))
-            ds.set_full_fp32_param(p, value)
-            for key in MOMENTS:
-                ds.set_full_optimizer_state(p, entry[key].view(p.shape).to(p.device), key)
 
 
 def restore_engine_counters(engine, client: Dict) -> None:
@@ -145,6 +229,7 @@ def reseed(seed: int, step: int, rank: int) -> None:
 
 def saved_client_state(step_dir: str) -> Dict:
     """The model-states file's client state (our meta, the sampler, DeepSpeed's counters)."""
-    return {k: v for k, v in load_file(os.path.join(step_dir, ds.MODEL_STATES)).items()
+    # Mapped: the module's weights in the same file are not read.
+    return {k: v for k, v in read_mapped(os.path.join(step_dir, ds.MODEL_STATES)).items()
             if k not in ("module", "optimizer")}
 

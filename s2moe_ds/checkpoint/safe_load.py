@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import stat
+import zipfile
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -51,8 +52,10 @@ def _unreadable(path: str, error: BaseException) -> ConfigError:
 
 
 def _damaged_file(error: RuntimeError) -> bool:
-    """torch's own words for a file that is no (whole) torch file."""
-    return any(w in str(error) for w in ("PytorchStreamReader", "zip archive", "torch.save", "corrupted"))
+    """torch's own words for a file that is no (whole) torch file, or whose tensors claim more
+    bytes than it stores (read whole: 'record size'; memory-mapped: 'not resizable')."""
+    return any(w in str(error) for w in ("PytorchStreamReader", "zip archive", "torch.save", "corrupted",
+                                         "does not match expected size", "not resizable"))
 
 
 def _forbidden(path: str) -> List[str]:
@@ -109,13 +112,16 @@ def _asked_in(message: str) -> List[str]:
     return sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
 
 
-def load_file(path: str, map_location: Optional[object] = "cpu"):
-    """torch.load with weights_only=True and our allowlist; UnsafeCheckpointError otherwise."""
+def load_file(path: str, map_location: Optional[object] = "cpu", mmap: bool = False):
+    """torch.load with weights_only=True and our allowlist; UnsafeCheckpointError otherwise.
+    `mmap`: the tensors map the file and are read only where touched (a file in torch's older
+    non-zip format is read whole)."""
     check_torch_version()
     _regular_file(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         try:
             asked = _forbidden(path)

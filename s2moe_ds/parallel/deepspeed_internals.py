@@ -11,7 +11,7 @@ a release it was not checked against before anything else runs.
 
 import importlib
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import deepspeed
 import torch
@@ -373,6 +373,19 @@ def set_full_fp32_param(param, value: torch.Tensor) -> None:
 def set_full_optimizer_state(param, value: torch.Tensor, key: str) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
     safe_set_full_optimizer_state(param, value, key)
+
+
+def own_fragment(param, keys) -> Optional[Tuple[int, int, Dict[str, torch.Tensor]]]:
+    """(start, numel, views) of the piece of a ZeRO 1/2 parameter that this rank's flat fp32
+    partition holds: its range in the flattened parameter, and views of it in the fp32 master
+    ('fp32') and in each optimizer state of `keys` (linked first: create_optimizer_states). None
+    where this rank's partition holds none of it."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    views = {"fp32": mapping.get_hp_fragment(), **{key: mapping.get_hp_fragment(key) for key in keys}}
+    return int(address.start), int(address.numel), views
 
 
 def create_optimizer_states(engine, step, keys) -> None:

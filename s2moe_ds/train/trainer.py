@@ -21,8 +21,7 @@ import deepspeed.comm as dist
 import torch
 
 from ..checkpoint import (FORMAT_VERSION, CheckpointWriteError, check_resumable, check_step_folder, complete_tags,
-                          consolidate, load, load_global_state, load_rank_state, read_meta, reshard, save, set_aside,
-                          tag_step)
+                          load, load_rank_state, read_meta, reshard, save, set_aside, tag_step)
 from ..config import ConfigError
 from ..data.config import check_output_folder
 from ..fileio import atomic_write_text
@@ -248,10 +247,7 @@ class Trainer:
         counters, the data position; randomness from (seed, step, rank)."""
         step_dir = os.path.join(self.ckpt_dir, tag)
         check_step_folder(step_dir)
-        state, _ = consolidate(step_dir)  # the module's buffers (and its weights, overwritten below)
-        load_global_state(self.engine.module, state, self.layout, f"--resume: {step_dir}")
-        full, info = reshard.global_optimizer_state(step_dir, saved, self.model_cfg.moe.num_experts)
-        reshard.load_global_optimizer_state(self.engine, self.layout, full, info, step_dir)
+        reshard.load_rank_share(self.engine, self.layout, step_dir, saved, self.model_cfg.moe.num_experts)
         client = reshard.saved_client_state(step_dir)
         reshard.restore_engine_counters(self.engine, client)
         reshard.reseed(self.train_cfg.seed, client["step"], self.rank)
