@@ -38,6 +38,9 @@ BUILTIN_VARIANTS: Dict[str, Dict[str, object]] = {
     # Loss-free balancing (DeepSeek-V3's router, no balance loss), plain and under S2MoE.
     "lossfree": _routed("moe", "lossfree", 2),
     "s2moe-lossfree": _routed("s2moe", "lossfree", 2),
+    # The top-k router with ST-MoE's router z-loss at ST-MoE's weight, plain and under S2MoE.
+    "smoe-zloss": {**_routed("moe", "topk", 2), "z_loss_coef": 0.001},
+    "s2moe-zloss": {**_routed("s2moe", "topk", 2), "z_loss_coef": 0.001},
     # S2MoE with top-1 per path: 2 paths x 1 expert, the expert compute per token of SMoE top-2.
     "s2moe-top1": _routed("s2moe", "topk", 1),
     # Where S2MoE's gain comes from (issue 28's attribution study, docs/results.md): the noisy
