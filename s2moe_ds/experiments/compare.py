@@ -187,11 +187,13 @@ def _means(runs: Sequence[Dict], key: str, digits: int) -> str:
 
 
 def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], metric: str,
-                  reference: Optional[str] = "smoe", splits: Sequence[str] = ("valid", "test")) -> str:
+                  reference: Optional[str] = "smoe", splits: Sequence[str] = ("valid", "test"),
+                  expected: Optional[int] = None) -> str:
     """Markdown: per variant and split, mean ± sample std over seeds of the metric with 1 and with
     2 experts per token, how the one-expert mean compares with the reference's two-expert mean,
     and S2MoE's mixing gate at the end of training (mean over layers and seeds). Deterministic:
-    the same command and seeds give the same table."""
+    the same command and seeds give the same table. With `expected` seeds per variant, a variant
+    with fewer finished runs shows 'n of expected' (a study read while some runs still train)."""
     ref = results.get(reference) if reference else None
     head = ["variant", "seeds"]
     for split in splits:
@@ -202,7 +204,7 @@ def summary_table(variants: Sequence[Variant], results: Dict[str, List[Dict]], m
     rows = []
     for v in variants:
         runs = results.get(v.name, [])
-        row = [v.name, str(len(runs))]
+        row = [v.name, str(len(runs)) if expected is None or len(runs) >= expected else f"{len(runs)} of {expected}"]
         for split in splits:
             for k in (1, 2):
                 row.append(_cell([x for x in (eval_value(r, split, k, metric) for r in runs) if x is not None]))

@@ -19,7 +19,8 @@ from ..fileio import atomic_write_text
 from ..parallel import free_port
 from ..train.monitor import read_all_scalars
 from ..train.presets import model_preset
-from .compare import cost_table, per_seed_table, plan_variants, summary_table
+from .compare import Variant, cost_table, per_seed_table, plan_variants, summary_table
+from .runfolders import check_run_folder, write_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The repository the package runs from (launch/pretrain.py is started from it)."""
@@ -41,17 +42,20 @@ def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None],
                        data: Optional[Dict[str, str]] = None) -> Dict:
     """Train with `cmd` into run_dir (unless a finished run with the same command is there), then
     evaluate it on valid and test with 1 and 2 experts per token, on `data` (DataConfig fields: the
-    evaluation opens no path the checkpoint records outside its run folder)."""
+    evaluation opens no path the checkpoint records outside its run folder).
+
+    A folder that holds another command's run, or one whose lock a training run holds, is refused
+    (runfolders.check_run_folder): never removed. An unfinished run of this same command (the
+    comparison was stopped) is started again from scratch."""
     record_path = os.path.join(run_dir, "result.json")
     key = cmd[1:]  # everything but the launcher's own path
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
-        if record.get("command") == key:
+    if check_run_folder(run_dir, key):
+        if os.path.isfile(record_path):
             log(f"reusing {run_dir}")
-            return record
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
+            with open(record_path) as f:
+                return json.load(f)
+        shutil.rmtree(run_dir)  # this command's own interrupted run, unlocked: checked just above
+    write_record(run_dir, {"command": key})
     log("$ " + " ".join(cmd))
     # A free rendezvous port per run, so that two comparisons (or tests) on one machine never meet.
     launch = [*cmd[:3], "--master_port", str(free_port()), *cmd[3:]]
@@ -64,6 +68,14 @@ def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None],
         with open(os.path.join(run_dir, "train.log")) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"training failed with status {rc}; log {run_dir}/train.log ends:\n{tail}")
+    return evaluate_and_record(run_dir, key, wall, log, data)
+
+
+def evaluate_and_record(run_dir: str, key: List[str], wall: Optional[float], log: Callable[[str], None],
+                        data: Optional[Dict[str, str]] = None) -> Dict:
+    """Evaluate a finished run (valid and test, 1 and 2 experts per token), read its training
+    scalars, and write result.json: what the comparison tables are made of. The sequential
+    harness and the study's SLURM jobs both end here, so their tables agree."""
     report = evaluate_checkpoint(EvalConfig(checkpoint=run_dir, eval_k=(1, 2), splits=("valid", "test"),
                                             data_overrides=dict(data or {})), log=log)
     scalars = read_all_scalars(os.path.join(run_dir, "tensorboard"))
@@ -78,8 +90,19 @@ def train_and_evaluate(cmd: List[str], run_dir: str, log: Callable[[str], None],
               "train_step_ms_median": statistics.median(step_ms) if step_ms else None,
               "final_mix_gate_mean": statistics.fmean(gates) if gates else None,
               "valid_curve": scalars.get(f"valid/{metric}", []), "eval": report}
-    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(record, indent=2) + "\n")
     return record
+
+
+def pretrain_flags(variant: Variant, seed: int, preset: str, data: Sequence[str], max_steps: int, evals: int,
+                   extra: Sequence[str] = (), ep: Sequence[str] = (), out_dir: Optional[str] = None) -> List[str]:
+    """launch/pretrain.py's flags for one (variant, seed) of a comparison: the same budget, the
+    same evaluation points and one final checkpoint for every variant. The launcher's own flags and
+    the DeepSpeed config are the caller's; `ep` and `out_dir` are left out when the launcher (as
+    slurm/pretrain.sh does) adds its own."""
+    return ["--preset", preset, *ep, *data, "--seed", str(seed), "--max-steps", str(max_steps),
+            "--eval-interval", str(max(max_steps // evals, 1)), "--save-interval", str(max_steps),
+            *(["--out-dir", out_dir] if out_dir else []), *variant.flags(), *extra]
 
 
 def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
@@ -109,12 +132,14 @@ def run_comparison(args, extra: Sequence[str], argv: Sequence[str]) -> int:
             run_dir = os.path.abspath(os.path.join(args.out, "runs", v.slug, f"seed{seed}"))
             ep = ["--ep-size", str(args.nproc)] if v.routed else []
             cmd = [launcher, "--num_gpus", str(args.nproc), os.path.join(ROOT, "launch", "pretrain.py"),
-                   "--deepspeed_config", os.path.abspath(args.deepspeed_config), "--preset", args.preset, *ep, *data,
-                   "--seed", str(seed), "--max-steps", str(args.max_steps),
-                   "--eval-interval", str(max(args.max_steps // args.evals, 1)), "--save-interval", str(args.max_steps),
-                   "--out-dir", run_dir, *v.flags(), *extra]
+                   "--deepspeed_config", os.path.abspath(args.deepspeed_config),
+                   *pretrain_flags(v, seed, args.preset, data, args.max_steps, args.evals, extra, ep, run_dir)]
             corpus = {"path": os.path.abspath(args.path)} if args.path else None
-            record = train_and_evaluate(cmd, run_dir, print, corpus)
+            try:
+                record = train_and_evaluate(cmd, run_dir, print, corpus)
+            except ConfigError as e:  # a run folder that is another command's or in use: refused, kept
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             results.setdefault(v.name, []).append({**record, "seed": seed})
             curves.setdefault(v.name, []).append([tuple(p) for p in record["valid_curve"]])
     metric = next(iter(results.values()))[0]["eval"]["metric"]
