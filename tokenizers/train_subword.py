@@ -14,10 +14,10 @@ import sys
 # This folder is files, never a package (it would shadow the `tokenizers` library); s2moe_ds comes
 # from the installed package (make venv installs it in editable mode).
 from s2moe_ds.config import ConfigError
-from s2moe_ds.data.cache import CHUNK_CHARS
+from s2moe_ds.data.cache import CHUNK_CHARS, _as_text
 from s2moe_ds.data.config import DATASETS, DataConfig
 from s2moe_ds.data.corpora import locate
-from s2moe_ds.data.tokenization import SubwordTokenizer, iter_chunks
+from s2moe_ds.data.tokenization import SubwordTokenizer, word_chunks
 
 
 def main(argv=None) -> int:
@@ -35,12 +35,10 @@ def main(argv=None) -> int:
         else:
             cfg = DataConfig(dataset="path", path=args.input, split=tuple(args.split), tokenizer="subword",
                              subword_vocab_size=args.vocab_size)
-        source = locate(cfg)
-        train = source.read()["train"]
-        if isinstance(train, bytes):
-            train = train.decode("utf-8", errors="replace")
+        # The training split streamed, in chunks that cut no word: the corpus is never held whole.
+        train = _as_text(locate(cfg).stream("train"))
         name = args.input if args.input in DATASETS else os.path.basename(os.path.normpath(args.input))
-        tok = SubwordTokenizer.train(iter_chunks(train, CHUNK_CHARS, at_newline=True), args.vocab_size,
+        tok = SubwordTokenizer.train(word_chunks(train, CHUNK_CHARS), args.vocab_size,
                                      built_from=f"{name} train split (tokenizers/train_subword.py)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

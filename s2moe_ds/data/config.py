@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from ..config import check_choice, fail
 
@@ -66,8 +67,37 @@ def _read_only_mount(folder: str) -> bool:
         return False
 
 
-DATASETS = ("embedded", "enwik8", "text8", "wikitext-103", "path")
-TOKENIZER_KINDS = ("auto", "byte", "char", "subword")
+DATASETS = ("embedded", "enwik8", "text8", "wikitext-103", "one-billion-word", "path")
+TOKENIZER_KINDS = ("auto", "byte", "char", "subword", "word")
+
+# One Billion Word's own layout (the folder 1-billion-word-language-modeling-benchmark-r13output.tar.gz
+# unpacks to): 99 training shards news.en-00001-of-00100 ... and 50 heldout shards, of which
+# 00000 is the benchmark's test set. The shards are plain UTF-8, one sentence per line, no suffix.
+OBW_TRAIN_DIR = "training-monolingual.tokenized.shuffled"
+OBW_HELDOUT_DIR = "heldout-monolingual.tokenized.shuffled"
+OBW_TEST_SHARD = "news.en.heldout-00000-of-00050"
+_OBW_TRAIN_SHARD = re.compile(r"news\.en-\d{5}-of-00100")
+_OBW_FIX = ("pass --path the folder unpacked from 1-billion-word-language-modeling-benchmark-r13output.tar.gz, "
+            f"which holds {OBW_TRAIN_DIR}/ and {OBW_HELDOUT_DIR}/ (or leave --path out to use the hub copy)")
+
+
+def one_billion_word_files(path: str) -> Tuple[List[str], str]:
+    """(training shards in order, the test shard) of One Billion Word's folder `path`; a folder
+    that is not laid out so is refused, naming what is missing."""
+    train_dir, heldout_dir = os.path.join(path, OBW_TRAIN_DIR), os.path.join(path, OBW_HELDOUT_DIR)
+    for folder in (train_dir, heldout_dir):
+        if not os.path.isdir(folder):
+            fail("data.path", f"{path} has no folder {os.path.basename(folder)}/ ({folder} not found); {_OBW_FIX}")
+        check_readable_folder(folder, "data.path", "--path")
+    train = sorted(os.path.join(train_dir, n) for n in os.listdir(train_dir) if _OBW_TRAIN_SHARD.fullmatch(n))
+    if not train:
+        fail("data.path", f"{train_dir} holds no training shard (news.en-NNNNN-of-00100); {_OBW_FIX}")
+    test = os.path.join(heldout_dir, OBW_TEST_SHARD)
+    if not os.path.exists(test):
+        fail("data.path", f"{test} not found: heldout shard 00000 is the benchmark's test set; {_OBW_FIX}")
+    for shard in train + [test]:  # a FIFO or an unreadable shard: named now, not while reading
+        check_input_file(shard, "data.path", "--path")
+    return train, test
 
 
 @dataclass
@@ -75,12 +105,13 @@ class DataConfig:
     """The corpus and its tokenization; every value is checked here, before anything is read."""
 
     dataset: str = "embedded"
-    """'embedded' (CPython's pydoc topics, no download), 'enwik8', 'text8', 'wikitext-103', or 'path'
-    (a local text file or folder given by data.path)."""
+    """'embedded' (CPython's pydoc topics, no download), 'enwik8', 'text8', 'wikitext-103',
+    'one-billion-word', or 'path' (a local text file or folder given by data.path)."""
     path: Optional[str] = None
     """For 'path': a text file or a folder of *.txt files (sorted, joined with newlines). For a named
-    dataset: an optional local copy, a folder saved with datasets' save_to_disk, or (enwik8, text8)
-    the raw file."""
+    dataset: an optional local copy, a folder saved with datasets' save_to_disk, (enwik8, text8)
+    the raw file, or (one-billion-word) the benchmark's unpacked folder holding
+    training-monolingual.tokenized.shuffled/ and heldout-monolingual.tokenized.shuffled/."""
     train_file: Optional[str] = None
     """Explicit training split file; with valid_file and test_file it replaces the fractional split."""
     valid_file: Optional[str] = None
@@ -91,13 +122,25 @@ class DataConfig:
     """Train/valid/test fractions of a single text; enwik8 and text8 of full size always use their
     standard 90M/5M/5M cut instead."""
     tokenizer: str = "auto"
-    """'auto' (byte for enwik8, subword for wikitext-103, char otherwise), 'byte', 'char', 'subword',
-    or the path of a saved tokenizer JSON file (e.g. a checkpoint's tokenizer.json)."""
+    """'auto' (byte for enwik8, subword for wikitext-103, word for one-billion-word, char otherwise),
+    'byte', 'char', 'subword', 'word', or the path of a saved tokenizer JSON file (e.g. a
+    checkpoint's tokenizer.json)."""
     subword_vocab_size: int = 16384
     """Vocabulary of the byte-level BPE trained on the training split when the tokenizer is 'subword'
     (or 'auto' on wikitext-103); a small corpus may yield fewer tokens."""
+    word_min_count: int = 3
+    """With the 'word' tokenizer: a training-split word seen fewer times becomes <unk> (3 is One
+    Billion Word's vocabulary, about 793k words)."""
     cache_dir: str = "~/.cache/s2moe_ds"
-    """Where tokenized splits (and tokenizers built from a corpus) are cached; '~' is expanded."""
+    """Where tokenized splits (and tokenizers built from a corpus) are cached; '~' is expanded. On a
+    folder every node sees, global rank 0 prepares them; on a node-local one, each node's first
+    rank (found out at the start with a marker file: data/cache.py)."""
+    tokenize_workers: int = 0
+    """Worker processes that apply a subword or word tokenizer to the corpus while the cache is
+    filled (0: one per CPU this process may use)."""
+    prepare_timeout_s: float = 86400.0
+    """How long the ranks that wait for a cache another rank fills wait before giving up, naming
+    the file they wait for."""
 
     def __post_init__(self) -> None:
         check_choice(self.dataset, "data.dataset", DATASETS)
@@ -110,6 +153,13 @@ class DataConfig:
             fail("data.subword_vocab_size", f"must be an integer >= 257, got {self.subword_vocab_size!r}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             fail("data.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
+        for name, low in (("word_min_count", 1), ("tokenize_workers", 0)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                fail(f"data.{name}", f"must be an integer >= {low}, got {value!r}")
+        timeout = self.prepare_timeout_s
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < float("inf")):
+            fail("data.prepare_timeout_s", f"must be a finite number of seconds > 0, got {timeout!r}")
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
         if os.path.isfile(self.cache_dir):
             fail("data.cache_dir", f"{self.cache_dir} is a file; name a folder (it is created if missing)")
@@ -159,12 +209,20 @@ class DataConfig:
             texts = [os.path.join(self.path, n) for n in sorted(os.listdir(self.path)) if n.endswith(".txt")]
             texts = [t for t in texts if not os.path.isdir(t)]
             if not texts:
-                fail("data.path", f"folder {self.path} holds no *.txt files")
+                obw = os.path.isdir(os.path.join(self.path, OBW_TRAIN_DIR))
+                fail("data.path", f"folder {self.path} holds no *.txt files" + (
+                    f"; it holds {OBW_TRAIN_DIR}/: pass --dataset one-billion-word to read its shards" if obw else
+                    "; put the text in files named *.txt or pass --path one text file"))
             for text in texts:  # a FIFO or an unreadable file among them: named now, not while reading
                 check_input_file(text, "data.path", "--path")
-        if self.dataset == "wikitext-103" and os.path.isfile(self.path):
-            fail("data.path", f"{self.path} is a file; wikitext-103 needs a folder saved with datasets' "
-                  "save_to_disk, or its raw files as data.train_file/valid_file/test_file")
+        if self.dataset == "one-billion-word" and os.path.isdir(self.path) \
+                and not os.path.exists(os.path.join(self.path, "dataset_dict.json")):
+            one_billion_word_files(self.path)
+        if self.dataset in ("wikitext-103", "one-billion-word") and os.path.isfile(self.path):
+            other = ("the benchmark's unpacked folder" if self.dataset == "one-billion-word" else
+                     "its raw files as data.train_file/valid_file/test_file")
+            fail("data.path", f"{self.path} is a file; {self.dataset} needs a folder saved with datasets' "
+                  f"save_to_disk, or {other}")
 
     def _check_tokenizer(self) -> None:
         tok = self.tokenizer
@@ -184,5 +242,5 @@ class DataConfig:
     def tokenizer_kind(self) -> str:
         """'byte', 'char', 'subword' or 'file', with 'auto' resolved for the dataset."""
         if self.tokenizer == "auto":
-            return {"enwik8": "byte", "wikitext-103": "subword"}.get(self.dataset, "char")
+            return {"enwik8": "byte", "wikitext-103": "subword", "one-billion-word": "word"}.get(self.dataset, "char")
         return self.tokenizer if self.tokenizer in TOKENIZER_KINDS else "file"

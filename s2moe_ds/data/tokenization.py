@@ -1,4 +1,4 @@
-"""Byte, character and byte-level BPE tokenizers behind one interface, saved as self-describing JSON.
+"""Byte, character, word and byte-level BPE tokenizers behind one interface, saved as self-describing JSON.
 
 Every tokenizer has an identity (kind, vocab_size, built_from, sha256 of what defines its ids). A
 checkpoint records it, and `check_tokenizer_matches` refuses to resume or sample with another
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Dict, Iterable, Iterator, List, Sequence, Union
+import re
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -96,6 +97,13 @@ class ByteTokenizer(Tokenizer):
         return {"encoding": "utf-8"}
 
 
+def code_points(text: str) -> np.ndarray:
+    """The text's code points: one byte each for ASCII (str.isascii is O(1)), else 4."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+
+
 class CharTokenizer(Tokenizer):
     """One id per character of a fixed alphabet (sorted), plus a last id for any other character."""
 
@@ -124,8 +132,12 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: Union[str, bytes]) -> np.ndarray:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        codepoints_N = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-        return self._table[codepoints_N]
+        return self._table[code_points(text)]
+
+    def encoder(self, dtype) -> Callable[[str], np.ndarray]:
+        """encode with ids of `dtype` straight from the lookup (the cache's narrow ids)."""
+        table = self._table.astype(dtype)
+        return lambda text: table[code_points(text)]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids_N = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
@@ -189,6 +201,69 @@ class SubwordTokenizer(Tokenizer):
         return {"tokenizer": self.hf_json}
 
 
+class WordTokenizer(Tokenizer):
+    """Whitespace-separated words of a fixed vocabulary, each line a sentence: <S> words </S>
+    (One Billion Word's word-level setup). Words outside the vocabulary become <unk>; blank lines
+    carry no sentence. Ids: <S> 0, </S> 1, <unk> 2, then the words as the vocabulary lists them
+    (by falling count in the training split, ties in code point order)."""
+
+    kind = "word"
+    SPECIALS = ("<S>", "</S>", "<unk>")
+    bos_id, eos_id, unk_id = 0, 1, 2
+
+    def __init__(self, words: Sequence[str], built_from: str = "", min_count: Optional[int] = None) -> None:
+        self.words: List[str] = list(words)
+        if len(set(self.words)) != len(self.words) or set(self.words) & set(self.SPECIALS):
+            raise ValueError("a word tokenizer's words must be distinct and not <S>, </S> or <unk>")
+        if any(not w or any(c.isspace() for c in w) for w in self.words):
+            raise ValueError("a word tokenizer's words must be non-empty and hold no whitespace")
+        self.built_from = built_from
+        self.min_count = min_count
+        self._ids = {w: i for i, w in enumerate(self.SPECIALS + tuple(self.words))}
+
+    @classmethod
+    def from_counts(cls, counts: Dict[str, int], min_count: int, built_from: str) -> "WordTokenizer":
+        kept = [w for w, c in counts.items() if c >= min_count and w not in cls.SPECIALS]
+        kept.sort(key=lambda w: (-counts[w], w))
+        return cls(kept, built_from=built_from, min_count=min_count)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SPECIALS) + len(self.words)
+
+    def encode(self, text: Union[str, bytes]) -> np.ndarray:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        get, unk, out = self._ids.get, self.unk_id, []
+        for line in text.split("\n"):
+            words = line.split()
+            if words:
+                out.append(self.bos_id)
+                out.extend(get(w, unk) for w in words)
+                out.append(self.eos_id)
+        return np.asarray(out, dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        names = self.token_strings()
+        out, line = [], []
+        for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids):
+            i = int(i)
+            if not 0 <= i < len(names):
+                raise ValueError(f"word tokenizer ids must lie in [0, {len(names) - 1}]")
+            if i == self.eos_id:
+                out.append(" ".join(line) + "\n")
+                line = []
+            elif i != self.bos_id:
+                line.append(names[i])
+        return "".join(out) + " ".join(line)
+
+    def token_strings(self) -> List[str]:
+        return list(self.SPECIALS) + self.words
+
+    def _payload(self) -> dict:
+        return {"specials": list(self.SPECIALS), "words": self.words, "min_count": self.min_count}
+
+
 def build_tokenizer_from_payload(obj: dict) -> Tokenizer:
     kind = obj.get("kind")
     if kind == "byte":
@@ -197,6 +272,10 @@ def build_tokenizer_from_payload(obj: dict) -> Tokenizer:
         return CharTokenizer(obj["chars"], built_from=obj.get("built_from", ""))
     if kind == "subword":
         return SubwordTokenizer(obj["tokenizer"], built_from=obj.get("built_from", ""))
+    if kind == "word":
+        if list(obj.get("specials", ())) != list(WordTokenizer.SPECIALS):
+            raise ValueError(f"word tokenizer specials {obj.get('specials')!r}, expected {list(WordTokenizer.SPECIALS)}")
+        return WordTokenizer(obj["words"], built_from=obj.get("built_from", ""), min_count=obj.get("min_count"))
     raise ValueError(f"unknown tokenizer kind {kind!r}")
 
 
@@ -244,16 +323,103 @@ def check_tokenizer_matches(expected_identity: dict, actual_identity: dict, wher
         f"it was trained with")
 
 
-def iter_chunks(text: Union[str, bytes], chunk_size: int, at_newline: bool = False) -> Iterator[Union[str, bytes]]:
-    """Consecutive slices of about chunk_size; with at_newline, each ends just after a newline when
-    one is near, so a subword merge is never cut in the middle of a line."""
-    newline = "\n" if isinstance(text, str) else b"\n"
-    start, n = 0, len(text)
-    while start < n:
-        end = min(start + chunk_size, n)
-        if at_newline and end < n:
-            cut = text.rfind(newline, start, end)
-            if cut > start:
-                end = cut + 1
-        yield text[start:end]
-        start = end
+# -- cutting a streamed text into chunks that tokenize as the whole text does --------------------
+
+def _safe_cut(text: str, start: int, end: int, lines: bool) -> int:
+    """The last position p in (start, end) where a chunk may end, or -1. `lines`: just after a
+    newline (a word tokenizer's sentences). Else at whitespace that follows a non-whitespace
+    character, a newline preferred: byte-level BPE's pre-tokenizer ends a token there whatever
+    follows, and starts the next one there whatever came before, so the ids of the chunks joined
+    are the ids of the whole text."""
+    if lines:
+        cut = text.rfind("\n", start, end - 1)
+        return cut + 1 if cut >= start else -1
+    for space in ("\n", " "):
+        p = text.rfind(space, start + 1, end)
+        while p > start:
+            if not text[p - 1].isspace():
+                return p
+            p = text.rfind(space, start + 1, p)
+    return -1
+
+
+_NEXT_CUT = {True: re.compile(r"\n(?=.)", re.S), False: re.compile(r"\S(?=[ \n])")}
+
+
+def _next_cut(text: str, start: int, end: int, lines: bool) -> int:
+    """The first position in [start, end) where a chunk may end (as _safe_cut), or -1."""
+    m = _NEXT_CUT[lines].search(text, max(start - 1, 0), end)
+    return m.start() + 1 if m else -1
+
+
+def word_chunks(pieces: Iterable[str], size: int, lines: bool = False, longest: int = 64) -> Iterator[str]:
+    """The text of `pieces` again, in chunks of about `size` characters that never cut a word (or,
+    with `lines`, a line). A stretch of `longest` x size characters without a place to cut (no
+    whitespace at all) is cut there: the only case where the chunks' ids may differ from the
+    whole text's."""
+    buf = ""
+    for piece in pieces:
+        buf = buf + piece if buf else piece
+        start = 0
+        while len(buf) - start > size:
+            cut = _safe_cut(buf, start, start + size, lines)
+            if cut < 0:
+                cut = _next_cut(buf, start + size, min(len(buf), start + longest * size), lines)
+            if cut < 0:
+                if len(buf) - start < longest * size:
+                    break  # wait for more text
+                cut = start + longest * size
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+    if buf:
+        yield buf
+
+
+# -- applying a tokenizer in worker processes ---------------------------------------------------
+
+_WORKER: Dict[str, object] = {}
+
+
+def _worker_encode(chunk: str) -> np.ndarray:
+    tokenizer = _WORKER["tokenizer"]
+    ids = tokenizer.encode(chunk)
+    return ids.astype(_WORKER["dtype"])
+
+
+def encode_parallel(tokenizer: Tokenizer, chunks: Iterable[str], workers: int, dtype) -> Iterator[np.ndarray]:
+    """tokenizer.encode of each chunk, in order, computed by `workers` processes (forked: they
+    share the tokenizer already built) with at most 2 x workers chunks in flight, so memory stays
+    bounded whatever the corpus size. workers <= 1 encodes here."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield tokenizer.encode(chunk).astype(dtype)
+        return
+    import collections
+    import multiprocessing
+    import os
+    _WORKER.update(tokenizer=tokenizer, dtype=dtype)
+    # Workers encode one chunk each with no threads of their own; without this the tokenizers
+    # library prints a warning per forked worker once the parent used its thread pool (training).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+        _WORKER.clear()
+    try:
+        pending: "collections.deque" = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_worker_encode, (chunk,)))
+            while len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()

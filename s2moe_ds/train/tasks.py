@@ -15,12 +15,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..data import ContiguousBatchSampler, DataConfig, StreamBatchSampler, prepare_corpus
+from ..data import ContiguousBatchSampler, DataConfig, StreamBatchSampler
+from ..data.cache import prepare_on_ranks
 from ..eval import evaluate_lm
 from ..models import LMOutput, ModelConfig, build_model
 from ..moe import total_loss
 from ..config import ConfigError
-from .collectives import rank_zero_first
 from .config import ExperimentConfig
 
 
@@ -188,8 +188,9 @@ class LanguageModelingTask(Task):
         self.state = None
 
     def prepare(self) -> None:
-        """Collective: rank 0 tokenizes and fills the cache; the others then only read it."""
-        self.corpus = rank_zero_first(lambda: prepare_corpus(self.data))
+        """Collective: one rank per cache folder (global rank 0 on a shared --cache-dir, each node's
+        first on a node-local one) tokenizes and fills it; the others then only read it."""
+        self.corpus = prepare_on_ranks(self.data)
 
     @property
     def tokenizer(self):

@@ -66,7 +66,8 @@ def test_embedded_corpus_without_network(tmp_path):
     assert corpus.unit == "char" and corpus.metric == "bpc"
     assert sum(corpus.units.values()) == len(text)
     assert corpus.units["train"] == pytest.approx(0.9 * len(text), abs=2)
-    assert isinstance(corpus.tokenizer, CharTokenizer) and corpus.splits["train"].dtype == np.uint16
+    # The narrowest type the vocabulary allows: 104 characters fit a byte.
+    assert isinstance(corpus.tokenizer, CharTokenizer) and corpus.splits["train"].dtype == np.uint8
     assert corpus.tokenizer.decode(corpus.splits["train"][:1000]) == text[:1000]
 
 
@@ -191,7 +192,7 @@ def test_cache_is_reused_without_encoding(tmp_path, text_file, monkeypatch):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(CharTokenizer, "encode", no_encoding)
-    monkeypatch.setattr(cache_mod, "_encode_to_npy", no_encoding)
+    monkeypatch.setattr(cache_mod, "_encode_split", no_encoding)
     second = prepare_corpus(cfg)
     assert second.cache_path == first.cache_path and isinstance(second.splits["train"], np.memmap)
     assert second.tokenizer.identity() == first.tokenizer.identity()
