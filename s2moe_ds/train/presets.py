@@ -9,6 +9,9 @@
                  layers, d_model 256, 8 heads of 64, d_inner 512, dropout 0.1, 16 experts top-2,
                  tgt_len 512, mem_len 512, lr 3.5e-4, 100k steps on enwik8; for GPU clusters,
                  with ds_configs/txl_base.json (Adam, global batch 44)
+    txl-lm1b     txl-base's model and schedule on One Billion Word (word-level: words seen >= 3
+                 times in training, <S>/</S>/<unk>), with ds_configs/txl_lm1b.json (global batch 11,
+                 the paper's for this corpus)
 """
 
 import copy
@@ -49,8 +52,16 @@ def txl_base() -> ExperimentConfig:
                           min_lr_ratio=0.0, eval_interval=4000, save_interval=4000))
 
 
+def txl_lm1b() -> ExperimentConfig:
+    # The sister code's batch for One Billion Word is 11 (44 for enwik8/text8): DeepSpeed's
+    # train_batch_size in ds_configs/txl_lm1b.json; the rest is txl-base's.
+    base = txl_base()
+    return ExperimentConfig(model=base.model, data=DataConfig(dataset="one-billion-word"),
+                            train=TrainConfig(**{**base.train.to_dict(), "out_dir": "runs/txl-lm1b"}))
+
+
 PRESETS: Dict[str, Callable[[], ExperimentConfig]] = {"tiny": tiny, "paper-small": paper_small, "txl-tiny": txl_tiny,
-                                                      "txl-base": txl_base}
+                                                      "txl-base": txl_base, "txl-lm1b": txl_lm1b}
 
 
 def _merge_moe(base: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
