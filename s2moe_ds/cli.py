@@ -647,10 +647,15 @@ def compare_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def study_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    from .experiments.study import study_parser as build  # the study's own module holds its flags
+    return build(width)
+
+
 SCRIPTS = {"launch/pretrain.py": pretrain_parser, "launch/finetune.py": finetune_parser,
            "launch/evaluate.py": evaluate_parser,
            "launch/compare.py": compare_parser, "launch/generate.py": generate_parser,
-           "launch/consolidate.py": consolidate_parser}
+           "launch/consolidate.py": consolidate_parser, "launch/study.py": study_parser}
 
 
 def reference_markdown(width: int = 100) -> str:

@@ -18,6 +18,7 @@ cell whose folder holds another command, or a run holding its lock, is refused, 
 
 import argparse
 import fcntl
+import functools
 import getpass
 import glob
 import json
@@ -191,6 +192,9 @@ def submit(plan: Plan, retry_failed: bool = False, resubmit: Sequence[str] = (),
     if not dry_run:
         plan.write_configs(ROOT)
     current = {s.cell.name: s for s in states(plan)}
+    for name in resubmit:
+        if current[name].state != "failed":
+            log(f"not resubmitted: {name} is {current[name].state}, not failed")
     new_jobs: Dict[str, str] = {}
     submitted = 0
     for name, cell in cells.items():
@@ -370,10 +374,13 @@ def finish(folder: str, log: Callable[[str], None] = print) -> int:
 
 # ------------------------------------------------------------------------------------ command line
 
-def study_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/study.py", description=(
+def study_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
+    """launch/study.py's flags; `width` fixes the help's width (docs/cli.md)."""
+    formatter = functools.partial(argparse.HelpFormatter, width=width) if width else argparse.HelpFormatter
+    p = argparse.ArgumentParser(prog="launch/study.py", formatter_class=formatter, description=(
         "Submit a study's every run as a SLURM job (slurm/study_cell.sh running slurm/pretrain.sh), follow them, "
-        "and write the comparison tables from what has finished (docs/evaluation.md)."))
+        "and write the comparison tables from what has finished (docs/evaluation.md). Flags it does not know "
+        "pass through to every pretraining run."))
     p.add_argument("--plan", default="paper", choices=sorted(PLANS), help="(default: paper)")
     p.add_argument("--scale", default="paper", choices=SCALES, help="paper: the presets and budget of the "
                    "paper; tiny: the same grid at CPU size on the embedded corpus (default: paper)")

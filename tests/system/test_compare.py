@@ -94,3 +94,16 @@ def test_harness_end_to_end_reproduces_its_table(tmp_path):
     assert table(tmp_path / "b" / "results.md") == table(tmp_path / "a" / "results.md")
     assert "Code: " in md
     del first
+    # Another budget on the same --out: the finished runs are refused with the difference, not deleted.
+    before = sorted(os.listdir(tmp_path / "a" / "runs" / "smoe" / "seed7"))
+    text = tmp_path / "corpus.txt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compare.py"), "--path", str(text),
+                           "--variants", "smoe", "--seeds", "7", "--max-steps", "6", "--evals", "2", "--nproc", "2",
+                           "--out", str(tmp_path / "a"), "--d-model", "32", "--d-inner", "64", "--max-seq-len", "32",
+                           "--seq-len", "32", "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "$ " not in proc.stdout, proc.stdout + proc.stderr
+    assert f"error: --out: run folder {tmp_path / 'a' / 'runs' / 'smoe' / 'seed7'} holds a run of another command (" \
+        in proc.stderr and "--max-steps: recorded 4, now 6" in proc.stderr, proc.stderr
+    assert "pass another --out, or remove that folder yourself" in proc.stderr
+    assert sorted(os.listdir(tmp_path / "a" / "runs" / "smoe" / "seed7")) == before

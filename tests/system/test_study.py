@@ -3,6 +3,7 @@ at tiny size, one job preempted mid-run (it checkpoints, requeues and resumes), 
 --table while jobs run, a second submission that submits nothing, and at the end the same table as
 the sequential harness's evaluation (runner.evaluate_and_record) of the same run folders."""
 
+import getpass
 import json
 import os
 import re
@@ -35,6 +36,12 @@ def cluster(tmp_path_factory):
         c.start()
         yield c
     finally:
+        # A failed test leaves jobs behind: cancel them while slurmd still runs, so that no batch
+        # script or srun outlives the cluster.
+        c.run("scancel", "--user", getpass.getuser())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and c.run("squeue", "-h", "-o", "%i").stdout.strip():
+            time.sleep(0.5)
         c.stop()
 
 
