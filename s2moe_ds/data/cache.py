@@ -330,20 +330,16 @@ def _probe_shared(cache_dir: str) -> List[int]:
     token = [None]
     if dist.get_rank() == 0:
         try:
-            check_output_folder(cache_dir, "data.cache_dir", "--cache-dir")
             os.makedirs(cache_dir, exist_ok=True)
             name = os.path.join(cache_dir, PROBE_PREFIX + uuid.uuid4().hex)
             with open(name, "x") as f:
                 f.write(f"{socket.gethostname()} {os.getpid()}\n")
             token = [name]
-        except ConfigError as e:
-            token = [("error", str(e))]
-        except OSError as e:
-            token = [("error", f"data.cache_dir: cannot write in {cache_dir} ({e.strerror or e}); pass --cache-dir "
-                               "a folder you can write to")]
+        except OSError:
+            pass  # a read-only cache (complete, or refused by rank 0's prepare_corpus, naming it)
     dist.broadcast_object_list(token, src=0)  # also the barrier: the marker exists before anyone looks
-    if isinstance(token[0], tuple):
-        raise ConfigError(token[0][1])
+    if token[0] is None:
+        return [0] * dist.get_world_size()
     seen = os.path.exists(token[0])
     everyone: List[Optional[Tuple[bool, str]]] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (seen, socket.gethostname()))

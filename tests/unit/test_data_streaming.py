@@ -179,6 +179,20 @@ def test_one_billion_word_from_its_shard_layout(tmp_path):
     assert tok.decode(corpus.splits["test"]) == "The <unk> sat on mat 1 .\n<unk> cat <unk> .\n"
 
 
+def test_one_billion_word_as_the_hub_has_it(tmp_path):
+    """The hub copy (billion-word-benchmark/lm1b) has train and test only, a sentence per row:
+    valid is the test set, as with the shard folder; a save_to_disk copy reads the same way."""
+    import datasets
+    rows = {"train": [f"the cat sat {i % 3} ." for i in range(30)], "test": ["the dog sat 1 .", "a cat ."]}
+    saved = str(tmp_path / "lm1b")
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in rows.items()}).save_to_disk(saved)
+    corpus = prepare_corpus(DataConfig(dataset="one-billion-word", path=saved, cache_dir=str(tmp_path / "c")))
+    names = corpus.tokenizer.token_strings()
+    assert [names[i] for i in corpus.splits["valid"]] == [names[i] for i in corpus.splits["test"]] == \
+        ["<S>", "the", "<unk>", "sat", "1", ".", "</S>", "<S>", "<unk>", "cat", ".", "</S>"]
+    assert len(corpus.splits["train"]) == 30 * 7
+
+
 def test_one_billion_word_preset():
     from s2moe_ds.train.presets import preset
     exp = preset("txl-lm1b")
