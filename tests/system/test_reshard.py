@@ -4,6 +4,8 @@ deterministic, the first task loss after the reshard is the one the unchanged la
 that step, and every global expert's weights and Adam moments arrive unchanged; with noise on, a
 resumed run is reproducible from the checkpoint."""
 
+import os
+import re
 import shutil
 
 import pytest
@@ -43,6 +45,44 @@ class StateAtStart(TrainerHook):
         self.first = False
 
 
+class ReshardReads:
+    """What this rank's reshard read and kept: the files it read values from, the global ids of
+    the experts in the module state it assembled, the optimizer values it copied, and the size of
+    its own optimizer partitions (fp32 values)."""
+
+    def __init__(self):
+        from s2moe_ds.checkpoint import reshard
+        from s2moe_ds.parallel import deepspeed_internals as ds
+        self.files, self.experts, self.copied, self.own = [], [], None, None
+        read, module_state = reshard.read_mapped, reshard.rank_module_state
+        optimizer_share = reshard.load_optimizer_share
+
+        def read_mapped(path):
+            self.files.append(os.path.basename(path))
+            return read(path)
+
+        def rank_module_state(step_dir, layout):
+            state = module_state(step_dir, layout)
+            self.experts = sorted({int(m.group(1)) for m in map(EXPERT_KEY.search, state) if m})
+            return state
+
+        def load_optimizer_share(engine, *args):
+            self.copied = optimizer_share(engine, *args)
+            fragments = (ds.own_fragment(p, ()) for p in engine.module.parameters())
+            self.own = sum(f[1] for f in fragments if f is not None)
+            return self.copied
+
+        reshard.read_mapped, reshard.rank_module_state = read_mapped, rank_module_state
+        reshard.load_optimizer_share = load_optimizer_share
+
+    def record(self, layout):
+        return {"files": self.files, "experts": self.experts, "copied": self.copied, "own": self.own,
+                "global_ids": layout.global_ids()}
+
+
+EXPERT_KEY = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
 def _model(noise, block="s2moe"):
     moe = dict(block=block, num_experts=4, drop_tokens=False, router_config=dict(use_rts=False, top2_2nd_expert_sampling=False),
                block_config=dict(noise_scale=1.0 if noise else 0.0, noise_stats="global") if block == "s2moe" else None)
@@ -62,12 +102,13 @@ def _worker(rank, world, text, out_dir, cache, ep, stage, train_kw, noise=False)
     experiment.parallel.ep_size = ep
     task = RecordingTask(experiment.data, experiment.train.seq_len)
     hook = StateAtStart()
+    reads = ReshardReads()
     trainer = Trainer(experiment, ds_config, task, [hook])
     final = trainer.run()
     from s2moe_ds.checkpoint import reshard
     end = reshard.engine_global_state(trainer.engine, trainer.layout) if train_kw.get("stop_after") and stage else None
     return {"task_losses": task.task_losses, "step": final["step"], "start_state": hook.state, "end_state": end,
-            "gas": trainer.gas}
+            "gas": trainer.gas, "reads": reads.record(trainer.layout)}
 
 
 def _run(world, text, out, cache, ep, stage=2, noise=False, **train_kw):
@@ -115,6 +156,27 @@ def test_resume_on_another_layout_continues_the_run(corpus, saved, tmp_path, wor
     for name in before:
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(after[name][key], before[name][key], rtol=0, atol=0, msg=f"{name} {key}")
+    _assert_each_rank_read_its_share(out / "checkpoints" / "step00000002", [r["reads"] for r in resumed],
+                                     sum(v["fp32"].numel() for v in before.values()), ep)
+
+
+def _assert_each_rank_read_its_share(step_dir, reads, parameters, ep):
+    """Each rank read the values of its own experts' files only (of 4 experts, 4 / ep_size), kept
+    no other expert, and copied exactly its own partitions' share of the saved optimizer states:
+    over all ranks, each value of the model's fp32 weights and both moments once."""
+    from s2moe_ds.checkpoint.reshard import EXPERT_FILE
+    expert_files = {name: int(EXPERT_FILE.fullmatch(name).group(1)) for name in os.listdir(step_dir)
+                    if EXPERT_FILE.fullmatch(name)}
+    assert set(expert_files.values()) == {0, 1, 2, 3}
+    for r in reads:
+        own = r["global_ids"]
+        assert len(own) == 4 // ep and r["experts"] == own
+        read_experts = sorted(f for f in r["files"] if f in expert_files)
+        assert read_experts == sorted(f for f, e in expert_files.items() if e in own)
+        shards = [f for f in r["files"] if f.startswith("zero_pp_rank_")]
+        assert shards and len(shards) == len(set(shards))  # each saved shard read at most once
+        assert r["copied"] == 3 * r["own"]
+    assert sum(r["own"] for r in reads) == parameters
 
 
 def test_the_global_batch_is_kept_by_gradient_accumulation(corpus, tmp_path):
