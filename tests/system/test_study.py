@@ -123,3 +123,29 @@ def test_a_tiny_study_survives_preemption_and_gives_the_harness_table(cluster, t
     harness = summary_table(plan.variants, results, "bpc", "smoe")
     assert harness in table, harness + "\n---\n" + table
     assert "| smoe | 2 |" in harness and "| s2moe | 2 |" in harness
+
+
+def test_a_fine_tuning_cell_waits_for_its_pretraining_job_and_reaches_the_table(cluster, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "study"
+    base = ["--plan", "paper", "--scale", "tiny", "--out", str(out), "--variants", "s2moe", "--seeds", "3",
+            "--corpora", "enwik8", "--tasks", "sst2", "--data-path", f"enwik8={corpus}", "--tasks-per-node", "1",
+            "--max-steps", "4", "--finetune-steps", "4", "--d-model", "32", "--d-inner", "64", "--seq-len", "32",
+            "--max-seq-len", "32", "--cache-dir", str(tmp_path / "cache")]
+    submitted = _study(cluster, base)
+    assert "2 job(s) submitted" in submitted, submitted
+    pretrain = json.loads((out / "txl/enwik8/s2moe/seed3" / "command.json").read_text())["jobs"][0]
+    finetune_cell = out / "finetune/sst2/txl/enwik8/s2moe/seed3"
+    finetune = json.loads((finetune_cell / "command.json").read_text())["jobs"][0]
+    assert f"(after job {pretrain})" in submitted
+    assert cluster.job(finetune).get("Dependency", "").startswith(f"afterok:{pretrain}")
+    for job in (pretrain, finetune):
+        state = cluster.wait(job, _finished, timeout=600)
+        assert state["JobState"] == "COMPLETED", f"{state}\n{cluster.logs()}"
+    report = json.loads((finetune_cell / "finetune_eval.json").read_text())
+    assert report["pretrained"].startswith(str(out / "txl/enwik8/s2moe/seed3" / "checkpoints"))
+    assert {(r["split"], r["eval_k"]) for r in report["results"]} >= {("valid", 1), ("valid", 2)}
+    table = _study(cluster, base, "--table")
+    assert "## fine-tuning on sst2, pretrained txl/enwik8" in table and "| s2moe | 1 |" in table, table
+    assert "Missing" not in table, table
