@@ -193,7 +193,7 @@ class SharedState:
     def read(self) -> Dict[str, object]:
         """step, phase, since, pulse, finished, verdict."""
         progress = None
-        for _ in range(1000):
+        for _ in range(50):  # a rank stopped mid-update leaves the counter odd: then the last read
             before = struct.unpack_from("=Q", self.map, self._SEQ)[0]
             fields = self._PROGRESS.unpack_from(self.map, self._AT)
             if before % 2 == 0 and struct.unpack_from("=Q", self.map, self._SEQ)[0] == before:
@@ -284,14 +284,16 @@ def _alive(pid: int, start: Optional[str]) -> bool:
 
 def kill_ranks(beats: List[dict], host: str, dump: bool = True) -> None:
     """SIGKILL the ranks of this host among `beats` (a stopped process ignores the SIGTERM that
-    launchers send, and they wait 30 s before they kill), after their stacks were printed (`dump`)."""
+    launchers send, and they wait 30 s before they kill), after their stacks were printed (`dump`;
+    not again for a rank whose own watcher printed them)."""
     mine = [h for h in beats if h.get("host") == host and h.get("pid") and _alive(h["pid"], h.get("start"))]
-    for h in mine if dump else ():
+    unseen = [h for h in mine if not h.get("stacks")] if dump else []
+    for h in unseen:
         try:
             os.kill(h["pid"], DUMP_SIGNAL)
         except OSError:
             pass
-    if mine and dump:
+    if unseen:
         time.sleep(0.5)
     for h in mine:
         if _alive(h["pid"], h.get("start")):
@@ -339,6 +341,7 @@ class Watcher:
             elif now - s["pulse"] <= own_quiet_limit(self.beat_s):
                 lines, silent = peer_lines(self.folder, self.rank, self.world, self.host, self.beat_s, now)
                 say("\n".join([self._head(s, now), *lines]))
+                self.state.set_verdict(EXIT_HUNG)  # it exits while the others are killed, before its collective fails
                 kill_ranks(silent, self.host)
                 return self._end_rank()
             elif self._frozen(s, now):
@@ -358,7 +361,7 @@ class Watcher:
         write_heartbeat(self.folder, self.rank, {
             "rank": self.rank, "host": self.host, "pid": self.pid, "start": self.start, "step": s["step"],
             "phase": s["phase"], "since": s["since"], "alive": s["pulse"], "checked": now,
-            "state": proc_state(self.pid), "watcher": os.getpid()})
+            "state": proc_state(self.pid), "watcher": os.getpid(), "stacks": self.frozen_since is not None})
 
     def _head(self, s: Dict[str, object], now: float) -> str:
         return (f"watchdog: rank {self.rank} made no progress for {now - s['since']:.0f} s (hang_timeout_s "
@@ -379,6 +382,7 @@ class Watcher:
                 os.kill(self.pid, DUMP_SIGNAL)
             except OSError:
                 pass
+            self._beat(s, now)  # "stacks": the others' watchers need not print them again
             return False
         if now - self.frozen_since < 2 * self.beat_s + 1:
             return False

@@ -174,9 +174,11 @@ from s2moe_ds.train.watchdog import Watchdog
 from s2moe_ds.train.faults import KINDS
 w = Watchdog(0, 1, sys.argv[1], 3.0)
 w.start()
-print("watcher", w._watcher.pid, flush=True)
+first = w._watcher.pid
+print("watcher", first, flush=True)
 w.progress(1, "forward")
 w.stop()
+print("first watcher left after stop:", os.path.exists(f"/proc/{first}"), flush=True)
 w = Watchdog(0, 1, sys.argv[1], 3.0)
 w.start()
 print("watcher", w._watcher.pid, flush=True)
@@ -197,6 +199,7 @@ def test_a_lone_frozen_rank_is_ended_by_its_own_watcher(kind, tmp_path):
     log = done.stdout + done.stderr
     watchers = [int(p) for p in re.findall(r"watcher (\d+)", log)]
     assert len(watchers) == 2 and not _processes_naming(str(out)), log[-3000:]
+    assert "first watcher left after stop: False" in log, log[-3000:]
     assert "watchdog: rank 0 made no progress for " in log and "(hang_timeout_s 3) at step 1, phase 'forward'" in log
     if kind == "gil":
         assert done.returncode == -signal.SIGKILL and "its interpreter has not run for " in log, log[-3000:]
@@ -204,3 +207,16 @@ def test_a_lone_frozen_rank_is_ended_by_its_own_watcher(kind, tmp_path):
     else:
         assert done.returncode == 124, log[-3000:]
     assert time.time() - start < 60
+
+
+def test_a_malformed_fault_request_is_refused(monkeypatch):
+    from s2moe_ds.config import ConfigError
+    from s2moe_ds.train.faults import fault_from_env
+
+    monkeypatch.setenv("S2MOE_INJECT_FAULT", "1:5:gil")
+    assert fault_from_env(0) is None and fault_from_env(1).kind == "gil"
+    for bad in ("1:x:gil", "1:5", "1:5:hang"):
+        monkeypatch.setenv("S2MOE_INJECT_FAULT", bad)
+        with pytest.raises(ConfigError, match=rf"S2MOE_INJECT_FAULT='{bad}' is not RANK:STEP:KIND with KIND one of "
+                                              "gil, sleep, segfault, abort"):
+            fault_from_env(0)
