@@ -138,6 +138,8 @@ def cell_state(plan: Plan, cell: Cell, sched: Dict[str, Tuple[str, str]]) -> Cel
     if not job:
         return CellState(cell, "not submitted")
     state, reason = sched.get(job, ("", ""))
+    if reason == "DependencyNeverSatisfied":  # its pretraining job failed: this one would wait for ever
+        return CellState(cell, "failed", job, f"job {job} waits on a failed job of {cell.after or 'another cell'}")
     if state in WAITING:
         why = f" ({reason})" if reason and reason != "None" else ""
         return CellState(cell, "queued", job, state.lower() + why)
@@ -177,10 +179,16 @@ def cell_sbatch(plan: Plan, cell: Cell, dependency: Optional[str]) -> Tuple[List
     return [*args, CELL_SCRIPT, *cell.flags], env
 
 
+def _scancel(job: str) -> None:
+    subprocess.run(["scancel", job], capture_output=True, timeout=60)
+
+
 def submit(plan: Plan, retry_failed: bool = False, resubmit: Sequence[str] = (), dry_run: bool = False,
-           log: Callable[[str], None] = print, sbatch: Callable[[List[str], Dict[str, str]], str] = _sbatch) -> int:
+           log: Callable[[str], None] = print, sbatch: Callable[[List[str], Dict[str, str]], str] = _sbatch,
+           cancel: Callable[[str], None] = _scancel) -> int:
     """Submit every cell that is not queued, running or done; a failed one only when named in
-    `resubmit` or with retry_failed. Returns the number of jobs submitted."""
+    `resubmit` or with retry_failed (a job of it still pending on a failed dependency is cancelled
+    first). Returns the number of jobs submitted."""
     cells = {c.name: c for c in plan.cells()}
     unknown = [r for r in resubmit if r not in cells]
     if unknown:
@@ -224,6 +232,8 @@ def submit(plan: Plan, retry_failed: bool = False, resubmit: Sequence[str] = (),
         record = {**read_record(folder), "cell": name, "kind": cell.kind, "command": cell.command(),
                   "data": dict(cell.data)}
         write_record(folder, record)  # the folder is this cell's before its job exists
+        if s.state == "failed" and s.job:
+            cancel(s.job)  # one left pending on a failed dependency; a no-op for a job that ended
         job = sbatch(args, env)
         write_record(folder, {**record, "jobs": [*record.get("jobs", []), job]})
         new_jobs[name] = job

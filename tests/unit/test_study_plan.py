@@ -231,3 +231,20 @@ def test_a_study_leaves_its_own_running_cell_alone_but_refuses_a_foreign_locked_
             study.submit(plan, sbatch=lambda a, e: "9", log=lambda m: None)
     finally:
         lock.release()
+
+
+def test_a_fine_tuning_job_left_waiting_on_a_failed_pretraining_is_failed_and_replaced(tmp_path, monkeypatch):
+    plan = _tiny(tmp_path, tasks=["sst2"])
+    pre, ft = plan.cells()[0], next(c for c in plan.cells() if c.kind == "finetune")
+    write_record(plan.folder(pre), {"command": pre.command(), "jobs": ["11"]})
+    write_record(plan.folder(ft), {"command": ft.command(), "jobs": ["12"]})
+    sched = {"12": ("PENDING", "DependencyNeverSatisfied")}
+    monkeypatch.setattr(study, "scheduler_states", lambda jobs: sched)
+    states = {s.cell.name: s for s in study.states(plan)}
+    assert states[pre.name].state == "failed" and states[ft.name].state == "failed"
+    assert states[ft.name].detail == f"job 12 waits on a failed job of {pre.name}"
+    cancelled, calls = [], []
+    study.submit(plan, resubmit=[pre.name, ft.name], sbatch=lambda a, e: calls.append(a) or str(20 + len(calls)),
+                 cancel=cancelled.append, log=lambda m: None)
+    ft_args = next(a for a in calls if plan.folder(ft) in " ".join(a))
+    assert "12" in cancelled and "--dependency=afterok:21" in ft_args
