@@ -52,7 +52,8 @@ tokens per GPU) is bound by kernel launches and the all-to-all, so it keeps abou
 class CellState:
     cell: Cell
     state: str
-    """'skipped', 'not submitted', 'queued', 'running', 'done' or 'failed'."""
+    """'skipped', 'not submitted', 'queued', 'running', 'done', 'failed', or 'unknown' (the
+    scheduler did not answer)."""
     job: str = ""
     detail: str = ""
     tail: str = ""
@@ -69,13 +70,17 @@ def _run(cmd: List[str]) -> Optional[str]:
     return out.stdout if out.returncode == 0 else None
 
 
-def scheduler_states(jobs: Sequence[str]) -> Dict[str, Tuple[str, str]]:
+def scheduler_states(jobs: Sequence[str]) -> Optional[Dict[str, Tuple[str, str]]]:
     """{job id: (state, reason)} for the jobs the scheduler still knows: squeue's, then sacct's
-    (where accounting is kept) for jobs squeue has forgotten."""
+    (where accounting is kept) for jobs squeue has forgotten. None when squeue does not answer
+    (no SLURM here, or its controller down): then no job can be said to have ended."""
     if not jobs:
         return {}
+    queue = _run(["squeue", "-h", "--states=all", "-u", getpass.getuser(), "-o", "%i|%T|%r"])
+    if queue is None:
+        return None
     states: Dict[str, Tuple[str, str]] = {}
-    for line in (_run(["squeue", "-h", "--states=all", "-u", getpass.getuser(), "-o", "%i|%T|%r"]) or "").splitlines():
+    for line in queue.splitlines():
         parts = line.strip().split("|")
         if len(parts) == 3 and parts[0] in jobs:
             states[parts[0]] = (parts[1], parts[2])
@@ -126,8 +131,8 @@ def progress(folder: str) -> str:
     return text or "starting"
 
 
-def cell_state(plan: Plan, cell: Cell, sched: Dict[str, Tuple[str, str]]) -> CellState:
-    """What a cell is now, from its run folder and the scheduler."""
+def cell_state(plan: Plan, cell: Cell, sched: Optional[Dict[str, Tuple[str, str]]]) -> CellState:
+    """What a cell is now, from its run folder and the scheduler (None: it did not answer)."""
     if cell.skipped:
         return CellState(cell, "skipped", detail=cell.skipped)
     folder = plan.folder(cell)
@@ -137,6 +142,8 @@ def cell_state(plan: Plan, cell: Cell, sched: Dict[str, Tuple[str, str]]) -> Cel
         return CellState(cell, "done", job)
     if not job:
         return CellState(cell, "not submitted")
+    if sched is None:
+        return CellState(cell, "unknown", job, "squeue did not answer: is SLURM reachable from here?")
     state, reason = sched.get(job, ("", ""))
     if reason == "DependencyNeverSatisfied":  # its pretraining job failed: this one would wait for ever
         return CellState(cell, "failed", job, f"job {job} waits on a failed job of {cell.after or 'another cell'}")
@@ -207,7 +214,9 @@ def submit(plan: Plan, retry_failed: bool = False, resubmit: Sequence[str] = (),
     submitted = 0
     for name, cell in cells.items():
         s = current[name]
-        if s.state in ("skipped", "queued", "running", "done"):
+        if s.state in ("skipped", "queued", "running", "done", "unknown"):
+            if s.state == "unknown":
+                log(f"not submitted: {name}'s job {s.job} may still run ({s.detail})")
             continue
         if s.state == "failed" and not (retry_failed or name in resubmit):
             log(f"failed: {name} ({s.detail}); resubmit it with --resubmit {name} or --retry-failed\n{s.tail}")

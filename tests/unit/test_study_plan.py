@@ -248,3 +248,16 @@ def test_a_fine_tuning_job_left_waiting_on_a_failed_pretraining_is_failed_and_re
                  cancel=cancelled.append, log=lambda m: None)
     ft_args = next(a for a in calls if plan.folder(ft) in " ".join(a))
     assert "12" in cancelled and "--dependency=afterok:21" in ft_args
+
+
+def test_without_an_answer_from_the_scheduler_no_job_is_taken_for_ended(tmp_path, monkeypatch):
+    plan = _tiny(tmp_path, tasks=[])
+    cell = plan.cells()[0]
+    write_record(plan.folder(cell), {"command": cell.command(), "jobs": ["11"]})
+    monkeypatch.setattr(study, "_run", lambda cmd: None)  # squeue fails: no SLURM here, or slurmctld down
+    states = {s.cell.name: s for s in study.states(plan)}
+    assert states[cell.name].state == "unknown" and "squeue did not answer" in states[cell.name].detail
+    said, calls = [], []
+    study.submit(plan, retry_failed=True, sbatch=lambda a, e: calls.append(a) or "5", log=said.append)
+    assert len(calls) == 3 and not any(plan.folder(cell) in " ".join(a) for a in calls)
+    assert any("not submitted: txl/enwik8/smoe/seed1's job 11 may still run" in m for m in said)
