@@ -301,7 +301,7 @@ def _model(router, **router_config):
     return build_model(cfg).eval()
 
 
-@pytest.mark.parametrize("router", ["xmoe", "stablemoe", "smoe_dropout"])
+@pytest.mark.parametrize("router", ["xmoe", "stablemoe", "smoe_dropout", "lossfree"])
 def test_analysis_reads_each_routers_own_distribution(router):
     from s2moe_ds.moe import expert_blocks
     from ..unit.test_analysis import _analyse, _batches
