@@ -437,7 +437,19 @@ def study_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     return p
 
 
+def check_pass_through(extra: Sequence[str]) -> None:
+    """The flags passed through to every pretraining run must be launch/pretrain.py's: a typo
+    (--stauts) is refused here, not in every job."""
+    from ..cli import pretrain_parser
+    unknown = [w for w in pretrain_parser().parse_known_args(list(extra))[1] if w.startswith("-")]
+    if unknown:
+        raise ConfigError(f"{' '.join(unknown)}: neither launch/study.py's flag nor launch/pretrain.py's; see "
+                          "launch/study.py --help and launch/pretrain.py --help")
+
+
 def build_plan(args, extra: Sequence[str]) -> Plan:
+    """The plan launch/study.py's flags name, checked before anything is submitted."""
+    check_pass_through(extra)
     tiny = args.scale == "tiny"
     for flag in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "max_steps", "finetune_steps"):
         value = getattr(args, flag)

@@ -261,3 +261,8 @@ def test_without_an_answer_from_the_scheduler_no_job_is_taken_for_ended(tmp_path
     study.submit(plan, retry_failed=True, sbatch=lambda a, e: calls.append(a) or "5", log=said.append)
     assert len(calls) == 3 and not any(plan.folder(cell) in " ".join(a) for a in calls)
     assert any("not submitted: txl/enwik8/smoe/seed1's job 11 may still run" in m for m in said)
+
+
+def test_a_flag_neither_the_study_nor_pretraining_knows_is_refused(capsys):
+    assert study.main(["--plan", "paper", "--out", "unused", "--stauts", "--d-model", "32"]) == 2
+    assert "error: --stauts: neither launch/study.py's flag nor launch/pretrain.py's" in capsys.readouterr().err
