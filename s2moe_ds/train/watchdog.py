@@ -83,7 +83,7 @@ class Watchdog:
         read_fd, self._wake_fd = os.pipe()
         try:
             self._watcher = subprocess.Popen(
-                [sys.executable, "-I", WATCHER_SCRIPT, "--rank", str(self.rank), "--world", str(self.world),
+                [sys.executable, "-I", "-S", WATCHER_SCRIPT, "--rank", str(self.rank), "--world", str(self.world),
                  "--dir", self.dir, "--timeout", repr(self.timeout_s), "--beat", repr(self.beat_s),
                  "--pid", str(os.getpid()), "--start", str(proc_start(os.getpid())),
                  "--state-fd", str(self._state.fd), "--wake-fd", str(read_fd)],
@@ -98,14 +98,15 @@ class Watchdog:
             return
         self._state.set_finished()
         os.close(self._wake_fd)  # wakes the watcher: EOF
-        try:
-            self._watcher.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        self._stop.set()
+        self._pulse.join()
+        started = time.time()
+        while self._watcher.poll() is None and time.time() - started < 10:
+            time.sleep(0.005)  # Popen.wait's back-off would add up to 50 ms to every run's end
+        if self._watcher.poll() is None:
             self._watcher.kill()
             self._watcher.wait()
         self._watcher = None
-        self._stop.set()
-        self._pulse.join()
         self._disable_stack_dumps()
         self._state.close()
         self._state = None

@@ -21,7 +21,7 @@ ranks of a node, no discovery of the others' processes, the same under every lau
 the ranks of a node independently), and no node-wide watcher that dies with the rank that started it.
 It ends with its rank: the rank tells it (shared flag, then EOF on a pipe) when its run ends, and it
 checks every beat that the rank's process (pid and start time) still exists. Standard library
-only, started with `python -I` on this file, so it imports neither torch nor the package.
+only, started with `python -I -S` on this file, so it imports neither torch nor the package.
 """
 
 import argparse
