@@ -8,7 +8,8 @@ Flags: --help, or docs/evaluation.md; the library is s2moe_ds/experiments/study.
 
 import sys
 
+from s2moe_ds.cli import pretrain_parser
 from s2moe_ds.experiments.study import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(pretrain_parser=pretrain_parser))

@@ -437,10 +437,10 @@ def study_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     return p
 
 
-def check_pass_through(extra: Sequence[str]) -> None:
-    """The flags passed through to every pretraining run must be launch/pretrain.py's: a typo
-    (--stauts) is refused here, not in every job."""
-    from ..cli import pretrain_parser
+def check_pass_through(extra: Sequence[str], pretrain_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """The flags passed through to every pretraining run must be launch/pretrain.py's (its parser,
+    s2moe_ds.cli.pretrain_parser, which the launch script hands in: cli imports this package): a
+    typo (--stauts) is refused here, not in every job."""
     unknown = [w for w in pretrain_parser().parse_known_args(list(extra))[1] if w.startswith("-")]
     if unknown:
         raise ConfigError(f"{' '.join(unknown)}: neither launch/study.py's flag nor launch/pretrain.py's; see "
@@ -449,7 +449,6 @@ def check_pass_through(extra: Sequence[str]) -> None:
 
 def build_plan(args, extra: Sequence[str]) -> Plan:
     """The plan launch/study.py's flags name, checked before anything is submitted."""
-    check_pass_through(extra)
     tiny = args.scale == "tiny"
     for flag in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "max_steps", "finetune_steps"):
         value = getattr(args, flag)
@@ -464,10 +463,14 @@ def build_plan(args, extra: Sequence[str]) -> Plan:
                             args.finetune_steps)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """launch/study.py: flags it does not know pass through to every pretraining run."""
+def main(argv: Optional[Sequence[str]] = None,
+         pretrain_parser: Optional[Callable[[], argparse.ArgumentParser]] = None) -> int:
+    """launch/study.py: flags it does not know pass through to every pretraining run (checked
+    against `pretrain_parser` when given)."""
     args, extra = study_parser().parse_known_args(argv)
     try:
+        if pretrain_parser is not None:
+            check_pass_through(extra, pretrain_parser)
         plan = build_plan(args, extra)
         if args.status:
             print(status_text(plan, states(plan)))

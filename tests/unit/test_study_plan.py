@@ -264,5 +264,6 @@ def test_without_an_answer_from_the_scheduler_no_job_is_taken_for_ended(tmp_path
 
 
 def test_a_flag_neither_the_study_nor_pretraining_knows_is_refused(capsys):
-    assert study.main(["--plan", "paper", "--out", "unused", "--stauts", "--d-model", "32"]) == 2
+    from s2moe_ds.cli import pretrain_parser
+    assert study.main(["--plan", "paper", "--out", "unused", "--stauts", "--d-model", "32"], pretrain_parser) == 2
     assert "error: --stauts: neither launch/study.py's flag nor launch/pretrain.py's" in capsys.readouterr().err
