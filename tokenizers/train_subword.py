@@ -14,7 +14,7 @@ import sys
 # This folder is files, never a package (it would shadow the `tokenizers` library); s2moe_ds comes
 # from the installed package (make venv installs it in editable mode).
 from s2moe_ds.config import ConfigError
-from s2moe_ds.data.cache import CHUNK_CHARS, _as_text
+from s2moe_ds.data.cache import TRAIN_CHUNK_CHARS, _as_text
 from s2moe_ds.data.config import DATASETS, DataConfig
 from s2moe_ds.data.corpora import locate
 from s2moe_ds.data.tokenization import SubwordTokenizer, word_chunks
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         # The training split streamed, in chunks that cut no word: the corpus is never held whole.
         train = _as_text(locate(cfg).stream("train"))
         name = args.input if args.input in DATASETS else os.path.basename(os.path.normpath(args.input))
-        tok = SubwordTokenizer.train(word_chunks(train, CHUNK_CHARS), args.vocab_size,
+        tok = SubwordTokenizer.train(word_chunks(train, TRAIN_CHUNK_CHARS), args.vocab_size,
                                      built_from=f"{name} train split (tokenizers/train_subword.py)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

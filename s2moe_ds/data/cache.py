@@ -37,7 +37,10 @@ from .tokenization import (ByteTokenizer, CharTokenizer, SubwordTokenizer, Token
 # newline of each MiB, which could move the ids of a line that starts with spaces).
 CACHE_FORMAT = 2
 CHUNK_CHARS = 1 << 20
-"""Chunks of the training split that a subword tokenizer is trained on."""
+"""Pieces a character tokenizer encodes at once, and chunks of word counting."""
+TRAIN_CHUNK_CHARS = 1 << 16
+"""Chunks of the training split that a subword tokenizer is trained on: the tokenizers library
+buffers 256 of them, so 1 MiB chunks would hold 256 MiB (the merges do not depend on the size)."""
 ENCODE_CHUNK_CHARS = 1 << 16
 """Chunks that a subword or word tokenizer encodes, one per task of a worker process (64 KiB
 chunks encode 2.3x faster than 1 MiB ones)."""
@@ -160,7 +163,8 @@ def _build_tokenizer(cfg: DataConfig, source: CorpusSource, corpus_key: str) -> 
         return CharTokenizer(_char_alphabet(train), built_from=built_from)
     if kind == "word":
         return WordTokenizer.from_counts(_word_counts(train), cfg.word_min_count, built_from=built_from)
-    return SubwordTokenizer.train(word_chunks(train, CHUNK_CHARS), cfg.subword_vocab_size, built_from=built_from)
+    return SubwordTokenizer.train(word_chunks(train, TRAIN_CHUNK_CHARS), cfg.subword_vocab_size,
+                                  built_from=built_from)
 
 
 def _ids(tokenizer: Tokenizer, pieces: Iterable[Text], workers: int, dtype: np.dtype) -> Iterator[np.ndarray]:

@@ -78,6 +78,7 @@ def small_chunks(monkeypatch):
     characters: hundreds of boundaries in a small corpus."""
     monkeypatch.setattr(corpora, "_READ_CHUNK", 1000)
     monkeypatch.setattr(cache_mod, "CHUNK_CHARS", 97)
+    monkeypatch.setattr(cache_mod, "TRAIN_CHUNK_CHARS", 53)
     monkeypatch.setattr(cache_mod, "ENCODE_CHUNK_CHARS", 41)
     monkeypatch.setattr(cache_mod, "_SMALL_SPLIT", 0)
 
