@@ -15,8 +15,9 @@ first their layout alone (which piece of which parameter each holds, and where i
 parameter); then, after the new engine's flat partitions got Adam state tensors (DeepSpeed creates
 them lazily at the first step) and DeepSpeed linked its per-parameter views of them, every piece
 that overlaps this rank's fragment of a parameter is copied into its fp32 master weight and both
-moments. No parameter is assembled whole, and a shard that holds nothing of this rank's is not
-read at all.
+moments, one state and at most CHUNK_VALUES values per mapping of a shard (the pages a mapping
+touched stay resident until it is dropped). No parameter is assembled whole, and a shard that
+holds nothing of this rank's is not read at all.
 """
 
 import os
@@ -165,8 +166,8 @@ def _copies(engine, layout: ExpertLayout, pieces: Dict[str, List[Piece]]):
 
 def load_optimizer_share(engine, layout: ExpertLayout, step_dir: str, pieces: Dict[str, List[Piece]], step) -> int:
     """Write this rank's fragments of the saved fp32 master weights and moments (saved_pieces)
-    into `engine`'s ZeRO 1/2 partitions, reading each saved shard that holds any of them once;
-    returns how many values it copied (3 per value of its partitions)."""
+    into `engine`'s ZeRO 1/2 partitions, from the saved shards that hold any of them, mapped in
+    batches; returns how many values it copied (3 per value of its partitions)."""
     names = {layout.global_param_name(n): p for n, p in engine.module.named_parameters()}
     missing = sorted(set(names) - set(pieces))
     if missing:
@@ -182,15 +183,40 @@ def load_optimizer_share(engine, layout: ExpertLayout, step_dir: str, pieces: Di
     copied = 0
     with torch.no_grad():
         for rank in sorted(copies):
-            osd = read_mapped(optim_file(step_dir, rank))["optimizer_state_dict"]
-            flats, states = osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"]
-            for group, start, count, targets in copies[rank]:
-                sources = {"fp32": flats[group], **{key: states[group][key] for key in MOMENTS}}
-                for key, target in targets.items():
-                    target.copy_(sources[key].narrow(0, start, count))
-                    copied += count
-            del osd, flats, states
+            for key in ("fp32", *MOMENTS):
+                for batch in _batches(copies[rank]):
+                    copied += _copy_batch(optim_file(step_dir, rank), key, batch)
     return copied
+
+
+CHUNK_VALUES = 32 * 2**20
+"""How many values (128 MiB of fp32) one mapping of a shard may touch before it is dropped:
+touched pages of a mapped file stay resident until it is unmapped."""
+
+
+def _batches(copies: list):
+    """`copies` in runs of at most CHUNK_VALUES values (a larger piece alone)."""
+    batch, size = [], 0
+    for copy in copies:
+        if batch and size + copy[2] > CHUNK_VALUES:
+            yield batch
+            batch, size = [], 0
+        batch.append(copy)
+        size += copy[2]
+    if batch:
+        yield batch
+
+
+def _copy_batch(path: str, key: str, batch: list) -> int:
+    """Copy state `key` ('fp32' or a moment) of each piece of `batch` from the shard at `path`,
+    mapped for this batch alone; the number of values copied."""
+    osd = read_mapped(path)["optimizer_state_dict"]
+    flats, states = osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"]
+    for group, start, count, targets in batch:
+        source = flats[group] if key == "fp32" else states[group][key]
+        targets[key].copy_(source.narrow(0, start, count))
+    del osd, flats, states
+    return sum(count for _, _, count, _ in batch)
 
 
 def engine_global_state(engine, layout: ExpertLayout) -> Dict[str, Dict[str, torch.Tensor]]:
