@@ -72,6 +72,10 @@ class Watchdog:
             self.fault.at(step, phase)
 
     def start(self) -> None:
+        if proc_start(os.getpid()) is None:  # the watcher tells a rank's process by /proc/<pid>/stat
+            print("watchdog: /proc is not readable here, so no watcher runs: a hung rank is ended by the "
+                  "collective timeout only", file=sys.stderr, flush=True)
+            return
         os.makedirs(self.dir, exist_ok=True)
         self._state = SharedState.create()
         self._state.write_pulse(time.time())

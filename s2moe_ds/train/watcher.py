@@ -341,9 +341,10 @@ class Watcher:
             elif now - s["pulse"] <= own_quiet_limit(self.beat_s):
                 lines, silent = peer_lines(self.folder, self.rank, self.world, self.host, self.beat_s, now)
                 say("\n".join([self._head(s, now), *lines]))
-                self.state.set_verdict(EXIT_HUNG)  # it exits while the others are killed, before its collective fails
+                # It exits before the others are killed, so its collective does not fail first.
+                self._end_rank()
                 kill_ranks(silent, self.host)
-                return self._end_rank()
+                return 0
             elif self._frozen(s, now):
                 return 0
 
