@@ -390,13 +390,13 @@ def _worker_encode(chunk: str) -> np.ndarray:
 def encode_parallel(tokenizer: Tokenizer, chunks: Iterable[str], workers: int, dtype) -> Iterator[np.ndarray]:
     """tokenizer.encode of each chunk, in order, computed by `workers` processes (forked: they
     share the tokenizer already built) with at most 2 x workers chunks in flight, so memory stays
-    bounded whatever the corpus size. workers <= 1 encodes here."""
-    if workers <= 1:
+    bounded whatever the corpus size. workers <= 1 (or a daemonic process) encodes here."""
+    import multiprocessing
+    if workers <= 1 or multiprocessing.current_process().daemon:  # a daemonic process may not fork workers
         for chunk in chunks:
             yield tokenizer.encode(chunk).astype(dtype)
         return
     import collections
-    import multiprocessing
     import os
     _WORKER.update(tokenizer=tokenizer, dtype=dtype)
     # Workers encode one chunk each with no threads of their own; without this the tokenizers

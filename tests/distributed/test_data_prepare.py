@@ -4,6 +4,7 @@ folder per rank) is filled by each rank that does not see rank 0's marker; a fai
 preparing rank ends both with its message; ranks that wait past data.prepare_timeout_s give up
 naming the COMPLETE file they wait for."""
 
+import multiprocessing
 import os
 
 from ..harness import run_distributed
@@ -28,7 +29,12 @@ def _prepare(rank, world, corpus, cache_dir, per_rank, extra):
         return original(*a, **kw)
     cache_mod._build_tokenizer = counting
     folder = os.path.join(cache_dir, f"rank{rank}") if per_rank else cache_dir
-    cfg = DataConfig(dataset="path", path=corpus, cache_dir=folder,
+    # "workers": a subword cache applied by 2 processes forked from rank 0's preparing thread
+    # while its main thread waits in a gloo collective.
+    cache_mod._SMALL_SPLIT = 0 if extra.get("workers") else 8 * cache_mod.ENCODE_CHUNK_CHARS
+    multiprocessing.current_process().daemon = False  # the harness's ranks are daemons; a launcher's are not
+    cfg = DataConfig(dataset="path", path=corpus, cache_dir=folder, tokenizer=extra.get("tokenizer", "auto"),
+                     subword_vocab_size=300, tokenize_workers=extra.get("workers", 0),
                      prepare_timeout_s=extra.get("timeout", 86400.0))
     try:
         prepared = cache_mod.prepare_on_ranks(cfg, poll_s=0.5)
@@ -46,6 +52,7 @@ def _scenarios(rank, world, corpus, root):
     return {name: _prepare(rank, world, corpus, os.path.join(root, name), per_rank, extra)
             for name, per_rank, extra in (("shared", False, {}), ("local", True, {}),
                                           ("fail", False, {"fail": True}),
+                                          ("workers", False, {"tokenizer": "subword", "workers": 2}),
                                           ("slow", False, {"slow": 6, "timeout": 1.0}))}
 
 
@@ -60,6 +67,8 @@ def test_which_ranks_fill_the_cache(tmp_path):
     local = [o["local"] for o in out]
     assert [o["built"] for o in local] == [[0], [1]]  # node-local: each folder filled once
     assert local[0]["folder"] != local[1]["folder"] and local[0]["tokens"] == local[1]["tokens"]
+    workers = [o["workers"] for o in out]
+    assert [o["built"] for o in workers] == [[0], []] and workers[0]["tokens"] == workers[1]["tokens"] > 0
     assert [o["fail"]["error"] for o in out] == ["data.path: injected failure on the preparing rank"] * 2
     for o in out:
         error = o["slow"]["error"]
