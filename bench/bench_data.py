@@ -105,7 +105,7 @@ def baseline_tree(work: str, commit: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--tokenizers", nargs="+", default=["char", "subword"], choices=["char", "subword", "byte"])
+    p.add_argument("--tokenizers", nargs="+", default=["char", "subword"], choices=["char", "subword", "word", "byte"])
     p.add_argument("--subword-max-mb", type=int, default=1000, help="skip subword above this size (2 cores: slow)")
     p.add_argument("--no-emoji", action="store_true", help="only the plain text, not the non-BMP variant")
     p.add_argument("--baseline", default=None, help="also run this commit's s2moe_ds (e.g. f0fadcd)")
