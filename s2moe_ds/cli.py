@@ -624,7 +624,7 @@ def compare_parser(width: Optional[int] = None) -> argparse.ArgumentParser:
     parser = _parser("launch/compare.py", COMPARE, width)
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--path", help="a text file (split 90/5/5) or a folder saved with datasets")
-    data.add_argument("--dataset", help="embedded | enwik8 | text8 | wikitext-103")
+    data.add_argument("--dataset", help="embedded | enwik8 | text8 | wikitext-103 | one-billion-word")
     parser.add_argument("--variants", nargs="*", default=["smoe", "s2moe", "s2moe-top1"],
                         help=f"built-in variants: {', '.join(BUILTIN_VARIANTS)} (default: smoe s2moe s2moe-top1)")
     parser.add_argument("--ablate", action="append", default=[], metavar="FIELD=V1,V2",
