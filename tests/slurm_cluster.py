@@ -12,13 +12,14 @@ slurmd each, for multi-node jobs. `.ci/run` installs the packages; where they ar
 `why_unavailable()` says so and the tests skip with that reason.
 """
 
+import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from s2moe_ds.parallel import free_port
 
@@ -125,6 +126,14 @@ class SlurmCluster:
                 with open(path, errors="replace") as f:
                     text.append(f"== {name}\n" + "".join(f.readlines()[-30:]))
         return "\n".join(text)
+
+    def cancel_jobs(self, timeout: float = 30.0) -> None:
+        """Cancel the jobs a failed test left behind while slurmd still runs, so that no batch script
+        or srun outlives the cluster."""
+        self.run("scancel", "--user", getpass.getuser())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i").stdout.strip():
+            time.sleep(0.5)
 
     def stop(self) -> None:
         """Stop the daemons this cluster started, by the PIDs in their pidfiles, and wait for them."""
@@ -274,3 +283,15 @@ class TwoHostCluster(SlurmCluster):
     def stop(self) -> None:
         self._remove_network()  # the slurmds and every job process run in the namespaces
         super().stop()
+
+
+def running(cluster: SlurmCluster, cancel_jobs: bool = False) -> Iterator[SlurmCluster]:
+    """For a fixture (`yield from running(...)`): the cluster started, then, however the tests
+    ended, its leftover jobs cancelled (with cancel_jobs) and its daemons stopped."""
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        if cancel_jobs:
+            cluster.cancel_jobs()
+        cluster.stop()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ..slurm_cluster import TwoHostCluster, why_unavailable
+from ..slurm_cluster import TwoHostCluster, running, why_unavailable
 from .test_slurm import TEXT, _done, _slurm_output, _tb_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,12 +26,7 @@ pytestmark = pytest.mark.skipif(why_unavailable(two_hosts=True) is not None, rea
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    c = TwoHostCluster(str(tmp_path_factory.mktemp("hosts")))
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
+    yield from running(TwoHostCluster(str(tmp_path_factory.mktemp("hosts"))))
 
 
 def _env(cluster, tmp_path, out_dir):

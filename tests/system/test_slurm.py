@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ..slurm_cluster import SlurmCluster, why_unavailable
+from ..slurm_cluster import SlurmCluster, running, why_unavailable
 from .test_failures import _processes_naming
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=why_unavai
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
+    yield from running(SlurmCluster(str(tmp_path_factory.mktemp("slurm"))))
 
 
 def _submit(cluster, tmp_path, name, extra, sbatch_args=()):

@@ -3,7 +3,6 @@ at tiny size, one job preempted mid-run (it checkpoints, requeues and resumes), 
 --table while jobs run, a second submission that submits nothing, and at the end the same table as
 the sequential harness's evaluation (runner.evaluate_and_record) of the same run folders."""
 
-import getpass
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from s2moe_ds.experiments.compare import summary_table
 from s2moe_ds.experiments.plans import paper_plan
 from s2moe_ds.experiments.runner import evaluate_and_record
 
-from ..slurm_cluster import SlurmCluster, why_unavailable
+from ..slurm_cluster import SlurmCluster, running, why_unavailable
 from .test_slurm import TEXT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,18 +30,7 @@ VICTIM = "txl/enwik8/s2moe/seed1"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
-    try:
-        c.start()
-        yield c
-    finally:
-        # A failed test leaves jobs behind: cancel them while slurmd still runs, so that no batch
-        # script or srun outlives the cluster.
-        c.run("scancel", "--user", getpass.getuser())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and c.run("squeue", "-h", "-o", "%i").stdout.strip():
-            time.sleep(0.5)
-        c.stop()
+    yield from running(SlurmCluster(str(tmp_path_factory.mktemp("slurm"))), cancel_jobs=True)
 
 
 def _study(cluster, base, *more):
