@@ -364,17 +364,6 @@ def full_optimizer_state(param, key: str):
         return None
 
 
-def set_full_fp32_param(param, value: torch.Tensor) -> None:
-    """This rank's fragment of `value` into the parameter's fp32 master partition (no collective)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-    safe_set_full_fp32_param(param, value)
-
-
-def set_full_optimizer_state(param, value: torch.Tensor, key: str) -> None:
-    from deepspeed.utils import safe_set_full_optimizer_state
-    safe_set_full_optimizer_state(param, value, key)
-
-
 def own_fragment(param, keys) -> Optional[Tuple[int, int, Dict[str, torch.Tensor]]]:
     """(start, numel, views) of the piece of a ZeRO 1/2 parameter that this rank's flat fp32
     partition holds: its range in the flattened parameter, and views of it in the fp32 master
@@ -391,7 +380,7 @@ def own_fragment(param, keys) -> Optional[Tuple[int, int, Dict[str, torch.Tensor
 def create_optimizer_states(engine, step, keys) -> None:
     """Give each flat fp32 partition of the ZeRO 1/2 optimizer its Adam states (zeros, `step`),
     which DeepSpeed otherwise creates at the first step, and link DeepSpeed's per-parameter views
-    of them, so that set_full_optimizer_state can fill them."""
+    of them, so that own_fragment's views can be filled."""
     zero = engine.optimizer
     if not hasattr(zero, "single_partition_of_fp32_groups"):
         raise RuntimeError("resharding needs DeepSpeed's ZeRO stage 1 or 2 optimizer")
