@@ -194,6 +194,9 @@ def test_a_killed_srun_ends_its_tasks(cluster, tmp_path):
     seconds = time.time() - killed
     assert not any(_alive_pid(p) for p in pids), f"tasks still running {seconds:.0f} s after srun was killed"
     print(f"srun killed: tasks gone after {seconds:.1f} s")
+    # The job ends too. Stopping slurmd while the job is still completing would cost the module's
+    # teardown 20 s and leave the step's slurmstepd behind.
+    cluster.wait(job, _done, timeout=60)
 
 
 def _alive_pid(pid):
