@@ -8,6 +8,12 @@ DeepSpeed's process group without the unused shared-memory comm build, and retur
 comes back to the caller (tensors included), in rank order. A rank that raises fails the test with
 that rank's traceback; ranks still running are stopped. A run past `timeout` is killed and reported
 with the ranks that had not finished.
+
+Ranks are forked from a forkserver that has imported torch, DeepSpeed and s2moe_ds once per test
+session (a rank still starts as a fresh process that has run nothing else), instead of each rank
+of each call importing them anew (seconds of CPU per rank). A test that changed the session's
+environment (monkeypatch.setenv of kernel pins read at torch's import, say) gets
+freshly spawned ranks, as before.
 """
 
 import io
@@ -20,8 +26,51 @@ from typing import Any, Callable, List, Sequence
 
 import torch
 import torch.multiprocessing as mp
+from multiprocessing import reduction
 
 from s2moe_ds.parallel import free_port
+
+# What the forkserver imports before forking any rank: what every rank imports anyway.
+_PRELOAD = ["torch", "deepspeed", "deepspeed.comm", "s2moe_ds.parallel", "s2moe_ds.train", "s2moe_ds.checkpoint"]
+# Read by no import: pytest's per-phase name, and the rendezvous that _worker sets for each rank.
+_VOLATILE = {"PYTEST_CURRENT_TEST", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+             "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE"}
+
+
+def _environment():
+    return {k: v for k, v in os.environ.items() if k not in _VOLATILE}
+
+
+_BASE_ENV = _environment()  # the session's environment (tests/conftest.py has set its defaults)
+
+
+def _context():
+    """The forkserver when the environment is the session's, so the server (started by the first
+    such call) imported everything under it; spawn when a test changed it, since a forked rank
+    keeps whatever its server read at import (torch's kernel pins, say)."""
+    if _environment() != _BASE_ENV:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _adopt(out, err) -> None:
+    """In a rank, as its arguments are unpickled: make the caller's stdout and stderr its own."""
+    for wrapper, target in ((out, 1), (err, 2)):
+        fd = wrapper.detach()
+        if fd != target:  # spawn hands down the same numbers; a forkserver, copies
+            os.dup2(fd, target)
+            os.close(fd)
+
+
+class _CallersStdio:
+    """Pickled into a rank as the caller's fds 1 and 2 at start, where a spawned rank would have
+    inherited them: a forked rank would write to whatever its server inherited (the capture of the
+    test that started it) and capfd would not see the rank's output."""
+
+    def __reduce__(self):
+        return _adopt, (reduction.DupFd(1), reduction.DupFd(2))
 
 
 class DistributedTestError(AssertionError):
@@ -47,7 +96,10 @@ def counting_all_to_all():
         dist.all_to_all_single = original
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, results, timeout: float) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, results, timeout: float,
+            env: dict, stdio: Any) -> None:  # stdio: None once _adopt has run
+    os.environ.clear()  # a forked rank has its server's environment: make it the caller's, as spawn does
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     try:
@@ -66,11 +118,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
 
 
 def run_distributed(fn: Callable, world_size: int = 2, args: Sequence = (), timeout: float = 240.0) -> List[Any]:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
+    env = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), results, timeout), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), results, timeout, env,
+                                            _CallersStdio()), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
