@@ -18,7 +18,7 @@ from s2moe_ds.parallel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
-BOUND = 15  # --hang-timeout-s
+BOUND = 10  # --hang-timeout-s (what a stopped rank waits out; as FAULT_BOUND below)
 
 
 def _processes_naming(text):

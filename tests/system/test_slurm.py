@@ -138,7 +138,7 @@ def test_a_stopped_task_ends_the_job_within_the_bound(cluster, tmp_path):
     """SIGSTOP of one task: the other's watchdog names it and ends the job (issue 17)."""
     import signal
     import time
-    bound = 15
+    bound = 10  # --hang-timeout-s: what the job waits out
     job, out = _submit(cluster, tmp_path, "hang", ["--max-steps", "100000", "--eval-interval", "0",
                                                    "--save-interval", "0", "--hang-timeout-s", str(bound)])
     beat = out / "heartbeat" / "rank1.json"
