@@ -32,22 +32,24 @@ from s2moe_ds.parallel import free_port
 
 # What the forkserver imports before forking any rank: what every rank imports anyway.
 _PRELOAD = ["torch", "deepspeed", "deepspeed.comm", "s2moe_ds.parallel", "s2moe_ds.train", "s2moe_ds.checkpoint"]
-# Read by no import: pytest's per-phase name, and the rendezvous that _worker sets for each rank.
-_VOLATILE = {"PYTEST_CURRENT_TEST", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-             "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE"}
+# What torch (ATen, its OpenMP, MKL and oneDNN), numpy's OpenBLAS, DeepSpeed and s2moe_ds may read
+# as the forkserver imports them, and a forked rank would not read again. Other variables (the
+# rendezvous, or what libraries such as scikit-learn set as tests import them) reach every rank
+# through _worker and need no fresh interpreter.
+_READ_AT_IMPORT = ("ATEN_", "MKL_", "OMP_", "GOMP_", "OPENBLAS_", "DNNL_", "ONEDNN_", "TORCH_", "DS_", "S2MOE_")
 
 
 def _environment():
-    return {k: v for k, v in os.environ.items() if k not in _VOLATILE}
+    return {k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)}
 
 
 _BASE_ENV = _environment()  # the session's environment (tests/conftest.py has set its defaults)
 
 
 def _context():
-    """The forkserver when the environment is the session's, so the server (started by the first
-    such call) imported everything under it; spawn when a test changed it, since a forked rank
-    keeps whatever its server read at import (torch's kernel pins, say)."""
+    """The forkserver when what is read at import is as in the session's environment, so the server
+    (started by the first such call) imported everything under it; spawn when a test changed it,
+    since a forked rank keeps whatever its server read at import (torch's kernel pins, say)."""
     if _environment() != _BASE_ENV:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
