@@ -294,6 +294,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     if rank == 0:
         try:
             _make_room(ckpt_dir, tag)
+            failure = _short_of_space(ckpt_dir)
         except OSError as e:
             failure = f"clearing the earlier {step_dir} out of the way: {type(e).__name__}: {e}"
             advice = _make_room_advice(e, step_dir)
@@ -356,6 +357,25 @@ def _make_room(ckpt_dir: str, tag: str) -> None:
             "copy)") if folder else "a symbolic link or a file"
     moved = _move_aside(ckpt_dir, tag, "superseded")
     print(f"checkpoint: {path} was {what}; set aside as {moved}, not overwritten", flush=True)
+
+
+def _short_of_space(ckpt_dir: str) -> Optional[str]:
+    """Rank 0, before a save: why the file system cannot hold another checkpoint as large as the
+    newest complete one (None: it can, or there is none to measure by). A disk that fills in the
+    middle of DeepSpeed's save fails one rank between collectives the others are waiting in, which
+    only the hang bound ends; a disk already short of a checkpoint's size is found here, before
+    any rank writes, and every rank stops with the previous checkpoint named."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return None
+    newest = os.path.join(ckpt_dir, tags[0])
+    needed = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(newest) for f in files)
+    fs = os.statvfs(ckpt_dir)
+    free = fs.f_bavail * fs.f_frsize
+    if free >= needed:
+        return None
+    return (f"its file system has {free / 2**20:.1f} MiB free, less than the {needed / 2**20:.1f} MiB the newest "
+            f"checkpoint {tags[0]} takes (nothing was written)")
 
 
 def _make_room_advice(e: OSError, path: str) -> str:
