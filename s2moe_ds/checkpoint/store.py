@@ -369,7 +369,9 @@ def _short_of_space(ckpt_dir: str) -> Optional[str]:
     if not tags:
         return None
     newest = os.path.join(ckpt_dir, tags[0])
-    needed = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(newest) for f in files)
+    # lstat, regular files only: a link planted in the folder is measured as nothing, never followed.
+    entries = (os.lstat(os.path.join(newest, name)) for name in os.listdir(newest))
+    needed = sum(st.st_size for st in entries if stat.S_ISREG(st.st_mode))
     fs = os.statvfs(ckpt_dir)
     free = fs.f_bavail * fs.f_frsize
     if free >= needed:
