@@ -11,9 +11,9 @@ with the ranks that had not finished.
 
 Ranks are forked from a forkserver that has imported torch, DeepSpeed and s2moe_ds once per test
 session (a rank still starts as a fresh process that has run nothing else), instead of each rank
-of each call importing them anew (seconds of CPU per rank). A test that changed the session's
-environment (monkeypatch.setenv of kernel pins read at torch's import, say) gets
-freshly spawned ranks, as before.
+of each call importing them anew (seconds of CPU per rank). A test that changed a variable those
+imports read (monkeypatch.setenv of torch's kernel pins, say: _READ_AT_IMPORT) gets freshly spawned
+ranks, as before.
 """
 
 import io

@@ -18,7 +18,7 @@ from s2moe_ds.parallel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
-BOUND = 10  # --hang-timeout-s (what a stopped rank waits out; as FAULT_BOUND below)
+BOUND = 10  # --hang-timeout-s of every job here: what a stopped or faulted rank's job waits out
 
 
 def _processes_naming(text):
@@ -102,7 +102,6 @@ def test_a_fault_ends_every_rank_within_the_bound(launcher, fault, tmp_path):
         assert "rank 0 (host " in log and f"pid {pids[0]}): gone (its process has exited)" in log, log[-3000:]
 
 
-FAULT_BOUND = 10  # --hang-timeout-s of the injected faults
 FAULT_STEP = 5  # after the checkpoint of step 4 (--save-interval 2)
 
 
@@ -111,7 +110,7 @@ def _run_with_fault(kind, tmp_path, named):
     fault until the log matched `named`, until every process of the job was gone; the launcher's
     status, the log, the out-dir)."""
     out, log_path = tmp_path / "run", tmp_path / "log"
-    cmd = _command("deepspeed", out, "--save-interval", "2", "--hang-timeout-s", str(FAULT_BOUND))
+    cmd = _command("deepspeed", out, "--save-interval", "2", "--hang-timeout-s", str(BOUND))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(
             os.environ, OMP_NUM_THREADS="1", S2MOE_INJECT_FAULT=f"1:{FAULT_STEP}:{kind}"))
@@ -122,7 +121,7 @@ def _run_with_fault(kind, tmp_path, named):
         time.sleep(0.1)
     injected = float(pattern.search(log_path.read_text()).group(1))
     seen = None
-    while time.time() - injected < FAULT_BOUND + 60:
+    while time.time() - injected < BOUND + 60:
         if seen is None and re.search(named, log_path.read_text()):
             seen = time.time() - injected
         if proc.poll() is not None and not _processes_naming(str(out)):
@@ -132,10 +131,10 @@ def _run_with_fault(kind, tmp_path, named):
         for pid in _processes_naming(str(out)):
             os.kill(pid, signal.SIGKILL)
         proc.kill()
-        pytest.fail(f"the job was still running {FAULT_BOUND + 60} s after the fault")
+        pytest.fail(f"the job was still running {BOUND + 60} s after the fault")
     ended = time.time() - injected
     print(f"{kind}: the rank named {seen if seen is None else round(seen, 1)} s after the fault, every process of the job gone after {ended:.1f} s "
-          f"(bound {FAULT_BOUND} s), status {proc.returncode}")
+          f"(bound {BOUND} s), status {proc.returncode}")
     return seen, ended, proc.returncode, log_path.read_text(), out
 
 
@@ -158,7 +157,7 @@ def test_a_rank_that_holds_the_interpreter_lock_or_crashes_ends_the_job(kind, tm
     assert seen is not None and status != 0, log[-4000:]
     # Named within the bound and two beats (1 s each) plus a margin for a loaded machine; the
     # launchers take a few seconds more to end the rest.
-    assert seen < (FAULT_BOUND if kind == "gil" else 0) + 5, seen
+    assert seen < (BOUND if kind == "gil" else 0) + 5, seen
     assert ended < seen + 15, ended
     if kind == "gil":
         assert "watchdog: rank 0 made no progress for " in log and "in _hold_the_interpreter_lock" in log, log[-4000:]
